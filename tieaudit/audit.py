@@ -1,0 +1,124 @@
+"""Orchestration: open the checkpoint, build the tie graph, run the rules, assemble the report."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from tieaudit._version import __version__
+from tieaudit.errors import UsageError
+from tieaudit.model import Finding, Report, Severity, Skipped, Stats, Target
+
+Progress = Callable[[str, int, int], None]
+
+
+def _severity(value: str | Severity) -> Severity:
+    try:
+        return value if isinstance(value, Severity) else Severity(str(value).lower())
+    except ValueError:
+        raise UsageError(f"invalid fail-on level {value!r}: use error, warning or info") from None
+
+
+def audit(
+    path: str | os.PathLike[str],
+    base: str | os.PathLike[str] | None = None,
+    *,
+    select: Sequence[str] | None = None,
+    ignore: Sequence[str] | None = None,
+    fail_on: str | Severity = Severity.WARNING,
+    exit_zero: bool = False,
+    probe_tokens: int = 64,
+    progress: Progress | None = None,
+) -> Report:
+    """Audit a checkpoint directory and return the report (never writes anything).
+
+    Raises `TieauditError` subclasses for unreadable input (exit 2) or nothing to audit (exit 3).
+    """
+    from tieaudit.checkpoint import open_checkpoint
+    from tieaudit.rules import selected, unknown_selectors
+
+    started = time.perf_counter()
+    fail_level = _severity(fail_on)
+    bad = unknown_selectors([*(select or []), *(ignore or [])])
+    if bad:
+        raise UsageError(f"unknown rule selector {bad[0]!r}: see `tieaudit rules`")
+    if probe_tokens < 0:
+        raise UsageError("--probe-tokens must be >= 0")
+    rules = selected(select, ignore)
+
+    with open_checkpoint(path) as ckpt:
+        if ckpt.kind == "adapter":
+            raise UsageError(
+                f"{path} is a PEFT adapter; adapter audits (TIE101-TIE104) are not available in this version"
+            )
+        skipped: list[Skipped] = []
+        graph, context = _analyse(ckpt, str(path), probe_tokens, progress, skipped)
+        findings: list[Finding] = []
+        for rule in rules:
+            findings.extend(rule.check(context))
+        findings.sort(key=lambda f: (-f.severity.rank, f.code, f.location.tensor or ""))
+        stats = Stats(
+            header_bytes_read=ckpt.stats.header_bytes,
+            tensor_bytes_read=ckpt.stats.tensor_bytes,
+            seconds=round(time.perf_counter() - started, 3),
+        )
+        target = Target(
+            path=str(path),
+            kind=ckpt.kind,
+            base=str(base) if base is not None else None,
+            layout=ckpt.layout,
+            files=tuple(ckpt.files),
+            architecture=graph.declared.architecture if graph.declared else _arch_name(ckpt),
+        )
+    return Report(
+        tool_version=__version__,
+        target=target,
+        groups=graph.groups,
+        comparisons=graph.comparisons,
+        findings=tuple(findings),
+        skipped=tuple(skipped),
+        fail_on=fail_level,
+        exit_zero=exit_zero,
+        stats=stats,
+    )
+
+
+def _arch_name(ckpt) -> str | None:  # type: ignore[no-untyped-def]
+    from tieaudit.declared import architecture_of
+
+    return architecture_of(ckpt.config) if ckpt.config is not None else None
+
+
+def _analyse(ckpt, path: str, probes: int, progress: Progress | None, skipped: list[Skipped]):  # type: ignore[no-untyped-def]
+    from tieaudit.declared import DeclaredTiesUnavailable, declared_ties, validate_flag_types
+    from tieaudit.graph import build_graph
+    from tieaudit.rules import RuleContext
+
+    declared = None
+    if ckpt.config is None:
+        skipped.append(
+            Skipped("declared-ties", "no config.json: only ties recorded in the weight files were checked")
+        )
+    else:
+        validate_flag_types(ckpt.config)
+        if progress:
+            progress("reading the model class's declared ties", 0, 0)
+        try:
+            declared = declared_ties(Path(ckpt.root), ckpt.config)
+        except DeclaredTiesUnavailable as exc:
+            skipped.append(
+                Skipped("declared-ties", f"{exc}; only ties recorded in the weight files (shared storage, "
+                        "safetensors metadata) were checked, and missing-tensor rules could not be applied")
+            )
+    graph = build_graph(ckpt, declared, probes=probes, progress=progress)
+    context = RuleContext(
+        path=path,
+        graph=graph,
+        config=ckpt.config,
+        index_file=ckpt.index_file,
+        index_mismatches=tuple(ckpt.index_mismatches),
+        probes=probes,
+    )
+    return graph, context

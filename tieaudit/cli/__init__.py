@@ -1,0 +1,1 @@
+"""The thin command-line layer (typer). No torch or transformers import happens here."""

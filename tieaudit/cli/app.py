@@ -1,0 +1,65 @@
+"""The typer application and `main()`, which maps every failure to the documented exit codes."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import Annotated, Optional
+
+import typer
+
+from tieaudit.cli.check import check
+from tieaudit.cli.graph_cmd import graph
+from tieaudit.cli.rules_cmd import explain, rules
+
+app = typer.Typer(
+    name="tieaudit",
+    help="Find, explain and repair broken weight tying in Hugging Face checkpoints.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from tieaudit._version import __version__
+
+        typer.echo(f"tieaudit {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = None,
+) -> None:
+    """Find, explain and repair broken weight tying in Hugging Face checkpoints.
+
+    Exit codes: 0 clean, 1 findings at or above --fail-on, 2 could not audit, 3 nothing auditable.
+    """
+
+
+app.command("check")(check)
+app.command("graph")(graph)
+app.command("rules")(rules)
+app.command("explain")(explain)
+
+
+def main() -> None:
+    """Console entry point: the commands map their own errors; this is the last line of defence."""
+    try:
+        app()
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        sys.stderr.write("tieaudit: interrupted\n")
+        sys.exit(130)
+    except BaseException as exc:
+        if os.environ.get("TIEAUDIT_DEBUG"):
+            traceback.print_exc()
+        sys.stderr.write(f"tieaudit: internal error: {type(exc).__name__}: {exc}\n")
+        sys.exit(2)

@@ -1,0 +1,57 @@
+"""`tieaudit check PATH`: audit one checkpoint and print the report."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from tieaudit.cli import options as o
+from tieaudit.cli.console import err, guarded, progress_reporter, use_color
+from tieaudit.cli.output import COLOR_MODES, FORMATS, check_choice, emit
+
+
+@guarded
+def check(
+    path: o.PathArg,
+    base: o.BaseOpt = None,
+    format: o.FormatOpt = "text",
+    output: o.OutputOpt = None,
+    fail_on: o.FailOnOpt = "warning",
+    exit_zero: o.ExitZeroOpt = False,
+    select: o.SelectOpt = None,
+    ignore: o.IgnoreOpt = None,
+    probe_tokens: o.ProbeOpt = 64,
+    quiet: o.QuietOpt = False,
+    verbose: o.VerboseOpt = False,
+    progress: o.ProgressOpt = None,
+    color: o.ColorOpt = "auto",
+) -> None:
+    """Audit a checkpoint's weight tying; exit 1 when findings reach --fail-on."""
+    import typer
+
+    from tieaudit.audit import audit
+    from tieaudit.report import RenderOptions, render
+    from tieaudit.report.text import summary_line
+
+    fmt = check_choice(os.environ.get("TIEAUDIT_FORMAT", format) if format == "text" else format, FORMATS, "--format")
+    check_choice(color, COLOR_MODES, "--color")
+    with progress_reporter(progress) as callback:
+        report = audit(
+            path,
+            base,
+            select=o.split_codes(select),
+            ignore=o.split_codes(ignore),
+            fail_on=fail_on,
+            exit_zero=exit_zero,
+            probe_tokens=probe_tokens,
+            progress=callback,
+        )
+    stream = sys.stdout if output is None else None
+    opts = RenderOptions(
+        color=fmt == "text" and use_color(color, stream),
+        verbosity=-1 if quiet else (1 if verbose else 0),
+    )
+    emit(render(report, fmt, opts), output)
+    if not quiet:
+        err(summary_line(report))
+    raise typer.Exit(report.exit_code)

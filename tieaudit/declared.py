@@ -1,0 +1,261 @@
+"""Declared ties: what the model class says is tied, as transformers itself computes it.
+
+The model is built on the meta device from the checkpoint's config (no weights, no memory), and the
+tie map is read from transformers (`all_tied_weights_keys`, `get_expanded_tied_weights_keys`), so
+names are never hard-coded here: `wte`, `shared`, `proj_out` or `cls.predictions.decoder` come from
+the classes themselves. Remote code is never run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tieaudit.checkpoint.types import ConfigFile
+from tieaudit.errors import InputError
+
+TIE_FLAG = "tie_word_embeddings"
+
+
+@dataclass(frozen=True)
+class Flag:
+    """The config flag that governs a declared tie, as transformers reads it."""
+
+    pointer: str  # JSON pointer in config.json, e.g. "/tie_word_embeddings" or "/text_config/tie_word_embeddings"
+    value: bool  # the value transformers uses (after defaults and forced values)
+    raw: Any  # the value written in config.json (None when the key is absent)
+
+    @property
+    def ref(self) -> str:
+        return f"config.json:{self.pointer}"
+
+
+@dataclass(frozen=True)
+class DeclaredTies:
+    """The declared tie map of one model class under one config."""
+
+    architecture: str
+    transformers_version: str
+    potential: dict[str, str]  # every declared {target: source}, whatever the flags say
+    active: dict[str, str]  # the {target: source} transformers ties with this config
+    flags: dict[str, Flag]  # target -> the flag that governs it
+    expected: dict[str, tuple[tuple[int, ...], str]]  # in-memory name -> (shape, dtype) the config builds
+    model_keys: frozenset[str]
+    rename: Callable[[str], str] = field(repr=False, compare=False)  # on-disk name -> in-memory name
+
+
+class DeclaredTiesUnavailable(Exception):
+    """Declared ties could not be computed; the reason goes to the report's `skipped`."""
+
+
+_TORCH_DTYPE_CODES = {
+    "torch.float32": "F32",
+    "torch.float16": "F16",
+    "torch.bfloat16": "BF16",
+    "torch.float64": "F64",
+    "torch.int64": "I64",
+    "torch.int32": "I32",
+    "torch.int8": "I8",
+    "torch.uint8": "U8",
+    "torch.bool": "BOOL",
+}
+
+_cache: dict[tuple[str, str], DeclaredTies] = {}
+
+
+def validate_flag_types(config: ConfigFile) -> None:
+    """Reject tie flags that are not booleans: transformers' readers disagree on what "yes" means."""
+    for pointer, value in _iter_flag_values(config.data):
+        if value is not None and not isinstance(value, bool):
+            line = config.line_of(pointer)
+            where = f" (line {line})" if line else ""
+            raise InputError(
+                f"config.json:{pointer}{where}: expected true or false, got {value!r}; "
+                "fix the value before auditing"
+            )
+    archs = config.data.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise InputError("config.json:/architectures: expected a list of class names")
+
+
+def _iter_flag_values(data: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if TIE_FLAG in data:
+        yield f"{prefix}/{TIE_FLAG}", data[TIE_FLAG]
+    for key, value in data.items():
+        if isinstance(value, dict) and TIE_FLAG in value:
+            yield f"{prefix}/{_escape(key)}/{TIE_FLAG}", value[TIE_FLAG]
+
+
+def _escape(key: str) -> str:
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+def architecture_of(config: ConfigFile) -> str | None:
+    archs = config.data.get("architectures")
+    if isinstance(archs, list) and archs and isinstance(archs[0], str):
+        return archs[0]
+    return None
+
+
+def declared_ties(root: Path, config: ConfigFile) -> DeclaredTies:
+    """Build the model class of `config.architectures` on the meta device and read its tie map.
+
+    Raises DeclaredTiesUnavailable with a reason when the class is unknown, is remote code, or
+    cannot be built from this config. Results are cached per (architecture, config text).
+    """
+    arch = architecture_of(config)
+    if arch is None:
+        raise DeclaredTiesUnavailable("config.json names no architecture (`architectures` is missing or empty)")
+    import json
+
+    key = (arch, json.dumps(config.data, sort_keys=True))
+    if key in _cache:
+        return _cache[key]
+
+    with _quiet():
+        import transformers
+
+        cls = getattr(transformers, arch, None)
+        if cls is None or not isinstance(cls, type):
+            remote = " and config.json has an auto_map (remote code, never run by tieaudit)" if "auto_map" in config.data else ""
+            raise DeclaredTiesUnavailable(
+                f"architecture {arch} is not a class of transformers {transformers.__version__}{remote}"
+            )
+        try:
+            hf_config = transformers.AutoConfig.from_pretrained(
+                str(root), local_files_only=True, trust_remote_code=False
+            )
+        except Exception as exc:  # transformers raises many types for configs it does not understand
+            raise DeclaredTiesUnavailable(f"transformers cannot read config.json: {_one_line(exc)}") from exc
+        result = _from_meta_model(cls, hf_config, config, arch, transformers.__version__)
+    _cache[key] = result
+    return result
+
+
+def _from_meta_model(cls: type, hf_config: Any, config: ConfigFile, arch: str, version: str) -> DeclaredTies:
+    import torch
+    from transformers.modeling_utils import PreTrainedModel
+
+    try:
+        with torch.device("meta"):
+            model = cls(hf_config)
+    except Exception as exc:
+        raise DeclaredTiesUnavailable(f"cannot build {arch} from this config.json: {_one_line(exc)}") from exc
+
+    active = dict(getattr(model, "all_tied_weights_keys", {}) or {})
+    potential: dict[str, str] = {}
+    flags: dict[str, Flag] = {}
+    for prefix, sub in model.named_modules(remove_duplicate=False):
+        if not isinstance(sub, PreTrainedModel) or not getattr(sub, "_tied_weights_keys", None):
+            continue
+        expanded = _expanded_with_tie_forced(sub)
+        flag = _flag_for(sub.config, hf_config, config)
+        for target, source in expanded.items():
+            full_target = f"{prefix}.{target}" if prefix else target
+            full_source = f"{prefix}.{source}" if prefix else source
+            potential.setdefault(full_target, full_source)
+            flags.setdefault(full_target, flag)
+
+    state = model.state_dict()
+    expected = {
+        name: (tuple(t.shape), _TORCH_DTYPE_CODES.get(str(t.dtype), str(t.dtype))) for name, t in state.items()
+    }
+    rename = _renamer(model, state)
+    return DeclaredTies(
+        architecture=arch,
+        transformers_version=version,
+        potential=potential,
+        active=active,
+        flags=flags,
+        expected=expected,
+        model_keys=frozenset(state),
+        rename=rename,
+    )
+
+
+def _expanded_with_tie_forced(sub: Any) -> dict[str, str]:
+    """The sub-model's declared ties whatever its flag says (transformers returns {} when the flag is off)."""
+    cfg = sub.config
+    had = hasattr(cfg, TIE_FLAG)
+    old = getattr(cfg, TIE_FLAG, None)
+    try:
+        setattr(cfg, TIE_FLAG, True)
+        return dict(sub.get_expanded_tied_weights_keys(all_submodels=False))
+    finally:
+        if had:
+            setattr(cfg, TIE_FLAG, old)
+        else:
+            with contextlib.suppress(AttributeError):
+                delattr(cfg, TIE_FLAG)
+
+
+def _flag_for(sub_config: Any, top_config: Any, config: ConfigFile) -> Flag:
+    """Which key of config.json governs a sub-model's ties: the flag of the config object it holds."""
+    pointer = f"/{TIE_FLAG}"
+    if sub_config is not top_config:
+        for name in getattr(top_config, "sub_configs", {}) or {}:
+            if getattr(top_config, name, None) is sub_config:
+                pointer = f"/{_escape(name)}/{TIE_FLAG}"
+                break
+    raw = _raw_at(config.data, pointer)
+    return Flag(pointer=pointer, value=bool(getattr(sub_config, TIE_FLAG, False)), raw=raw)
+
+
+def _raw_at(data: dict[str, Any], pointer: str) -> Any:
+    node: Any = data
+    for part in pointer.strip("/").split("/"):
+        part = part.replace("~1", "/").replace("~0", "~")
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _renamer(model: Any, meta_state: dict[str, Any]) -> Callable[[str], str]:
+    """On-disk name -> in-memory name, with transformers' own conversion mapping (legacy names, prefixes)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        mapping = get_model_conversion_mapping(model)
+        renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+        converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    except Exception:  # an older or newer transformers without this machinery: names are used as they are
+        return lambda name: name
+    prefix = model.base_model_prefix
+
+    def rename(name: str) -> str:
+        try:
+            renamed, _ = rename_source_key(name, renamings, converters, prefix, meta_state)
+            if renamed not in meta_state and name in meta_state:
+                renamed, _ = rename_source_key(name, [], [], base_model_prefix=prefix, meta_state_dict=meta_state)
+        except Exception:
+            return name
+        return str(renamed)
+
+    return rename
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """transformers logs and warns while building configs and meta models; none of it is ours to show."""
+    logger = logging.getLogger("transformers")
+    old = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(old)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = re.sub(r"\s+", " ", str(exc)).strip()
+    return (text[:200] + "...") if len(text) > 200 else text or type(exc).__name__

@@ -1,0 +1,166 @@
+"""The data model of a tieaudit report: frozen dataclasses, no I/O.
+
+Detection produces these; every renderer is a pure function of a `Report`.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+
+class Severity(str, enum.Enum):
+    """Finding severity, ordered error > warning > info."""
+
+    ERROR = "error"
+    WARNING = "warning"
+    INFO = "info"
+
+    @property
+    def rank(self) -> int:
+        return {"info": 0, "warning": 1, "error": 2}[self.value]
+
+
+class TieStatus(str, enum.Enum):
+    """What a loader makes of a tie group, as transformers would load it."""
+
+    TIED = "tied"  # loads as one shared tensor
+    UNTIED = "untied"  # not tied by the flag, every tensor stored: loads as separate tensors
+    DIVERGED = "diverged"  # the flag ties it, but stored tensors differ (values, shape or dtype)
+    MISSING = "missing"  # a tensor the load needs is absent: random initialisation
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a finding points: a file, a tensor and/or a config key (JSON pointer) with its line."""
+
+    file: str | None = None
+    tensor: str | None = None
+    config_key: str | None = None
+    line: int | None = None
+
+
+@dataclass(frozen=True)
+class FixHint:
+    applicability: str  # "safe" | "unsafe" | "manual"
+    command: str | None = None
+    description: str | None = None
+
+
+@dataclass(frozen=True)
+class Finding:
+    code: str
+    name: str
+    severity: Severity
+    message: str
+    location: Location = field(default_factory=Location)
+    evidence: Mapping[str, Any] = field(default_factory=dict)
+    fix: FixHint | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """Stable across runs and machines: the rule and where it points, not the numbers."""
+        key = "|".join(
+            str(part)
+            for part in (self.code, self.location.file, self.location.tensor, self.location.config_key)
+        )
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class TieGroup:
+    """One source tensor and the tensors tied (or meant to be tied) to it. Names are in-memory names."""
+
+    source: str
+    targets: tuple[str, ...]
+    declared: bool  # declared by the model class (False: only observed in the files)
+    governing_flag: str | None  # e.g. "config.json:/tie_word_embeddings"
+    flag_value: bool | None  # the value transformers uses (None when no flag governs)
+    tied_by_config: bool  # transformers would tie this group when loading
+    stored: Mapping[str, str | None]  # in-memory name -> file holding it (None: absent)
+    disk_names: Mapping[str, str]  # in-memory name -> on-disk name (when they differ, e.g. legacy names)
+    status: TieStatus
+    observed: tuple[str, ...] = ()  # how the files show the tie: "shared-storage", "safetensors-metadata", ...
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        return (self.source, *self.targets)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A measured difference between two tensors of a tie group (weights in float32)."""
+
+    stage: str  # "on-disk" | "adapter" | "merge-reload"
+    source: str
+    target: str
+    tensor: str | None
+    max_abs_diff: float | None
+    rel_diff: float | None
+    max_abs_logit_diff: float | None = None
+    top1_agreement: float | None = None
+    bitwise_equal: bool | None = None
+
+
+@dataclass(frozen=True)
+class Skipped:
+    check: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Target:
+    path: str
+    kind: str  # "model" | "adapter"
+    base: str | None
+    layout: str
+    files: tuple[str, ...]
+    architecture: str | None = None
+
+
+@dataclass(frozen=True)
+class Stats:
+    header_bytes_read: int = 0
+    tensor_bytes_read: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Report:
+    tool_version: str
+    target: Target
+    groups: tuple[TieGroup, ...]
+    comparisons: tuple[Comparison, ...]
+    findings: tuple[Finding, ...]
+    skipped: tuple[Skipped, ...]
+    fail_on: Severity = Severity.WARNING
+    exit_zero: bool = False
+    stats: Stats = field(default_factory=Stats)
+    fixes: tuple[Mapping[str, Any], ...] = ()
+
+    def counts(self) -> dict[str, int]:
+        return count_findings(self.findings)
+
+    @property
+    def exit_code(self) -> int:
+        return exit_code_for(self.findings, self.fail_on, self.exit_zero)
+
+
+def count_findings(findings: Iterable[Finding]) -> dict[str, int]:
+    counts = {s.value: 0 for s in Severity}
+    for f in findings:
+        counts[f.severity.value] += 1
+    return counts
+
+
+def exit_code_for(findings: Iterable[Finding], fail_on: Severity, exit_zero: bool = False) -> int:
+    """The one place that maps findings to an exit code (0 clean, 1 findings at or above fail_on)."""
+    failing = any(f.severity.rank >= fail_on.rank for f in findings)
+    if failing and not exit_zero:
+        return 1
+    return 0

@@ -1,0 +1,31 @@
+"""Renderers: pure functions from a `Report` to the text of one format, chosen by name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tieaudit.model import Report
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    color: bool = False
+    verbosity: int = 0  # -1 quiet, 0 normal, 1 verbose
+    width: int = 100
+
+
+Renderer = Callable[[Report, RenderOptions], str]
+
+
+def renderers() -> dict[str, Renderer]:
+    from tieaudit.report import json_format, text
+
+    return {"text": text.render, "json": json_format.render}
+
+
+def render(report: Report, fmt: str, options: RenderOptions | None = None) -> str:
+    table = renderers()
+    if fmt not in table:
+        raise KeyError(fmt)
+    return table[fmt](report, options or RenderOptions())

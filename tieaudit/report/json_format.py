@@ -1,0 +1,110 @@
+"""The JSON report (schema_version 1): the contract scripts depend on."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from tieaudit.model import SCHEMA_VERSION, Comparison, Finding, Report, TieGroup
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tieaudit.report import RenderOptions
+
+
+def _num(x: float | None) -> float | None:
+    # JSON has no inf/nan; a non-finite measurement is reported as null (the message says more)
+    if x is None or not math.isfinite(x):
+        return None
+    return float(x)
+
+
+def group_dict(g: TieGroup) -> dict[str, Any]:
+    return {
+        "source": g.source,
+        "targets": list(g.targets),
+        "declared": g.declared,
+        "governing_flag": g.governing_flag,
+        "flag_value": g.flag_value,
+        "tied_by_config": g.tied_by_config,
+        "stored": dict(g.stored),
+        "disk_names": dict(g.disk_names),
+        "observed": list(g.observed),
+        "status": g.status.value,
+    }
+
+
+def comparison_dict(c: Comparison) -> dict[str, Any]:
+    return {
+        "stage": c.stage,
+        "source": c.source,
+        "target": c.target,
+        "tensor": c.tensor,
+        "max_abs_diff": _num(c.max_abs_diff),
+        "rel_diff": _num(c.rel_diff),
+        "max_abs_logit_diff": _num(c.max_abs_logit_diff),
+        "top1_agreement": _num(c.top1_agreement),
+        "bitwise_equal": c.bitwise_equal,
+    }
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float):
+        return _num(value)
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def finding_dict(f: Finding) -> dict[str, Any]:
+    return {
+        "code": f.code,
+        "name": f.name,
+        "severity": f.severity.value,
+        "message": f.message,
+        "location": {
+            "file": f.location.file,
+            "tensor": f.location.tensor,
+            "config_key": f.location.config_key,
+            "line": f.location.line,
+        },
+        "evidence": _clean(dict(f.evidence)),
+        "fix": None
+        if f.fix is None
+        else {"applicability": f.fix.applicability, "command": f.fix.command, "description": f.fix.description},
+        "fingerprint": f.fingerprint,
+    }
+
+
+def report_dict(r: Report) -> dict[str, Any]:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "tool": {"name": "tieaudit", "version": r.tool_version},
+        "target": {
+            "path": r.target.path,
+            "kind": r.target.kind,
+            "base": r.target.base,
+            "layout": r.target.layout,
+            "files": list(r.target.files),
+            "architecture": r.target.architecture,
+        },
+        "graph": {"groups": [group_dict(g) for g in r.groups]},
+        "comparisons": [comparison_dict(c) for c in r.comparisons],
+        "findings": [finding_dict(f) for f in r.findings],
+        "skipped": [{"check": s.check, "reason": s.reason} for s in r.skipped],
+        "fixes": [_clean(dict(x)) for x in r.fixes],
+        "stats": {
+            "header_bytes_read": r.stats.header_bytes_read,
+            "tensor_bytes_read": r.stats.tensor_bytes_read,
+            "seconds": r.stats.seconds,
+        },
+        "summary": {"findings": r.counts(), "fail_on": r.fail_on.value, "exit_code": r.exit_code},
+    }
+
+
+def render(report: Report, options: RenderOptions) -> str:
+    return json.dumps(report_dict(report), indent=2, allow_nan=False) + "\n"

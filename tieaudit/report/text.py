@@ -1,0 +1,134 @@
+"""The human report: the tie graph, then findings in a ruff-like layout."""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.markup import escape
+
+from tieaudit.model import Finding, Report, Severity, TieGroup, TieStatus
+
+if TYPE_CHECKING:
+    from tieaudit.report import RenderOptions
+
+_SEVERITY_STYLE = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO: "cyan"}
+_STATUS_STYLE = {
+    TieStatus.TIED: "green",
+    TieStatus.UNTIED: "blue",
+    TieStatus.DIVERGED: "bold red",
+    TieStatus.MISSING: "bold red",
+}
+
+
+def _fmt(x: float | None) -> str:
+    if x is None:
+        return "-"
+    if math.isinf(x):
+        return "inf"
+    return f"{x:.3g}"
+
+
+def _group_lines(g: TieGroup) -> list[str]:
+    flag = f"{g.governing_flag} = {str(g.flag_value).lower()}" if g.governing_flag else "observed in the files only"
+    arrow = ", ".join(escape(t) for t in g.targets)
+    lines = [
+        f"  [{_STATUS_STYLE[g.status]}]{g.status.value.upper():<8}[/] {escape(g.source)} -> {arrow}  [dim]({escape(flag)})[/]"
+    ]
+    width = max(len(n) for n in g.members)
+    for i, name in enumerate(g.members):
+        file = g.stored.get(name)
+        where = escape(file) if file else "[red](not stored)[/]"
+        disk = f" [dim](on disk: {escape(g.disk_names[name])})[/]" if name in g.disk_names else ""
+        role = "source" if i == 0 else "target"
+        lines.append(f"           {role}  {escape(name):<{width}}  {where}{disk}")
+    return lines
+
+
+def _finding_lines(f: Finding) -> list[str]:
+    loc = f.location
+    where = loc.file or "-"
+    if loc.line:
+        where += f":{loc.line}"
+    head = (
+        f"[bold]{escape(where)}[/]: [{_SEVERITY_STYLE[f.severity]}]{f.code}[/] "
+        f"[dim]{f.name}[/] [{_SEVERITY_STYLE[f.severity]}]{f.severity.value}[/]"
+    )
+    lines = [head, f"  {escape(f.message)}"]
+    if loc.tensor:
+        lines.append(f"  [dim]tensor:[/] {escape(loc.tensor)}")
+    if f.fix is not None:
+        how = f.fix.command or f.fix.description or ""
+        lines.append(f"  [green]fix ({f.fix.applicability}):[/] {escape(how)}")
+    return lines
+
+
+def _console(buf: io.StringIO, options: RenderOptions) -> Console:
+    return Console(
+        file=buf,
+        force_terminal=options.color,
+        no_color=not options.color,
+        color_system="standard" if options.color else None,
+        width=options.width,
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def _print_graph(console: Console, report: Report) -> None:
+    t = report.target
+    arch = t.architecture or "unknown architecture"
+    console.print(f"[bold]{escape(t.path)}[/]  [dim]{escape(arch)}, {t.kind}, {t.layout}[/]")
+    if report.groups:
+        for g in report.groups:
+            for line in _group_lines(g):
+                console.print(line)
+    else:
+        console.print("[dim]no tied or tie-able tensors declared or observed[/]")
+    console.print()
+
+
+def render_graph(report: Report, options: RenderOptions) -> str:
+    """The tie graph alone (`tieaudit graph`)."""
+    buf = io.StringIO()
+    console = _console(buf, options)
+    _print_graph(console, report)
+    for s in report.skipped:
+        console.print(f"[yellow]skipped[/] {escape(s.check)}: {escape(s.reason)}")
+    return buf.getvalue()
+
+
+def render(report: Report, options: RenderOptions) -> str:
+    buf = io.StringIO()
+    console = _console(buf, options)
+    if options.verbosity >= 0:
+        _print_graph(console, report)
+    for f in report.findings:
+        for line in _finding_lines(f):
+            console.print(line)
+        console.print()
+    if options.verbosity >= 1 and report.comparisons:
+        console.print("[bold]comparisons[/] (float32)")
+        for c in report.comparisons:
+            console.print(
+                f"  {c.stage}: {escape(c.target)} vs {escape(c.source)}: max|Δ| {_fmt(c.max_abs_diff)}, "
+                f"rel {_fmt(c.rel_diff)}, logits max|Δ| {_fmt(c.max_abs_logit_diff)}, top-1 {_fmt(c.top1_agreement)}"
+            )
+        console.print()
+    if options.verbosity >= 0:
+        for s in report.skipped:
+            console.print(f"[yellow]skipped[/] {escape(s.check)}: {escape(s.reason)}")
+        if report.skipped:
+            console.print()
+    if not report.findings and options.verbosity >= 0:
+        console.print("[green]No tie problems found.[/]")
+    return buf.getvalue()
+
+
+def summary_line(report: Report) -> str:
+    """One line for stderr after any format."""
+    c = report.counts()
+    parts = [f"{c['error']} error{'s' if c['error'] != 1 else ''}", f"{c['warning']} warning{'s' if c['warning'] != 1 else ''}", f"{c['info']} info"]
+    return f"tieaudit: {report.target.path}: {', '.join(parts)} (fail-on {report.fail_on.value}, exit {report.exit_code})"

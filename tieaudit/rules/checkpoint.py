@@ -1,0 +1,405 @@
+"""Rules TIE001-TIE006: model checkpoints (base or merged), judged as transformers loads them."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+from tieaudit.graph import OBSERVED_METADATA, OBSERVED_STORAGE, PairState
+from tieaudit.model import Finding, FixHint, Location, Severity, TieStatus
+from tieaudit.rules.context import RuleContext
+from tieaudit.rules.registry import rule
+
+
+def _finding(code: str, name: str, severity: Severity, message: str, location: Location, **kw: object) -> Finding:
+    fix = kw.pop("fix", None)
+    return Finding(code, name, severity, message, location, dict(kw), fix if isinstance(fix, FixHint) else None)
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.0%}"
+
+
+def _num(x: float | None) -> str:
+    if x is None:
+        return "n/a"
+    return "inf" if math.isinf(x) else f"{x:.3g}"
+
+
+def _stored_in(pair: PairState) -> dict[str, str | None]:
+    return {
+        pair.source: pair.source_info.file if pair.source_info else None,
+        pair.target: pair.target_info.file if pair.target_info else None,
+    }
+
+
+@rule(
+    code="TIE001",
+    name="tied-weights-diverge",
+    severity=Severity.ERROR,
+    family="checkpoint",
+    summary="the governing flag ties a pair, both tensors are stored, and they differ",
+    explain="""
+The config ties the pair (e.g. `tie_word_embeddings: true`), yet the checkpoint stores both tensors
+with different values. transformers 5.x then loads them UNTIED with the warning "... both are present
+in the checkpoints with different values, so we will NOT tie them", and keeps the config tied: the next
+`tie_weights()` (called by `resize_token_embeddings`, some trainers, DeepSpeed ZeRO-3 init) silently
+re-ties the pair and throws the stored target away. transformers 4.54-4.57 did that at load time.
+Other loaders (vLLM, llama.cpp converters) may pick either tensor.
+
+Typical cause: the head was trained or edited separately (untied in memory) and saved without
+updating the config.
+
+Fix: decide which model you meant. If both trained tensors matter, untie the config
+(`tie_word_embeddings: false`), so every loader keeps both. If the model must be tied, drop the
+target and keep the source (this discards the stored target: an unsafe fix).
+""",
+)
+def tied_weights_diverge(ctx: RuleContext) -> Iterator[Finding]:
+    for pair in ctx.graph.pairs:
+        if not (pair.tied_by_config and pair.both_stored) or pair.shape_mismatch or pair.dtype_mismatch:
+            continue
+        if pair.diff is None or pair.diff.bitwise_equal:
+            continue
+        d = pair.diff
+        flag = pair.flag.ref if pair.flag else "the model class"
+        yield _finding(
+            "TIE001",
+            "tied-weights-diverge",
+            Severity.ERROR,
+            f"{flag} ties {pair.target} to {pair.source}, but both are stored and differ "
+            f"(max |Δ| {_num(d.max_abs_diff)}, relative {_num(d.rel_diff)}; probe logits: max |Δ| "
+            f"{_num(d.max_abs_logit_diff)}, top-1 agreement {_pct(d.top1_agreement)}): transformers loads them "
+            f"untied with a warning, and the next tie_weights() overwrites {pair.target} with {pair.source}",
+            ctx.flag_location(pair, tensor=pair.target),
+            source=pair.source,
+            target=pair.target,
+            stored=_stored_in(pair),
+            max_abs_diff=d.max_abs_diff,
+            rel_diff=d.rel_diff,
+            max_abs_logit_diff=d.max_abs_logit_diff,
+            top1_agreement=d.top1_agreement,
+            probe_tokens=ctx.probes,
+            fix=FixHint(
+                "manual",
+                None,
+                f"keep both: set {pair.flag.pointer if pair.flag else 'tie_word_embeddings'} to false in config.json; "
+                f"or keep only {pair.source} (discards the stored {pair.target})",
+            ),
+        )
+
+
+@rule(
+    code="TIE002",
+    name="untied-weight-missing",
+    severity=Severity.ERROR,
+    family="checkpoint",
+    summary="the pair is not tied by the governing flag and a tensor of it is absent: random init on load",
+    explain="""
+The governing flag does not tie the pair (`tie_word_embeddings: false`, or the tie is not declared
+by the class), so every tensor of it must be stored, but one is absent. transformers initialises the
+absent tensor randomly (std ≈ `initializer_range`, 0.02 for most models) and reports it only in a
+warning-level "LOAD REPORT" (`lm_head.weight | MISSING`). The model loads and generates garbage.
+
+Typical cause: the weights shared storage in memory (tied) while the config said untied, e.g.
+`config.tie_word_embeddings = False` set after loading, or `from_pretrained(..., tie_word_embeddings=False)`
+on a tied checkpoint: `save_pretrained` groups tensors by storage and drops the "duplicate", and
+nothing in the file says so.
+
+Fix: if the saved model was tied (the tensor was dropped because it shared storage), set the flag to
+true, or store a copy of the source as the target and keep the flag false. If the tensor was really
+trained separately, it is lost: re-save from the training run.
+""",
+)
+def untied_weight_missing(ctx: RuleContext) -> Iterator[Finding]:
+    init_range = ctx.config_value("initializer_range")
+    for pair in ctx.graph.pairs:
+        if pair.tied_by_config or pair.status is not TieStatus.MISSING:
+            continue
+        missing = [n for n, info in ((pair.target, pair.target_info), (pair.source, pair.source_info)) if not info]
+        why = (
+            f"{pair.flag.ref} is {str(pair.flag.raw if pair.flag.raw is not None else pair.flag.value).lower()}"
+            if pair.flag
+            else f"{ctx.graph.declared.architecture if ctx.graph.declared else 'the model class'} does not tie it"
+        )
+        saved_tied = [o for o in pair.observed if o in (OBSERVED_METADATA, OBSERVED_STORAGE)]
+        std = f" (std ≈ initializer_range {init_range})" if isinstance(init_range, (int, float)) else ""
+        hint = (
+            f"the saved model shared {pair.source} and {pair.target}: set "
+            f"{pair.flag.pointer if pair.flag else 'tie_word_embeddings'} to true, or store a copy of {pair.source} "
+            f"as {pair.target}"
+            if pair.source_info and not pair.target_info
+            else "the tensor is lost: re-save it from the model that has it"
+        )
+        yield _finding(
+            "TIE002",
+            "untied-weight-missing",
+            Severity.ERROR,
+            f"{why}, so {pair.target} is not tied to {pair.source}, but {' and '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not stored: transformers initialises "
+            f"{'it' if len(missing) == 1 else 'them'} randomly on load{std}",
+            ctx.flag_location(pair, tensor=missing[0]),
+            source=pair.source,
+            target=pair.target,
+            missing=missing,
+            stored=_stored_in(pair),
+            initializer_range=init_range,
+            observed=list(pair.observed),
+            saved_tied=bool(saved_tied) or bool(pair.source_info and not pair.target_info),
+            fix=FixHint("manual", None, hint),
+        )
+
+
+@rule(
+    code="TIE003",
+    name="tied-weights-missing",
+    severity=Severity.ERROR,
+    family="checkpoint",
+    summary="the pair is tied and both tensors are absent",
+    explain="""
+The pair is tied, so one stored tensor is enough, but neither the source nor any target of the group
+is stored. transformers warns "This checkpoint seem corrupted ... both are absent from the checkpoint"
+and initialises the shared tensor randomly: embeddings and head are noise.
+
+Typical cause: a conversion or filtering script dropped the embedding along with the "duplicate"
+head, or shards were lost.
+
+Fix: none from these files; the weights are gone. Re-export from the original model.
+""",
+)
+def tied_weights_missing(ctx: RuleContext) -> Iterator[Finding]:
+    for pair in ctx.graph.pairs:
+        if not pair.tied_by_config or pair.status is not TieStatus.MISSING:
+            continue
+        yield _finding(
+            "TIE003",
+            "tied-weights-missing",
+            Severity.ERROR,
+            f"{pair.flag.ref if pair.flag else 'the model class'} ties {pair.target} to {pair.source}, but neither "
+            f"is stored (nor any other tensor tied to {pair.source}): transformers reports a corrupted checkpoint "
+            "and initialises them randomly",
+            ctx.flag_location(pair, tensor=pair.source),
+            source=pair.source,
+            target=pair.target,
+            stored=_stored_in(pair),
+            fix=FixHint("manual", None, "the weights are not in these files: re-export from the original model"),
+        )
+
+
+@rule(
+    code="TIE004",
+    name="tied-shape-mismatch",
+    severity=Severity.ERROR,
+    family="checkpoint",
+    summary="a tied pair differs in shape (e.g. resized vocabulary) or dtype",
+    explain="""
+Tensors of a tied pair must have one shape and one dtype. Two cases:
+
+- Both are stored with different shapes (typically a vocabulary resized on one side only) or with
+  different dtypes. transformers never ties tensors that are not `torch.equal`, and rejects a
+  stored shape the config does not build: loading fails with "size mismatch" (or, with
+  `ignore_mismatched_sizes=True`, the tensor is re-initialised).
+- A stored tensor of the pair does not have the shape the config builds (e.g. the embedding was
+  resized but `vocab_size` was not updated): the same load failure.
+
+Fix: make the config's `vocab_size` and both tensors agree (resize with `resize_token_embeddings`,
+which keeps the tie, then save), or untie deliberately.
+""",
+)
+def tied_shape_mismatch(ctx: RuleContext) -> Iterator[Finding]:
+    for pair in ctx.graph.pairs:
+        if pair.tied_by_config and pair.both_stored and (pair.shape_mismatch or pair.dtype_mismatch):
+            s, t = pair.source_info, pair.target_info
+            assert s is not None and t is not None
+            what = "shape" if pair.shape_mismatch else "dtype"
+            consequence = (
+                "transformers cannot load them as one tensor (size mismatch)"
+                if pair.shape_mismatch
+                else "values in different precision are never equal, so transformers loads them untied"
+            )
+            yield _finding(
+                "TIE004",
+                "tied-shape-mismatch",
+                Severity.ERROR,
+                f"{pair.flag.ref if pair.flag else 'the model class'} ties {pair.target} to {pair.source}, but their "
+                f"{what}s differ ({pair.source} {list(s.shape)} {s.dtype}, {pair.target} {list(t.shape)} {t.dtype}): "
+                f"{consequence}",
+                ctx.flag_location(pair, tensor=pair.target),
+                source=pair.source,
+                target=pair.target,
+                shapes={pair.source: list(s.shape), pair.target: list(t.shape)},
+                dtypes={pair.source: s.dtype, pair.target: t.dtype},
+                stored=_stored_in(pair),
+                fix=FixHint(
+                    "manual",
+                    None,
+                    "make both tensors and the config's vocab_size agree, or untie the pair"
+                    if pair.shape_mismatch
+                    else "store both tensors in one dtype, or untie the pair",
+                ),
+            )
+        for name, stored, expected in pair.expected_mismatch:
+            if pair.shape_mismatch and pair.tied_by_config:
+                continue  # already reported above, with both shapes
+            yield _finding(
+                "TIE004",
+                "tied-shape-mismatch",
+                Severity.ERROR,
+                f"{name} is stored with shape {list(stored)}, but this config builds {list(expected)} "
+                f"(tied with {pair.source if name == pair.target else pair.target}): transformers refuses to load it "
+                "(size mismatch)",
+                Location(file="config.json", tensor=name, config_key="/vocab_size", line=_line(ctx, "/vocab_size")),
+                source=pair.source,
+                target=pair.target,
+                tensor=name,
+                stored_shape=list(stored),
+                expected_shape=list(expected),
+                fix=FixHint("manual", None, "update vocab_size (and the other tensor of the pair) to match"),
+            )
+
+
+def _line(ctx: RuleContext, pointer: str) -> int | None:
+    return ctx.config.line_of(pointer) if ctx.config is not None else None
+
+
+@rule(
+    code="TIE005",
+    name="tie-flag-conflict",
+    severity=Severity.WARNING,
+    family="checkpoint",
+    summary="config readers disagree (top-level vs text_config, T5's forced flag, index vs files)",
+    explain="""
+Different readers of the same checkpoint come to different conclusions about the tie:
+
+- Composite configs (Gemma 3, Mistral 3, LLaVA-style): transformers reads the flag of the class
+  that declares the tie (for Gemma3ForConditionalGeneration the top-level `tie_word_embeddings`),
+  while accelerate (`check_tied_parameters_in_config`) and some converters read
+  `text_config.tie_word_embeddings`. When the two disagree, one of them gets it wrong.
+- Forced flags: T5Config always ties and turns a saved `tie_word_embeddings: false` into
+  `scale_decoder_outputs: false`; readers of the raw JSON think the head is untied and missing.
+- The shard index (`*.index.json`) and the shards disagree about where a tied tensor is: loaders
+  that trust the index (and tools that list a repo's tensors from it) see a different checkpoint
+  than transformers, which reads the shards.
+
+Fix: write the value transformers actually uses in every place readers look, and regenerate the
+index from the shards.
+""",
+)
+def tie_flag_conflict(ctx: RuleContext) -> Iterator[Finding]:
+    if ctx.config is not None:
+        yield from _flag_conflicts(ctx)
+    members = {n for p in ctx.graph.pairs for n in (p.source, p.target)}
+    disk = ctx.graph.disk_names
+    disk_members = {disk.get(n, n) for n in members}
+    for mm in ctx.index_mismatches:
+        if mm.tensor not in disk_members:
+            continue
+        if mm.actual_file is None:
+            state = f"the index places {mm.tensor} in {mm.indexed_file}, but no shard holds it"
+        elif mm.indexed_file is None:
+            state = f"{mm.actual_file} holds {mm.tensor}, but the index does not list it"
+        else:
+            state = f"the index places {mm.tensor} in {mm.indexed_file}, but it is in {mm.actual_file}"
+        yield _finding(
+            "TIE005",
+            "tie-flag-conflict",
+            Severity.WARNING,
+            f"{ctx.index_file}: {state}; transformers reads the shards, tools that trust the index see another "
+            "checkpoint",
+            Location(file=ctx.index_file, tensor=mm.tensor),
+            tensor=mm.tensor,
+            indexed_file=mm.indexed_file,
+            actual_file=mm.actual_file,
+            fix=FixHint("manual", None, "regenerate the index from the shards"),
+        )
+
+
+def _flag_conflicts(ctx: RuleContext) -> Iterator[Finding]:
+    assert ctx.config is not None
+    seen: set[str] = set()
+    for pair in ctx.graph.pairs:
+        flag = pair.flag
+        if flag is None or flag.pointer in seen:
+            continue
+        seen.add(flag.pointer)
+        if flag.raw is not None and flag.raw != flag.value:
+            arch = ctx.graph.declared.architecture if ctx.graph.declared else "the model class"
+            yield _finding(
+                "TIE005",
+                "tie-flag-conflict",
+                Severity.WARNING,
+                f"config.json{flag.pointer} is {str(flag.raw).lower()}, but {arch}'s config class forces it to "
+                f"{str(flag.value).lower()}: transformers {'ties' if flag.value else 'unties'} {pair.target} and "
+                f"{pair.source}, readers of the raw JSON assume the opposite",
+                ctx.flag_location(pair, tensor=pair.target),
+                pointer=flag.pointer,
+                raw=flag.raw,
+                effective=flag.value,
+                fix=FixHint("safe", None, f"write {str(flag.value).lower()} at {flag.pointer}"),
+            )
+        for pointer, raw in _other_flags(ctx.config.data, flag.pointer):
+            if raw == flag.value:
+                continue
+            line = ctx.config.line_of(pointer)
+            yield _finding(
+                "TIE005",
+                "tie-flag-conflict",
+                Severity.WARNING,
+                f"config.json{pointer} is {str(raw).lower()}, but transformers follows {flag.pointer} "
+                f"({'absent, default ' if flag.raw is None else ''}{str(flag.value).lower()}) and "
+                f"{'ties' if flag.value else 'does not tie'} {pair.target} to {pair.source}; readers of {pointer} "
+                "(accelerate, converters) disagree",
+                Location(file="config.json", tensor=pair.target, config_key=pointer, line=line),
+                pointer=pointer,
+                value=raw,
+                governing_pointer=flag.pointer,
+                governing_value=flag.value,
+                fix=FixHint("safe", None, f"write {str(flag.value).lower()} at {pointer} and {flag.pointer}"),
+            )
+
+
+def _other_flags(data: dict[str, object], governing: str) -> Iterator[tuple[str, object]]:
+    candidates = [("/tie_word_embeddings", data.get("tie_word_embeddings"))]
+    for key, value in data.items():
+        if isinstance(value, dict) and "tie_word_embeddings" in value:
+            candidates.append((f"/{key}/tie_word_embeddings", value["tie_word_embeddings"]))
+    for pointer, raw in candidates:
+        if pointer != governing and isinstance(raw, bool):
+            yield pointer, raw
+
+
+@rule(
+    code="TIE006",
+    name="redundant-tied-copy",
+    severity=Severity.INFO,
+    family="checkpoint",
+    summary="tied, both stored, bitwise equal",
+    explain="""
+The pair is tied and both tensors are stored as separate, bitwise-equal copies. transformers loads
+them tied, so the model is correct, but the file carries a redundant copy (for a Llama-3.2-1B head,
+500 MB in bf16), and a later edit of one copy turns this into TIE001.
+
+Fix: drop the stored target; transformers re-ties it from the source on load.
+""",
+)
+def redundant_tied_copy(ctx: RuleContext) -> Iterator[Finding]:
+    for pair in ctx.graph.pairs:
+        if not (pair.tied_by_config and pair.both_stored and pair.diff and pair.diff.bitwise_equal):
+            continue
+        s, t = pair.source_info, pair.target_info
+        assert s is not None and t is not None
+        if s.storage_id is not None and s.storage_id == t.storage_id:
+            continue  # one storage under two names (a pickled tied model): no extra bytes
+        yield _finding(
+            "TIE006",
+            "redundant-tied-copy",
+            Severity.INFO,
+            f"{pair.target} is stored as a bitwise-equal copy of {pair.source} ({t.nbytes:,} redundant bytes); "
+            "transformers loads them tied",
+            ctx.flag_location(pair, tensor=pair.target),
+            source=pair.source,
+            target=pair.target,
+            redundant_bytes=t.nbytes,
+            stored=_stored_in(pair),
+            fix=FixHint("safe", None, f"drop {pair.target} from the weights"),
+        )
