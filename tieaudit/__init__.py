@@ -1,0 +1,55 @@
+"""tieaudit: find, explain and repair broken weight tying in Hugging Face checkpoints.
+
+    >>> import tieaudit
+    >>> report = tieaudit.audit("./checkpoint")      # a directory: reads headers, and tensors only when needed
+    >>> report.exit_code, [f.code for f in report.findings]
+    >>> tieaudit.audit_model(model)                   # a live model, e.g. in a training loop
+
+Imports are lazy: `import tieaudit` does not import torch or transformers.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from tieaudit._version import __version__
+from tieaudit.errors import InputError, NothingToAudit, TieauditError, UsageError
+from tieaudit.model import Comparison, Finding, Location, Report, Severity, TieGroup, TieStatus
+
+if TYPE_CHECKING:
+    from tieaudit.auditing import audit
+    from tieaudit.live import audit_model
+
+__all__ = [
+    "Comparison",
+    "Finding",
+    "InputError",
+    "Location",
+    "NothingToAudit",
+    "Report",
+    "Severity",
+    "TieGroup",
+    "TieStatus",
+    "TieauditError",
+    "UsageError",
+    "__version__",
+    "audit",
+    "audit_model",
+    "report_to_dict",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "audit":
+        from tieaudit.auditing import audit
+
+        return audit
+    if name == "audit_model":
+        from tieaudit.live import audit_model
+
+        return audit_model
+    if name == "report_to_dict":
+        from tieaudit.report.json_format import report_dict
+
+        return report_dict
+    raise AttributeError(f"module 'tieaudit' has no attribute {name!r}")

@@ -76,8 +76,7 @@ def validate_flag_types(config: ConfigFile) -> None:
             line = config.line_of(pointer)
             where = f" (line {line})" if line else ""
             raise InputError(
-                f"config.json:{pointer}{where}: expected true or false, got {value!r}; "
-                "fix the value before auditing"
+                f"config.json:{pointer}{where}: expected true or false, got {value!r}; fix the value before auditing"
             )
     archs = config.data.get("architectures")
     if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
@@ -123,7 +122,11 @@ def declared_ties(root: Path, config: ConfigFile) -> DeclaredTies:
 
         cls = getattr(transformers, arch, None)
         if cls is None or not isinstance(cls, type):
-            remote = " and config.json has an auto_map (remote code, never run by tieaudit)" if "auto_map" in config.data else ""
+            remote = (
+                " and config.json has an auto_map (remote code, never run by tieaudit)"
+                if "auto_map" in config.data
+                else ""
+            )
             raise DeclaredTiesUnavailable(
                 f"architecture {arch} is not a class of transformers {transformers.__version__}{remote}"
             )
@@ -140,15 +143,24 @@ def declared_ties(root: Path, config: ConfigFile) -> DeclaredTies:
 
 def _from_meta_model(cls: type, hf_config: Any, config: ConfigFile, arch: str, version: str) -> DeclaredTies:
     import torch
-    from transformers.modeling_utils import PreTrainedModel
 
     try:
         with torch.device("meta"):
             model = cls(hf_config)
     except Exception as exc:
         raise DeclaredTiesUnavailable(f"cannot build {arch} from this config.json: {_one_line(exc)}") from exc
+    return ties_of_model(model, config, arch=arch, version=version, active=None)
 
-    active = dict(getattr(model, "all_tied_weights_keys", {}) or {})
+
+def ties_of_model(
+    model: Any, config: ConfigFile, *, arch: str, version: str, active: dict[str, str] | None
+) -> DeclaredTies:
+    """Read the declared ties of a built model (meta or live). `active` defaults to what the model was built with."""
+    from transformers.modeling_utils import PreTrainedModel
+
+    hf_config = model.config
+    if active is None:
+        active = dict(getattr(model, "all_tied_weights_keys", {}) or {})
     potential: dict[str, str] = {}
     flags: dict[str, Flag] = {}
     for prefix, sub in model.named_modules(remove_duplicate=False):
@@ -163,9 +175,7 @@ def _from_meta_model(cls: type, hf_config: Any, config: ConfigFile, arch: str, v
             flags.setdefault(full_target, flag)
 
     state = model.state_dict()
-    expected = {
-        name: (tuple(t.shape), _TORCH_DTYPE_CODES.get(str(t.dtype), str(t.dtype))) for name, t in state.items()
-    }
+    expected = {name: (tuple(t.shape), _TORCH_DTYPE_CODES.get(str(t.dtype), str(t.dtype))) for name, t in state.items()}
     rename = _renamer(model, state)
     return DeclaredTies(
         architecture=arch,

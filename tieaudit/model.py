@@ -66,8 +66,7 @@ class Finding:
     def fingerprint(self) -> str:
         """Stable across runs and machines: the rule and where it points, not the numbers."""
         key = "|".join(
-            str(part)
-            for part in (self.code, self.location.file, self.location.tensor, self.location.config_key)
+            str(part) for part in (self.code, self.location.file, self.location.tensor, self.location.config_key)
         )
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 

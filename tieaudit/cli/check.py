@@ -29,7 +29,7 @@ def check(
     """Audit a checkpoint's weight tying; exit 1 when findings reach --fail-on."""
     import typer
 
-    from tieaudit.audit import audit
+    from tieaudit.auditing import audit
     from tieaudit.report import RenderOptions, render
     from tieaudit.report.text import summary_line
 

@@ -20,7 +20,7 @@ def graph(
     """Show which tensors are tied, which flag governs them, where each is stored, and each tie's status."""
     import sys
 
-    from tieaudit.audit import audit
+    from tieaudit.auditing import audit
     from tieaudit.report import RenderOptions
     from tieaudit.report.json_format import group_dict
     from tieaudit.report.text import render_graph
@@ -30,8 +30,11 @@ def graph(
     if fmt == "json":
         doc = {
             "schema_version": 1,
-            "target": {"path": report.target.path, "architecture": report.target.architecture,
-                       "layout": report.target.layout},
+            "target": {
+                "path": report.target.path,
+                "architecture": report.target.architecture,
+                "layout": report.target.layout,
+            },
             "graph": {"groups": [group_dict(g) for g in report.groups]},
             "skipped": [{"check": s.check, "reason": s.reason} for s in report.skipped],
         }

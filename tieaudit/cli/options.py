@@ -3,34 +3,30 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 PathArg = Annotated[Path, typer.Argument(help="Checkpoint directory (model or PEFT adapter).", show_default=False)]
-BaseOpt = Annotated[Optional[str], typer.Option("--base", help="Base model directory for an adapter.")]
+BaseOpt = Annotated[str | None, typer.Option("--base", help="Base model directory for an adapter.")]
 FormatOpt = Annotated[str, typer.Option("--format", "-f", help="Report format: text or json.")]
-OutputOpt = Annotated[
-    Optional[Path], typer.Option("--output", "-o", help="Write the report to FILE instead of stdout.")
-]
+OutputOpt = Annotated[Path | None, typer.Option("--output", "-o", help="Write the report to FILE instead of stdout.")]
 FailOnOpt = Annotated[
     str, typer.Option("--fail-on", help="Lowest severity that makes the exit code 1: error, warning or info.")
 ]
 ExitZeroOpt = Annotated[bool, typer.Option("--exit-zero", help="Exit 0 even with findings (never masks 2 or 3).")]
 SelectOpt = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--select", help="Only these rules: codes, prefixes or names; repeat or comma-separate."),
 ]
-IgnoreOpt = Annotated[
-    Optional[list[str]], typer.Option("--ignore", help="Skip these rules: codes, prefixes or names.")
-]
+IgnoreOpt = Annotated[list[str] | None, typer.Option("--ignore", help="Skip these rules: codes, prefixes or names.")]
 ProbeOpt = Annotated[
     int, typer.Option("--probe-tokens", help="Probe hidden states for logit comparisons (0 disables).", min=0)
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Findings only.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Also show every measured comparison.")]
 ProgressOpt = Annotated[
-    Optional[bool], typer.Option("--progress/--no-progress", help="Progress on stderr (default: on a TTY).")
+    bool | None, typer.Option("--progress/--no-progress", help="Progress on stderr (default: on a TTY).")
 ]
 ColorOpt = Annotated[str, typer.Option("--color", help="auto, always or never (NO_COLOR is honoured).")]
 

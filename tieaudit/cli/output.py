@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -29,8 +30,6 @@ def emit(document: str, output: Path | None) -> None:
             fh.write(document)
         os.replace(tmp, output)
     except OSError as exc:
-        try:
+        with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
         raise WriteError(f"cannot write the report to {output}: {exc.strerror or exc}") from None

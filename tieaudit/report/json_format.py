@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tieaudit.model import SCHEMA_VERSION, Comparison, Finding, Report, TieGroup
-
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from tieaudit.report import RenderOptions

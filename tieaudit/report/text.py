@@ -34,9 +34,8 @@ def _fmt(x: float | None) -> str:
 def _group_lines(g: TieGroup) -> list[str]:
     flag = f"{g.governing_flag} = {str(g.flag_value).lower()}" if g.governing_flag else "observed in the files only"
     arrow = ", ".join(escape(t) for t in g.targets)
-    lines = [
-        f"  [{_STATUS_STYLE[g.status]}]{g.status.value.upper():<8}[/] {escape(g.source)} -> {arrow}  [dim]({escape(flag)})[/]"
-    ]
+    status = f"[{_STATUS_STYLE[g.status]}]{g.status.value.upper():<8}[/]"
+    lines = [f"  {status} {escape(g.source)} -> {arrow}  [dim]({escape(flag)})[/]"]
     width = max(len(n) for n in g.members)
     for i, name in enumerate(g.members):
         file = g.stored.get(name)
@@ -130,5 +129,11 @@ def render(report: Report, options: RenderOptions) -> str:
 def summary_line(report: Report) -> str:
     """One line for stderr after any format."""
     c = report.counts()
-    parts = [f"{c['error']} error{'s' if c['error'] != 1 else ''}", f"{c['warning']} warning{'s' if c['warning'] != 1 else ''}", f"{c['info']} info"]
-    return f"tieaudit: {report.target.path}: {', '.join(parts)} (fail-on {report.fail_on.value}, exit {report.exit_code})"
+    parts = [
+        f"{c['error']} error{'s' if c['error'] != 1 else ''}",
+        f"{c['warning']} warning{'s' if c['warning'] != 1 else ''}",
+        f"{c['info']} info",
+    ]
+    return (
+        f"tieaudit: {report.target.path}: {', '.join(parts)} (fail-on {report.fail_on.value}, exit {report.exit_code})"
+    )

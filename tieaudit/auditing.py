@@ -98,9 +98,7 @@ def _analyse(ckpt, path: str, probes: int, progress: Progress | None, skipped: l
 
     declared = None
     if ckpt.config is None:
-        skipped.append(
-            Skipped("declared-ties", "no config.json: only ties recorded in the weight files were checked")
-        )
+        skipped.append(Skipped("declared-ties", "no config.json: only ties recorded in the weight files were checked"))
     else:
         validate_flag_types(ckpt.config)
         if progress:
@@ -109,8 +107,11 @@ def _analyse(ckpt, path: str, probes: int, progress: Progress | None, skipped: l
             declared = declared_ties(Path(ckpt.root), ckpt.config)
         except DeclaredTiesUnavailable as exc:
             skipped.append(
-                Skipped("declared-ties", f"{exc}; only ties recorded in the weight files (shared storage, "
-                        "safetensors metadata) were checked, and missing-tensor rules could not be applied")
+                Skipped(
+                    "declared-ties",
+                    f"{exc}; only ties recorded in the weight files (shared storage, "
+                    "safetensors metadata) were checked, and missing-tensor rules could not be applied",
+                )
             )
     graph = build_graph(ckpt, declared, probes=probes, progress=progress)
     context = RuleContext(

@@ -1,0 +1,46 @@
+"""Shared, session-scoped fixtures: real tiny checkpoints built once per test worker."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+Builder = Callable[[str, str, str], Path]
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Builder:
+    """`checkpoint(arch, variant, layout)` -> a directory built with the real libraries (cached)."""
+    from fixtures.builders import build_checkpoint
+
+    root = tmp_path_factory.mktemp("ckpts")
+    cache: dict[tuple[str, str, str], Path] = {}
+
+    def get(arch: str, variant: str, layout: str) -> Path:
+        key = (arch, variant, layout)
+        if key not in cache:
+            cache[key] = build_checkpoint(arch, variant, layout, root / "-".join(key))
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def outcome() -> Callable[[Path, str], object]:
+    """What transformers really does when loading a checkpoint (cached per path)."""
+    from fixtures.builders import load_outcome
+
+    cache: dict[Path, object] = {}
+
+    def get(path: Path, arch: str) -> object:
+        if path not in cache:
+            cache[path] = load_outcome(path, arch)
+        return cache[path]
+
+    return get

@@ -1,0 +1,234 @@
+"""The command line: exit codes, streams, formats, selection, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from tieaudit.cli.app import app
+from tieaudit.rules import all_rules
+
+runner = CliRunner()
+
+
+def run(*args: str | Path, env: dict[str, str] | None = None):
+    return runner.invoke(app, [str(a) for a in args], env=env)
+
+
+@pytest.fixture(scope="module")
+def ckpts(checkpoint) -> dict[str, Path]:
+    return {
+        "clean": checkpoint("llama", "clean", "safetensors"),
+        "missing": checkpoint("llama", "untied_missing", "safetensors"),
+        "diverged": checkpoint("llama", "diverged", "safetensors"),
+        "redundant": checkpoint("llama", "redundant", "safetensors"),
+        "t5flag": checkpoint("t5", "untied_missing", "safetensors"),
+    }
+
+
+@pytest.mark.parametrize(
+    ("case", "args", "code"),
+    [
+        ("clean", [], 0),
+        ("missing", [], 1),
+        ("diverged", [], 1),
+        ("missing", ["--exit-zero"], 0),
+        ("redundant", [], 0),  # TIE006 is info, below the default fail-on
+        ("redundant", ["--fail-on", "info"], 1),
+        ("t5flag", [], 1),  # TIE005 is a warning
+        ("t5flag", ["--fail-on", "error"], 0),
+        ("missing", ["--ignore", "TIE002"], 0),
+        ("missing", ["--select", "TIE001,TIE003"], 0),
+        ("missing", ["--select", "TIE00"], 1),
+        ("missing", ["--select", "untied-weight-missing"], 1),
+        ("missing", ["--select", "TIE999"], 2),
+        ("missing", ["--format", "yaml"], 2),
+        ("missing", ["--fail-on", "fatal"], 2),
+        ("missing", ["--exit-zero", "--select", "NOPE"], 2),  # --exit-zero never masks 2
+    ],
+)
+def test_exit_code_table(ckpts, case: str, args: list[str], code: int) -> None:
+    result = run("check", ckpts[case], *args)
+    assert result.exit_code == code, (result.stdout, result.stderr)
+
+
+def test_json_stdout_is_one_document_and_matches_exit(ckpts) -> None:
+    result = run("check", ckpts["missing"], "-f", "json")
+    doc = json.loads(result.stdout)  # nothing else on stdout
+    assert doc["schema_version"] == 1
+    assert doc["tool"]["name"] == "tieaudit"
+    assert doc["summary"]["exit_code"] == result.exit_code == 1
+    assert doc["target"]["layout"] == "safetensors"
+    [finding] = doc["findings"]
+    assert finding["code"] == "TIE002"
+    assert finding["location"]["tensor"] == "lm_head.weight"
+    assert finding["location"]["config_key"] == "/tie_word_embeddings"
+    config_lines = (ckpts["missing"] / "config.json").read_text().splitlines()
+    assert '"tie_word_embeddings"' in config_lines[finding["location"]["line"] - 1]
+    assert len(finding["fingerprint"]) == 16
+    [group] = doc["graph"]["groups"]
+    assert group["status"] == "missing"
+    assert group["stored"] == {"model.embed_tokens.weight": "model.safetensors", "lm_head.weight": None}
+    assert "tieaudit:" in result.stderr and "1 error" in result.stderr
+
+
+def test_text_report_and_summary_streams(ckpts) -> None:
+    result = run("check", ckpts["diverged"], "--color", "never")
+    assert "TIE001" in result.stdout and "tied-weights-diverge" in result.stdout
+    assert "top-1 agreement" in result.stdout
+    assert "\x1b[" not in result.stdout
+    assert "1 error" in result.stderr and "1 error" not in result.stdout
+
+
+def test_color_always_and_no_color(ckpts) -> None:
+    assert "\x1b[" in run("check", ckpts["diverged"], "--color", "always").stdout
+    assert "\x1b[" not in run("check", ckpts["diverged"], env={"NO_COLOR": "1"}).stdout
+
+
+def test_quiet_and_verbose(ckpts) -> None:
+    quiet = run("check", ckpts["diverged"], "-q")
+    assert "source" not in quiet.stdout and "TIE001" in quiet.stdout and quiet.stderr == ""
+    verbose = run("check", ckpts["diverged"], "-v")
+    assert "comparisons" in verbose.stdout and "on-disk" in verbose.stdout
+
+
+def test_output_file_written_after_audit(ckpts, tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    result = run("check", ckpts["missing"], "-f", "json", "-o", out)
+    assert result.exit_code == 1 and result.stdout == ""
+    assert json.loads(out.read_text())["summary"]["exit_code"] == 1
+    bad = run("check", ckpts["missing"], "-o", tmp_path / "no" / "such" / "dir" / "r.txt")
+    assert bad.exit_code == 2 and "cannot write the report" in bad.stderr
+
+
+def test_tieaudit_format_env(ckpts) -> None:
+    result = run("check", ckpts["clean"], env={"TIEAUDIT_FORMAT": "json"})
+    assert json.loads(result.stdout)["summary"]["exit_code"] == 0
+
+
+def test_graph_command(ckpts) -> None:
+    text = run("graph", ckpts["missing"], "--color", "never")
+    assert text.exit_code == 0 and "MISSING" in text.stdout and "(not stored)" in text.stdout
+    doc = json.loads(run("graph", ckpts["clean"], "-f", "json").stdout)
+    assert doc["graph"]["groups"][0]["status"] == "tied"
+
+
+def test_rules_and_explain() -> None:
+    listing = run("rules")
+    assert listing.exit_code == 0
+    for r in all_rules():
+        assert r.code in listing.stdout
+        assert len(r.explain) > 200, f"{r.code} needs real explain text"
+        shown = run("explain", r.code)
+        assert shown.exit_code == 0 and r.name in shown.stdout and "Fix" in shown.stdout
+    assert json.loads(run("rules", "-f", "json").stdout)[0]["code"] == "TIE001"
+    assert run("explain", "untied-weight-missing").exit_code == 0
+    unknown = run("explain", "TIE999")
+    assert unknown.exit_code == 2 and "unknown rule" in unknown.stderr
+
+
+def test_every_rule_is_covered_by_a_verdict_test() -> None:
+    from tests.test_verdicts import EXPECTED
+
+    tested = {c for c in EXPECTED.values() if c} | {"TIE005"}
+    assert {r.code for r in all_rules() if r.family == "checkpoint"} <= tested
+
+
+@pytest.mark.parametrize(
+    ("setup", "code", "needle"),
+    [
+        ("missing_path", 2, "does not exist"),
+        ("file_not_dir", 2, "expected a checkpoint directory"),
+        ("empty_dir", 3, "nothing auditable"),
+        ("config_only", 3, "no weights"),
+        ("invalid_config", 2, "config.json"),
+        ("flag_not_bool", 2, "/tie_word_embeddings"),
+        ("truncated", 2, "model.safetensors"),
+        ("header_too_long", 2, "model.safetensors"),
+        ("missing_shard", 2, "does not exist"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code(
+    setup: str, code: int, needle: str, tmp_path: Path, ckpts, checkpoint
+) -> None:
+    import shutil
+
+    target = tmp_path / "ckpt"
+    if setup == "missing_path":
+        pass
+    elif setup == "file_not_dir":
+        target.write_text("x")
+    elif setup == "empty_dir":
+        target.mkdir()
+    else:
+        src = checkpoint("llama", "clean", "safetensors-sharded" if setup == "missing_shard" else "safetensors")
+        shutil.copytree(src, target)
+        weights = target / "model.safetensors"
+        if setup == "config_only":
+            weights.unlink()
+        elif setup == "invalid_config":
+            (target / "config.json").write_text('{"architectures": ["LlamaForCausalLM"],,}')
+        elif setup == "flag_not_bool":
+            cfg = json.loads((target / "config.json").read_text())
+            cfg["tie_word_embeddings"] = "yes"
+            (target / "config.json").write_text(json.dumps(cfg, indent=2))
+        elif setup == "truncated":
+            data = weights.read_bytes()
+            weights.write_bytes(data[: len(data) // 2])
+        elif setup == "header_too_long":
+            data = weights.read_bytes()
+            weights.write_bytes((2**40).to_bytes(8, "little") + data[8:])
+        elif setup == "missing_shard":
+            shard = sorted(target.glob("model-*.safetensors"))[0]
+            shard.unlink()
+    result = run("check", target)
+    assert result.exit_code == code, (result.stdout, result.stderr)
+    assert needle in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_pickle_payload_is_refused_and_never_run(tmp_path: Path, checkpoint) -> None:
+    import shutil
+
+    target = tmp_path / "evil"
+    shutil.copytree(checkpoint("llama", "clean", "bin"), target)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    import torch
+
+    torch.save({"model.embed_tokens.weight": Payload()}, target / "pytorch_model.bin")
+    result = run("check", target)
+    assert result.exit_code == 2 and "refusing" in result.stderr
+    assert not marker.exists()
+
+
+def _no_torch_import(args: list[str]) -> subprocess.CompletedProcess[str]:
+    code = (
+        "import sys; sys.argv = ['tieaudit', *sys.argv[1:]]\n"
+        "from tieaudit.cli.app import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print('IMPORTED' if {'torch', 'transformers', 'peft'} & set(sys.modules) else 'LEAN', file=sys.stderr)\n"
+    )
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("args", [["--version"], ["--help"], ["rules"], ["explain", "TIE001"], ["check", "--help"]])
+def test_fast_paths_do_not_import_torch(args: list[str]) -> None:
+    proc = _no_torch_import(args)
+    assert proc.stderr.strip().endswith("LEAN"), proc.stderr
+
+
+def test_console_script_and_module_entry() -> None:
+    proc = subprocess.run([sys.executable, "-m", "tieaudit", "--version"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.startswith("tieaudit ")
