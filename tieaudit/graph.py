@@ -90,7 +90,9 @@ def build_graph(
         mem_to_disk.setdefault(rename(disk), disk)
 
     candidates = _candidate_pairs(ckpt, declared, rename, mem_to_disk)
-    comparer = _Comparer(ckpt, probes, progress, total=sum(1 for c in candidates if _both(c, mem_to_disk, ckpt)))
+    active = declared.active if declared else {}
+    to_compare = sum(1 for c in candidates if c.declared and c.target in active and _both(c, mem_to_disk))
+    comparer = _Comparer(ckpt, probes, progress, total=to_compare)
     pairs = [_pair_state(c, ckpt, declared, mem_to_disk, comparer) for c in candidates]
     pairs = _resolve_covered(pairs)
     groups = _groups(pairs, declared, mem_to_disk, ckpt)
@@ -151,7 +153,7 @@ def _candidate_pairs(
     return list(found.values())
 
 
-def _both(c: _Candidate, mem_to_disk: dict[str, str], ckpt: TensorSource) -> bool:
+def _both(c: _Candidate, mem_to_disk: dict[str, str]) -> bool:
     return c.target in mem_to_disk and c.source in mem_to_disk
 
 
@@ -218,7 +220,8 @@ def _pair_state(
     observed = set(c.observed)
     if tgt is None and src is not None:
         observed.add(OBSERVED_ABSENT)
-    diff = comparer.compare(c.source, c.target, src, tgt) if (src and tgt) else None
+    # only a pair the loader ties needs its contents: an untied pair's verdict is structural (headers only)
+    diff = comparer.compare(c.source, c.target, src, tgt) if (src and tgt and tied) else None
     if diff and diff.bitwise_equal:
         observed.add(OBSERVED_EQUAL)
     if src and tgt and src.storage_id is not None and src.storage_id == tgt.storage_id:
