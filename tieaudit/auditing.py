@@ -6,10 +6,16 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tieaudit._version import __version__
 from tieaudit.errors import UsageError
 from tieaudit.model import Finding, Report, Severity, Skipped, Stats, Target
+
+if TYPE_CHECKING:
+    from tieaudit.checkpoint import Checkpoint
+    from tieaudit.graph import TieGraph
+    from tieaudit.rules import RuleContext
 
 Progress = Callable[[str, int, int], None]
 
@@ -85,13 +91,15 @@ def audit(
     )
 
 
-def _arch_name(ckpt) -> str | None:  # type: ignore[no-untyped-def]
+def _arch_name(ckpt: Checkpoint) -> str | None:
     from tieaudit.declared import architecture_of
 
     return architecture_of(ckpt.config) if ckpt.config is not None else None
 
 
-def _analyse(ckpt, path: str, probes: int, progress: Progress | None, skipped: list[Skipped]):  # type: ignore[no-untyped-def]
+def _analyse(
+    ckpt: Checkpoint, path: str, probes: int, progress: Progress | None, skipped: list[Skipped]
+) -> tuple[TieGraph, RuleContext]:
     from tieaudit.declared import DeclaredTiesUnavailable, declared_ties, validate_flag_types
     from tieaudit.graph import build_graph
     from tieaudit.rules import RuleContext

@@ -10,11 +10,15 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Protocol
 
 from tieaudit.checkpoint.types import TensorInfo
 from tieaudit.compare import TensorDiff, diff_tensors
 from tieaudit.declared import DeclaredTies, Flag
 from tieaudit.model import Comparison, TieGroup, TieStatus
+
+if TYPE_CHECKING:
+    import torch
 
 Progress = Callable[[str, int, int], None]
 
@@ -26,14 +30,13 @@ OBSERVED_ABSENT = "target-absent"
 _STATUS_ORDER = {TieStatus.TIED: 0, TieStatus.UNTIED: 1, TieStatus.DIVERGED: 2, TieStatus.MISSING: 3}
 
 
-class TensorSource:
-    """What graph building needs from a checkpoint (the `Checkpoint` class provides it)."""
+class TensorSource(Protocol):
+    """What graph building needs from a checkpoint: `Checkpoint` and the live-model view provide it."""
 
     tensors: dict[str, TensorInfo]
     metadata: dict[str, dict[str, str]]
 
-    def read_rows(self, name: str, start: int, stop: int):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)

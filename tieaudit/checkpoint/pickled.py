@@ -50,7 +50,8 @@ def torch_dtype(code: str) -> torch.dtype:
     """The torch dtype of a safetensors dtype code (``"BF16"`` -> ``torch.bfloat16``)."""
     import torch
 
-    return getattr(torch, TORCH_DTYPE_NAMES[code])
+    dtype: torch.dtype = getattr(torch, TORCH_DTYPE_NAMES[code])
+    return dtype
 
 
 def dtype_code(dtype: torch.dtype) -> str | None:
