@@ -18,11 +18,14 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	touch $(STAMP)
 
 demo: $(STAMP)
-	@echo "== tieaudit check fixtures/demo/llama-untied-missing-head (a real broken save) =="
-	-$(BIN)/tieaudit check fixtures/demo/llama-untied-missing-head
+	@echo "== tieaudit check fixtures/demo/llama-untied-missing-head  (a real save_pretrained output that loads a random lm_head) =="
+	@$(BIN)/tieaudit check fixtures/demo/llama-untied-missing-head; echo "exit code: $$?  (1 = findings at or above --fail-on)"
 	@echo
-	@echo "== the same as JSON, summary only =="
-	-$(BIN)/tieaudit check fixtures/demo/llama-untied-missing-head -f json | $(BIN)/python -c "import json,sys; print(json.dumps(json.load(sys.stdin)['summary'], indent=2))"
+	@echo "== tieaudit check fixtures/demo/llama-clean  (the same model saved tied) =="
+	@$(BIN)/tieaudit check fixtures/demo/llama-clean; echo "exit code: $$?"
+	@echo
+	@echo "== tieaudit explain TIE002 =="
+	@$(BIN)/tieaudit explain TIE002
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -q
