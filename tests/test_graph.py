@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tieaudit import audit
-from tieaudit.compare import diff_tensors, rows_per_chunk
+from tieaudit.compare import diff_tensors, probe_hidden_states, rows_per_chunk
 from tieaudit.model import TieStatus
 
 
@@ -102,7 +102,7 @@ def test_pair_comparison_reads_each_tensor_once_without_probes(checkpoint) -> No
     pair_bytes = 2 * 64 * 16 * 4  # embed + lm_head, float32
     assert report.stats.tensor_bytes_read == pair_bytes
     with_probes = audit(path, probe_tokens=8)
-    assert with_probes.stats.tensor_bytes_read == 2 * pair_bytes  # a second pass for the logits
+    assert with_probes.stats.tensor_bytes_read == pair_bytes  # the logits come from the same pass
     [cmp] = with_probes.comparisons
     assert cmp.stage == "on-disk" and cmp.max_abs_diff == pytest.approx(0.05, rel=1e-3)
     assert 0.0 <= cmp.top1_agreement <= 1.0 and cmp.max_abs_logit_diff > 0
@@ -128,7 +128,23 @@ def test_comparison_memory_is_bounded_by_chunks() -> None:
     d = diff_tensors(reader(a), reader(b), shape, probes=4, chunk_bytes=chunk)
     assert largest <= chunk and rows_per_chunk(shape, chunk) == 16
     assert not d.bitwise_equal and d.max_abs_diff == pytest.approx(1.0)
-    assert d.top1_agreement is not None
+    # equal at first, different at row 997: a second pass computes the logits, and they agree with a direct computation
+    h = probe_hidden_states(4, 64)
+    direct = ((h @ a.T) - (h @ b.T)).abs().max()
+    assert d.max_abs_logit_diff == pytest.approx(float(direct), rel=1e-5)
+    top1 = float(((h @ a.T).argmax(1) == (h @ b.T).argmax(1)).float().mean())
+    assert d.top1_agreement == top1
+
+
+def test_single_pass_logits_match_a_direct_computation() -> None:
+    torch.manual_seed(1)
+    a = torch.randn(300, 32)
+    b = a + 0.3 * torch.randn(300, 32)
+    d = diff_tensors(lambda s, e: a[s:e], lambda s, e: b[s:e], (300, 32), probes=16, chunk_bytes=1024)
+    h = probe_hidden_states(16, 32)
+    assert d.max_abs_logit_diff == pytest.approx(float(((h @ a.T) - (h @ b.T)).abs().max()), rel=1e-5)
+    assert d.top1_agreement == float(((h @ a.T).argmax(1) == (h @ b.T).argmax(1)).float().mean())
+    assert d.rel_diff == pytest.approx(float((a - b).norm() / a.norm()), rel=1e-5)
 
 
 def test_nan_is_never_equal_like_torch_equal() -> None:

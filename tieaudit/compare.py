@@ -1,8 +1,9 @@
 """Chunked tensor comparisons with bounded memory.
 
 Two stored tensors are read in the same row ranges, a chunk pair at a time, so the working set is
-about `4 * chunk_bytes` (two chunks in their dtype, two in float32) plus the probe logits
-(`probes x chunk_rows` floats), whatever the vocabulary size.
+a few chunks (two in their dtype, two in float32, one difference; norms are float32 per chunk, summed in float64)
+plus the probe logits (`probes x chunk_rows` floats): about 8 x CHUNK_BYTES whatever the vocabulary
+size (measured: +228 MiB RSS for a 128256 x 2048 pair with 32 MiB chunks, see benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -47,11 +48,17 @@ def diff_tensors(
     chunk_bytes: int = CHUNK_BYTES,
 ) -> TensorDiff:
     """Compare two tensors of one shape chunk by chunk; with `probes` > 0 and a 2-D shape, also compare
-    the logits `h @ W.T` of `probes` seeded hidden states (only when the weights differ)."""
+    the logits `h @ W.T` of `probes` seeded hidden states (only when the weights differ).
+
+    One pass in the common cases: when the first chunk already differs, the logits are computed in the
+    same pass; when the tensors are equal no logits are needed. Only a pair equal at first and different
+    later is read a second time for its logits."""
     import torch
 
     rows = shape[0] if shape else 1
     step = rows_per_chunk(shape, chunk_bytes)
+    want_logits = probes > 0 and len(shape) == 2
+    tracker: _Top1 | None = None
     equal = True
     max_abs = 0.0
     sq_diff = 0.0
@@ -60,23 +67,62 @@ def diff_tensors(
         stop = min(rows, start + step)
         a = read_a(start, stop)
         b = read_b(start, stop)
-        if not torch.equal(a, b):
-            equal = False
+        same = torch.equal(a, b)
         a32 = a.to(torch.float32)
-        d = a32 - b.to(torch.float32)
-        if d.numel():
-            # nan_to_num: a NaN in either tensor must not hide every other difference
-            max_abs = max(max_abs, float(torch.nan_to_num(d.abs(), nan=math.inf).max()))
-            sq_diff += float((d.double() ** 2).sum())
-            sq_ref += float((a32.double() ** 2).sum())
-        del a, b, a32, d
+        sq_ref += float(torch.linalg.vector_norm(a32)) ** 2
+        b32 = a32
+        if not same:
+            if equal and start == 0 and want_logits:
+                tracker = _Top1(probes, shape[1])
+            equal = False
+            b32 = b.to(torch.float32)
+            d = a32 - b32
+            if d.numel():
+                # nan_to_num: a NaN in either tensor must not hide every other difference
+                max_abs = max(max_abs, float(torch.nan_to_num(d.abs_(), nan=math.inf).max()))
+                sq_diff += float(torch.linalg.vector_norm(d)) ** 2
+            del d
+        if tracker is not None:
+            tracker.update(start, a32, b32)
+        del a, b, a32, b32
     rel = math.sqrt(sq_diff) / math.sqrt(sq_ref) if sq_ref > 0 else (0.0 if sq_diff == 0 else math.inf)
     if equal:
-        return TensorDiff(True, 0.0, 0.0, 0.0 if probes else None, 1.0 if probes else None)
-    if probes <= 0 or len(shape) != 2:
+        return TensorDiff(True, 0.0, 0.0, 0.0 if want_logits else None, 1.0 if want_logits else None)
+    if not want_logits:
         return TensorDiff(False, max_abs, rel)
-    logit_diff, top1 = logit_agreement(read_a, read_b, shape, probes=probes, chunk_bytes=chunk_bytes)
+    if tracker is None:
+        logit_diff, top1 = logit_agreement(read_a, read_b, shape, probes=probes, chunk_bytes=chunk_bytes)
+    else:
+        logit_diff, top1 = tracker.result()
     return TensorDiff(False, max_abs, rel, logit_diff, top1)
+
+
+class _Top1:
+    """Running max |logit difference| and argmax of `h @ A.T` and `h @ B.T`, over vocabulary chunks."""
+
+    def __init__(self, probes: int, hidden: int) -> None:
+        import torch
+
+        self.h = probe_hidden_states(probes, hidden)
+        self.best = [torch.full((probes,), -math.inf), torch.full((probes,), -math.inf)]
+        self.arg = [torch.zeros(probes, dtype=torch.long), torch.zeros(probes, dtype=torch.long)]
+        self.max_diff = 0.0
+
+    def update(self, start: int, a32: torch.Tensor, b32: torch.Tensor) -> None:
+        import torch
+
+        la = self.h @ a32.T
+        lb = la if b32 is a32 else self.h @ b32.T
+        if lb is not la:
+            self.max_diff = max(self.max_diff, float(torch.nan_to_num((la - lb).abs(), nan=math.inf).max()))
+        for i, logits in enumerate((la, lb)):
+            val, idx = logits.max(dim=1)
+            better = val > self.best[i]
+            self.best[i][better] = val[better]
+            self.arg[i][better] = idx[better] + start
+
+    def result(self) -> tuple[float, float]:
+        return self.max_diff, float((self.arg[0] == self.arg[1]).float().mean())
 
 
 def probe_hidden_states(probes: int, hidden: int) -> torch.Tensor:
@@ -100,22 +146,9 @@ def logit_agreement(
     import torch
 
     rows, hidden = shape
-    h = probe_hidden_states(probes, hidden)
+    tracker = _Top1(probes, hidden)
     step = rows_per_chunk(shape, chunk_bytes)
-    best_a = torch.full((probes,), -math.inf)
-    best_b = torch.full((probes,), -math.inf)
-    arg_a = torch.zeros(probes, dtype=torch.long)
-    arg_b = torch.zeros(probes, dtype=torch.long)
-    max_diff = 0.0
     for start in range(0, rows, step):
         stop = min(rows, start + step)
-        la = h @ read_a(start, stop).to(torch.float32).T
-        lb = h @ read_b(start, stop).to(torch.float32).T
-        max_diff = max(max_diff, float(torch.nan_to_num((la - lb).abs(), nan=math.inf).max()))
-        for logits, best, arg in ((la, best_a, arg_a), (lb, best_b, arg_b)):
-            val, idx = logits.max(dim=1)
-            better = val > best
-            best[better] = val[better]
-            arg[better] = idx[better] + start
-    top1 = float((arg_a == arg_b).float().mean())
-    return max_diff, top1
+        tracker.update(start, read_a(start, stop).to(torch.float32), read_b(start, stop).to(torch.float32))
+    return tracker.result()
