@@ -149,6 +149,8 @@ def test_every_rule_is_covered_by_a_verdict_test() -> None:
         ("config_only", 3, "no weights"),
         ("invalid_config", 2, "config.json"),
         ("flag_not_bool", 2, "/tie_word_embeddings"),
+        ("flag_null", 2, "got null"),
+        ("config_rejected_by_transformers", 2, "vocab_size"),
         ("truncated", 2, "model.safetensors"),
         ("header_too_long", 2, "model.safetensors"),
         ("missing_shard", 2, "does not exist"),
@@ -177,6 +179,13 @@ def test_bad_input_is_one_line_and_exit_code(
         elif setup == "flag_not_bool":
             cfg = json.loads((target / "config.json").read_text())
             cfg["tie_word_embeddings"] = "yes"
+            (target / "config.json").write_text(json.dumps(cfg, indent=2))
+        elif setup in ("flag_null", "config_rejected_by_transformers"):
+            cfg = json.loads((target / "config.json").read_text())
+            if setup == "flag_null":
+                cfg["tie_word_embeddings"] = None
+            else:
+                cfg["vocab_size"] = "64"
             (target / "config.json").write_text(json.dumps(cfg, indent=2))
         elif setup == "truncated":
             data = weights.read_bytes()

@@ -160,3 +160,42 @@ def test_bin_shared_storage_is_observed_and_not_redundant(checkpoint) -> None:
     assert "shared-storage" in group.observed
     assert report.findings == ()
     assert report.stats.tensor_bytes_read == 0  # one storage under two names: equal without reading
+
+
+@pytest.mark.parametrize(("variant", "code"), [("untied_missing", "TIE002"), ("diverged", "TIE001")])
+def test_config_without_architectures_uses_the_auto_head_class(variant: str, code: str, checkpoint, outcome, tmp_path):
+    """AutoModelForCausalLM picks the class from model_type; so does tieaudit."""
+    ckpt = _copy(checkpoint("llama", variant, "safetensors"), tmp_path)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    del cfg["architectures"]
+    (ckpt / "config.json").write_text(json.dumps(cfg, indent=2))
+    report = audit(ckpt)
+    assert report.target.architecture == "LlamaForCausalLM"
+    assert code in {f.code for f in report.findings}
+    assert outcome(ckpt, "llama").broken
+
+
+def test_mixed_dtypes_are_compared_as_transformers_loads_them(checkpoint, outcome, tmp_path: Path) -> None:
+    """bf16 embedding and an f32 head with the same values: transformers casts, finds them equal, ties."""
+    from safetensors.torch import load_file, save_file
+
+    ckpt = _copy(checkpoint("llama", "redundant", "safetensors"), tmp_path)
+    state = load_file(ckpt / "model.safetensors")
+    state["model.embed_tokens.weight"] = state["model.embed_tokens.weight"].to(torch.bfloat16)
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].to(torch.float32)
+    save_file(state, ckpt / "model.safetensors", metadata={"format": "pt"})
+    assert not outcome(ckpt, "llama").broken
+    assert {f.code for f in audit(ckpt).findings} == {"TIE006"}
+    # and with different values in different dtypes: not tied, TIE001 says in which dtype it compared
+    state["lm_head.weight"] = state["lm_head.weight"] + 0.5
+    save_file(state, ckpt / "model.safetensors", metadata={"format": "pt"})
+    [finding] = audit(ckpt).findings
+    assert finding.code == "TIE001" and "compared in" in finding.message
+
+
+def test_inf_is_reported_as_inf() -> None:
+    a = torch.zeros(2, 2)
+    b = a.clone()
+    b[0, 0] = float("inf")
+    d = diff_tensors(lambda s, e: a[s:e], lambda s, e: b[s:e], (2, 2))
+    assert d.max_abs_diff == float("inf")

@@ -69,3 +69,13 @@ def test_peft_wrapped_model_is_found_and_names_are_base_names() -> None:
     [group] = report.groups
     assert group.source == "model.embed_tokens.weight" and group.targets == ("lm_head.weight",)
     assert group.status is TieStatus.TIED
+
+
+def test_flags_are_judged_as_they_reload() -> None:
+    """T5Config forces the tie back on when config.json is read: flipping the live flag loses nothing,
+    but readers of the raw JSON disagree (TIE005), as `tieaudit check` says on the saved directory."""
+    from fixtures.builders import build_model
+
+    model = build_model("t5")
+    model.config.tie_word_embeddings = False
+    assert _codes(model) == {"TIE005"}

@@ -121,7 +121,7 @@ def _analyse(
                     "safetensors metadata) were checked, and missing-tensor rules could not be applied",
                 )
             )
-    graph = build_graph(ckpt, declared, probes=probes, progress=progress)
+    graph = build_graph(ckpt, declared, probes=probes, progress=progress, load_dtype=_load_dtype(ckpt))
     context = RuleContext(
         path=path,
         graph=graph,
@@ -131,3 +131,17 @@ def _analyse(
         probes=probes,
     )
     return graph, context
+
+
+_DTYPE_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
+
+
+def _load_dtype(ckpt: Checkpoint) -> str | None:
+    """The dtype from_pretrained loads in by default: the config's `dtype` (`torch_dtype` before v5)."""
+    if ckpt.config is None:
+        return None
+    for key in ("dtype", "torch_dtype"):
+        value = ckpt.config.data.get(key)
+        if isinstance(value, str) and value.removeprefix("torch.") in _DTYPE_CODES:
+            return _DTYPE_CODES[value.removeprefix("torch.")]
+    return None

@@ -79,7 +79,7 @@ def diff_tensors(
             d = a32 - b32
             if d.numel():
                 # nan_to_num: a NaN in either tensor must not hide every other difference
-                max_abs = max(max_abs, float(torch.nan_to_num(d.abs_(), nan=math.inf).max()))
+                max_abs = max(max_abs, float(torch.nan_to_num(d.abs_(), nan=math.inf, posinf=math.inf).max()))
                 sq_diff += float(torch.linalg.vector_norm(d)) ** 2
             del d
         if tracker is not None:
@@ -114,7 +114,9 @@ class _Top1:
         la = self.h @ a32.T
         lb = la if b32 is a32 else self.h @ b32.T
         if lb is not la:
-            self.max_diff = max(self.max_diff, float(torch.nan_to_num((la - lb).abs(), nan=math.inf).max()))
+            self.max_diff = max(
+                self.max_diff, float(torch.nan_to_num((la - lb).abs(), nan=math.inf, posinf=math.inf).max())
+            )
         for i, logits in enumerate((la, lb)):
             val, idx = logits.max(dim=1)
             better = val > self.best[i]

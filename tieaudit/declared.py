@@ -9,6 +9,7 @@ the classes themselves. Remote code is never run.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 import warnings
@@ -72,11 +73,12 @@ _cache: dict[tuple[str, str], DeclaredTies] = {}
 def validate_flag_types(config: ConfigFile) -> None:
     """Reject tie flags that are not booleans: transformers' readers disagree on what "yes" means."""
     for pointer, value in _iter_flag_values(config.data):
-        if value is not None and not isinstance(value, bool):
+        if not isinstance(value, bool):  # null included: transformers' strict configs refuse it
             line = config.line_of(pointer)
             where = f" (line {line})" if line else ""
             raise InputError(
-                f"config.json:{pointer}{where}: expected true or false, got {value!r}; fix the value before auditing"
+                f"config.json:{pointer}{where}: expected true or false, got {json.dumps(value)}; "
+                "fix the value before auditing"
             )
     archs = config.data.get("architectures")
     if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
@@ -109,19 +111,16 @@ def declared_ties(root: Path, config: ConfigFile) -> DeclaredTies:
     cannot be built from this config. Results are cached per (architecture, config text).
     """
     arch = architecture_of(config)
-    if arch is None:
-        raise DeclaredTiesUnavailable("config.json names no architecture (`architectures` is missing or empty)")
-    import json
 
-    key = (arch, json.dumps(config.data, sort_keys=True))
+    key = (arch or "", json.dumps(config.data, sort_keys=True))
     if key in _cache:
         return _cache[key]
 
     with _quiet():
         import transformers
 
-        cls = getattr(transformers, arch, None)
-        if cls is None or not isinstance(cls, type):
+        cls = getattr(transformers, arch, None) if arch else None
+        if arch and (cls is None or not isinstance(cls, type)):
             remote = (
                 " and config.json has an auto_map (remote code, never run by tieaudit)"
                 if "auto_map" in config.data
@@ -135,10 +134,52 @@ def declared_ties(root: Path, config: ConfigFile) -> DeclaredTies:
                 str(root), local_files_only=True, trust_remote_code=False
             )
         except Exception as exc:  # transformers raises many types for configs it does not understand
-            raise DeclaredTiesUnavailable(f"transformers cannot read config.json: {_one_line(exc)}") from exc
-        result = _from_meta_model(cls, hf_config, config, arch, transformers.__version__)
+            if arch is None:
+                raise DeclaredTiesUnavailable(
+                    f"config.json names no architecture and transformers cannot read it: {_one_line(exc)}"
+                ) from exc
+            # the class is a transformers class, so from_pretrained would fail on this config too
+            raise InputError(
+                f"config.json: transformers {transformers.__version__} cannot read it for {arch}: {_one_line(exc)}"
+            ) from exc
+        if cls is None:
+            cls = _head_class_for(hf_config)
+            if cls is None:
+                raise DeclaredTiesUnavailable(
+                    "config.json names no architecture, and no Auto class with a head knows its model_type"
+                )
+        result = _from_meta_model(cls, hf_config, config, arch or cls.__name__, transformers.__version__)
     _cache[key] = result
     return result
+
+
+def _head_class_for(hf_config: Any) -> type | None:
+    """Without `architectures`, the class the Auto classes would pick for this model_type, heads first
+    (a user loads such a checkpoint with AutoModelForCausalLM and friends)."""
+    import transformers
+
+    autos = (
+        "AutoModelForCausalLM",
+        "AutoModelForSeq2SeqLM",
+        "AutoModelForSpeechSeq2Seq",
+        "AutoModelForImageTextToText",
+        "AutoModelForMaskedLM",
+        "AutoModel",
+    )
+    for name in autos:
+        auto = getattr(transformers, name, None)
+        mapping = getattr(auto, "_model_mapping", None)
+        if mapping is None:
+            continue
+        try:
+            found = mapping[type(hf_config)]
+        except (KeyError, ValueError):
+            continue
+        if isinstance(found, (list, tuple)):
+            found = found[0]
+        if isinstance(found, type):
+            return found
+    return None
 
 
 def _from_meta_model(cls: type, hf_config: Any, config: ConfigFile, arch: str, version: str) -> DeclaredTies:

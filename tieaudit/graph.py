@@ -52,6 +52,7 @@ class PairState:
     source_info: TensorInfo | None
     status: TieStatus
     diff: TensorDiff | None = None
+    compared_as: str | None = None  # the dtype both were cast to before comparing (None: as stored)
     covered_by: str | None = None  # both absent, but this stored sibling target supplies the source
     observed: tuple[str, ...] = ()
     # stored tensors whose shape differs from what the config builds: (name, stored, expected)
@@ -85,8 +86,12 @@ def build_graph(
     *,
     probes: int = 64,
     progress: Progress | None = None,
+    load_dtype: str | None = None,
 ) -> TieGraph:
-    """Join declared ties with the stored tensors and measure every stored pair."""
+    """Join declared ties with the stored tensors and measure every stored pair.
+
+    `load_dtype` is the safetensors code of the dtype transformers loads in (the config's `dtype`):
+    it compares tied tensors with `torch.equal` after that cast, and so does tieaudit."""
     rename = declared.rename if declared else (lambda name: name)
     mem_to_disk: dict[str, str] = {}
     for disk in ckpt.tensors:
@@ -95,7 +100,7 @@ def build_graph(
     candidates = _candidate_pairs(ckpt, declared, rename, mem_to_disk)
     active = declared.active if declared else {}
     to_compare = sum(1 for c in candidates if c.declared and c.target in active and _both(c, mem_to_disk))
-    comparer = _Comparer(ckpt, probes, progress, total=to_compare)
+    comparer = _Comparer(ckpt, probes, progress, total=to_compare, load_dtype=load_dtype)
     pairs = [_pair_state(c, ckpt, declared, mem_to_disk, comparer) for c in candidates]
     pairs = _resolve_covered(pairs)
     groups = _groups(pairs, declared, mem_to_disk, ckpt)
@@ -163,14 +168,26 @@ def _both(c: _Candidate, mem_to_disk: dict[str, str]) -> bool:
 class _Comparer:
     """Measures stored pairs once each, in row chunks, and records the on-disk comparisons."""
 
-    def __init__(self, ckpt: TensorSource, probes: int, progress: Progress | None, total: int) -> None:
+    def __init__(
+        self, ckpt: TensorSource, probes: int, progress: Progress | None, total: int, load_dtype: str | None
+    ) -> None:
         self.ckpt = ckpt
+        self.load_dtype = load_dtype
         self.probes = probes
         self.progress = progress
         self.total = total
         self.done = 0
         self.cache: dict[tuple[str, str], TensorDiff] = {}
         self.comparisons: list[Comparison] = []
+
+    def compare_dtype(self, src: TensorInfo, tgt: TensorInfo) -> str | None:
+        """The dtype the loader compares the pair in: the load dtype, else float32 when the stored dtypes differ."""
+        floating = {"F64", "F32", "F16", "BF16"}
+        if self.load_dtype in floating and {src.dtype, tgt.dtype} <= floating:
+            return self.load_dtype
+        if src.dtype != tgt.dtype and {src.dtype, tgt.dtype} <= floating:
+            return "F32"
+        return None
 
     def compare(self, source: str, target: str, src: TensorInfo, tgt: TensorInfo) -> TensorDiff | None:
         key = (src.name, tgt.name)
@@ -179,16 +196,14 @@ class _Comparer:
         if self.progress:
             self.progress(f"comparing {target} with {source}", self.done, self.total)
         result: TensorDiff | None = None
-        if src.shape == tgt.shape and src.dtype == tgt.dtype:
+        cast = self.compare_dtype(src, tgt)
+        if src.shape == tgt.shape and (src.dtype == tgt.dtype or cast is not None):
             if src.storage_id is not None and src.storage_id == tgt.storage_id:
                 # one storage under two names: equal by construction, no need to read it
                 result = TensorDiff(True, 0.0, 0.0, 0.0 if self.probes else None, 1.0 if self.probes else None)
             else:
                 result = diff_tensors(
-                    lambda a, b: self.ckpt.read_rows(src.name, a, b),
-                    lambda a, b: self.ckpt.read_rows(tgt.name, a, b),
-                    src.shape,
-                    probes=self.probes,
+                    self._reader(src.name, cast), self._reader(tgt.name, cast), src.shape, probes=self.probes
                 )
         self.done += 1
         if result is not None:
@@ -208,6 +223,14 @@ class _Comparer:
         )
         return result
 
+    def _reader(self, name: str, cast: str | None) -> Callable[[int, int], torch.Tensor]:
+        if cast is None:
+            return lambda a, b: self.ckpt.read_rows(name, a, b)
+        from tieaudit.checkpoint.pickled import torch_dtype
+
+        dtype = torch_dtype(cast)
+        return lambda a, b: self.ckpt.read_rows(name, a, b).to(dtype)
+
 
 def _pair_state(
     c: _Candidate,
@@ -225,6 +248,7 @@ def _pair_state(
         observed.add(OBSERVED_ABSENT)
     # only a pair the loader ties needs its contents: an untied pair's verdict is structural (headers only)
     diff = comparer.compare(c.source, c.target, src, tgt) if (src and tgt and tied) else None
+    compared_as = comparer.compare_dtype(src, tgt) if (diff is not None and src and tgt) else None
     if diff and diff.bitwise_equal:
         observed.add(OBSERVED_EQUAL)
     if src and tgt and src.storage_id is not None and src.storage_id == tgt.storage_id:
@@ -248,6 +272,7 @@ def _pair_state(
         source_info=src,
         status=status,
         diff=diff,
+        compared_as=compared_as,
         observed=tuple(sorted(observed)),
         expected_mismatch=tuple(expected_mismatch),
     )

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from tieaudit._version import __version__
 from tieaudit.checkpoint.types import ConfigFile, TensorInfo
+from tieaudit.declared import TIE_FLAG, DeclaredTies
 from tieaudit.model import Report, Severity, Skipped, Stats, Target
 
 if TYPE_CHECKING:
@@ -103,6 +105,7 @@ def audit_model(
             arch = type(model).__name__
             active = model.get_expanded_tied_weights_keys(all_submodels=True)
             declared = ties_of_model(model, config, arch=arch, version=transformers.__version__, active=active)
+            declared = _as_reloaded(declared, model.config)
         except Exception as exc:  # a module that is not a transformers model
             skipped.append(Skipped("declared-ties", f"cannot read declared ties: {exc}"))
             config = None
@@ -142,6 +145,27 @@ def audit_model(
         fail_on=_severity(fail_on),
         stats=Stats(tensor_bytes_read=source.tensor_bytes, seconds=round(time.perf_counter() - started, 3)),
     )
+
+
+def _as_reloaded(declared: DeclaredTies, config: Any) -> DeclaredTies:
+    """Judge the flags as from_pretrained will read them back from the saved config.json: config classes
+    may rewrite them on load (T5Config forces the tie back on whatever the live config says)."""
+    try:
+        reloaded = type(config).from_dict(config.to_dict())
+    except Exception:  # a config class that cannot round-trip: keep the live values
+        return declared
+    flags = {}
+    active = {}
+    for target, source in declared.potential.items():
+        flag = declared.flags[target]
+        node = reloaded
+        for part in flag.pointer.strip("/").split("/")[:-1]:
+            node = getattr(node, part, None)
+        value = bool(getattr(node, TIE_FLAG, False))
+        flags[target] = replace(flag, value=value)
+        if value:
+            active[target] = source
+    return replace(declared, flags=flags, active=active)
 
 
 def _normalised_state(model: Any) -> dict[str, torch.Tensor]:

@@ -7,7 +7,9 @@ from typing import Annotated
 
 import typer
 
-PathArg = Annotated[Path, typer.Argument(help="Checkpoint directory (model or PEFT adapter).", show_default=False)]
+PathArg = Annotated[
+    Path, typer.Argument(help="Checkpoint directory (model or PEFT adapter).", show_default=False, metavar="PATH")
+]
 BaseOpt = Annotated[str | None, typer.Option("--base", help="Base model directory for an adapter.")]
 FormatOpt = Annotated[str, typer.Option("--format", "-f", help="Report format: text or json.")]
 OutputOpt = Annotated[Path | None, typer.Option("--output", "-o", help="Write the report to FILE instead of stdout.")]

@@ -122,7 +122,10 @@ def render(report: Report, options: RenderOptions) -> str:
         if report.skipped:
             console.print()
     if not report.findings and options.verbosity >= 0:
-        console.print("[green]No tie problems found.[/]")
+        if report.skipped:
+            console.print("[green]No tie problems found[/] in what could be checked (see skipped above).")
+        else:
+            console.print("[green]No tie problems found.[/]")
     return buf.getvalue()
 
 

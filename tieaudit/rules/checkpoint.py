@@ -26,6 +26,14 @@ def _num(x: float | None) -> str:
     return "inf" if math.isinf(x) else f"{x:.3g}"
 
 
+def _as_loaded(pair: PairState) -> str:
+    if pair.compared_as is None:
+        return ""
+    s, t = pair.source_info, pair.target_info
+    stored = f"stored as {s.dtype} and {t.dtype}, " if (s and t and s.dtype != t.dtype) else ""
+    return f"; {stored}compared in {pair.compared_as} as transformers loads them"
+
+
 def _stored_in(pair: PairState) -> dict[str, str | None]:
     return {
         pair.source: pair.source_info.file if pair.source_info else None,
@@ -57,7 +65,7 @@ target and keep the source (this discards the stored target: an unsafe fix).
 )
 def tied_weights_diverge(ctx: RuleContext) -> Iterator[Finding]:
     for pair in ctx.graph.pairs:
-        if not (pair.tied_by_config and pair.both_stored) or pair.shape_mismatch or pair.dtype_mismatch:
+        if not (pair.tied_by_config and pair.both_stored) or pair.shape_mismatch:
             continue
         if pair.diff is None or pair.diff.bitwise_equal:
             continue
@@ -69,7 +77,8 @@ def tied_weights_diverge(ctx: RuleContext) -> Iterator[Finding]:
             Severity.ERROR,
             f"{flag} ties {pair.target} to {pair.source}, but both are stored and differ "
             f"(max |Δ| {_num(d.max_abs_diff)}, relative {_num(d.rel_diff)}; probe logits: max |Δ| "
-            f"{_num(d.max_abs_logit_diff)}, top-1 agreement {_pct(d.top1_agreement)}): transformers loads them "
+            f"{_num(d.max_abs_logit_diff)}, top-1 agreement {_pct(d.top1_agreement)}"
+            f"{_as_loaded(pair)}): transformers loads them "
             f"untied with a warning, and the next tie_weights() overwrites {pair.target} with {pair.source}",
             ctx.flag_location(pair, tensor=pair.target),
             source=pair.source,
@@ -80,6 +89,11 @@ def tied_weights_diverge(ctx: RuleContext) -> Iterator[Finding]:
             max_abs_logit_diff=d.max_abs_logit_diff,
             top1_agreement=d.top1_agreement,
             probe_tokens=ctx.probes,
+            compared_as=pair.compared_as,
+            dtypes={
+                pair.source: pair.source_info.dtype if pair.source_info else None,
+                pair.target: pair.target_info.dtype if pair.target_info else None,
+            },
             fix=FixHint(
                 "manual",
                 None,
@@ -118,7 +132,11 @@ def untied_weight_missing(ctx: RuleContext) -> Iterator[Finding]:
             continue
         missing = [n for n, info in ((pair.target, pair.target_info), (pair.source, pair.source_info)) if not info]
         why = (
-            f"{pair.flag.ref} is {str(pair.flag.raw if pair.flag.raw is not None else pair.flag.value).lower()}"
+            (
+                f"{pair.flag.ref} is {str(pair.flag.raw).lower()}"
+                if pair.flag.raw is not None
+                else f"{pair.flag.ref} is absent (default {str(pair.flag.value).lower()})"
+            )
             if pair.flag
             else f"{ctx.graph.declared.architecture if ctx.graph.declared else 'the model class'} does not tie it"
         )
@@ -191,14 +209,16 @@ def tied_weights_missing(ctx: RuleContext) -> Iterator[Finding]:
     name="tied-shape-mismatch",
     severity=Severity.ERROR,
     family="checkpoint",
-    summary="a tied pair differs in shape (e.g. resized vocabulary) or dtype",
+    summary="a tied pair differs in shape (e.g. resized vocabulary), or a stored tensor of it does not fit the config",
     explain="""
-Tensors of a tied pair must have one shape and one dtype. Two cases:
+Tensors of a tied pair must have one shape. (Different stored dtypes are compared the way
+transformers compares them, after the cast to the load dtype: equal values are tied, different
+values are TIE001.) Two cases:
 
-- Both are stored with different shapes (typically a vocabulary resized on one side only) or with
-  different dtypes. transformers never ties tensors that are not `torch.equal`, and rejects a
-  stored shape the config does not build: loading fails with "size mismatch" (or, with
-  `ignore_mismatched_sizes=True`, the tensor is re-initialised).
+- Both are stored with different shapes (typically a vocabulary resized on one side only).
+  transformers never ties tensors that are not `torch.equal`, and rejects a stored shape the config
+  does not build: loading fails with "size mismatch" (or, with `ignore_mismatched_sizes=True`, the
+  tensor is re-initialised).
 - A stored tensor of the pair does not have the shape the config builds (e.g. the embedding was
   resized but `vocab_size` was not updated): the same load failure.
 
@@ -208,15 +228,11 @@ which keeps the tie, then save), or untie deliberately.
 )
 def tied_shape_mismatch(ctx: RuleContext) -> Iterator[Finding]:
     for pair in ctx.graph.pairs:
-        if pair.tied_by_config and pair.both_stored and (pair.shape_mismatch or pair.dtype_mismatch):
+        if pair.tied_by_config and pair.both_stored and pair.shape_mismatch:
             s, t = pair.source_info, pair.target_info
             assert s is not None and t is not None
-            what = "shape" if pair.shape_mismatch else "dtype"
-            consequence = (
-                "transformers cannot load them as one tensor (size mismatch)"
-                if pair.shape_mismatch
-                else "values in different precision are never equal, so transformers loads them untied"
-            )
+            what = "shape"
+            consequence = "transformers cannot load them as one tensor (size mismatch)"
             yield _finding(
                 "TIE004",
                 "tied-shape-mismatch",
@@ -230,13 +246,7 @@ def tied_shape_mismatch(ctx: RuleContext) -> Iterator[Finding]:
                 shapes={pair.source: list(s.shape), pair.target: list(t.shape)},
                 dtypes={pair.source: s.dtype, pair.target: t.dtype},
                 stored=_stored_in(pair),
-                fix=FixHint(
-                    "manual",
-                    None,
-                    "make both tensors and the config's vocab_size agree, or untie the pair"
-                    if pair.shape_mismatch
-                    else "store both tensors in one dtype, or untie the pair",
-                ),
+                fix=FixHint("manual", None, "make both tensors and the config's vocab_size agree, or untie the pair"),
             )
         for name, stored, expected in pair.expected_mismatch:
             if pair.shape_mismatch and pair.tied_by_config:
@@ -328,7 +338,7 @@ def _flag_conflicts(ctx: RuleContext) -> Iterator[Finding]:
                 "TIE005",
                 "tie-flag-conflict",
                 Severity.WARNING,
-                f"config.json{flag.pointer} is {str(flag.raw).lower()}, but {arch}'s config class forces it to "
+                f"config.json:{flag.pointer} is {str(flag.raw).lower()}, but {arch}'s config class forces it to "
                 f"{str(flag.value).lower()}: transformers {'ties' if flag.value else 'unties'} {pair.target} and "
                 f"{pair.source}, readers of the raw JSON assume the opposite",
                 ctx.flag_location(pair, tensor=pair.target),
@@ -345,7 +355,7 @@ def _flag_conflicts(ctx: RuleContext) -> Iterator[Finding]:
                 "TIE005",
                 "tie-flag-conflict",
                 Severity.WARNING,
-                f"config.json{pointer} is {str(raw).lower()}, but transformers follows {flag.pointer} "
+                f"config.json:{pointer} is {str(raw).lower()}, but transformers follows {flag.pointer} "
                 f"({'absent, default ' if flag.raw is None else ''}{str(flag.value).lower()}) and "
                 f"{'ties' if flag.value else 'does not tie'} {pair.target} to {pair.source}; readers of {pointer} "
                 "(accelerate, converters) disagree",
