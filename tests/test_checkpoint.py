@@ -32,19 +32,12 @@ LAYER_NORM = "model.layers.0.input_layernorm.weight"
 
 def _tiny_model(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """A tiny tied Llama with deterministic weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=True,
-    )
+    from fixtures.builders import ARCHS
+
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(ARCHS["llama"].make_config())
     with torch.no_grad():  # norms are all ones at init; make every tensor distinctive
         for param in model.parameters():
             param.copy_(torch.randn_like(param))

@@ -45,17 +45,11 @@ def test_t5_forced_flag_is_a_conflict_not_an_error(checkpoint) -> None:
 def test_unknown_architecture_falls_back_to_observed_ties(tmp_path: Path) -> None:
     """A remote-code model: never run; ties recorded by safetensors' save_model metadata are still shown."""
     from safetensors.torch import save_model
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=True,
-    )
+    from fixtures.builders import ARCHS
+
+    cfg = ARCHS["llama"].make_config()
     model = LlamaForCausalLM(cfg)
     target = tmp_path / "remote"
     target.mkdir()

@@ -4,23 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
+from fixtures.builders import ARCHS
 from tieaudit import audit_model
 from tieaudit.model import TieStatus
 
 
 def _model(tie: bool = True) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=tie,
-    )
+    cfg = ARCHS["llama"].make_config()
+    cfg.tie_word_embeddings = tie
     return LlamaForCausalLM(cfg)
 
 
