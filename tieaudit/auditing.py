@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -54,16 +55,32 @@ def audit(
         raise UsageError("--probe-tokens must be >= 0")
     rules = selected(select, ignore)
 
-    with open_checkpoint(path) as ckpt:
-        if ckpt.kind == "adapter":
-            raise UsageError(
-                f"{path} is a PEFT adapter; adapter audits (TIE101-TIE104) are not available in this version"
-            )
+    with contextlib.ExitStack() as stack:
+        ckpt = stack.enter_context(open_checkpoint(path))
         skipped: list[Skipped] = []
-        graph, context = _analyse(ckpt, str(path), probe_tokens, progress, skipped)
         findings: list[Finding] = []
-        for rule in rules:
-            findings.extend(rule.check(context))
+        if ckpt.kind == "adapter":
+            from tieaudit.adapter_analysis import analyse_adapter
+
+            analysis = analyse_adapter(ckpt, str(path), None if base is None else str(base), probe_tokens, stack)
+            skipped.extend(analysis.skipped)
+            for rule in rules:
+                if rule.family == "adapter":
+                    findings.extend(rule.check(analysis.context))
+            graph = analysis.context.graph
+            groups = graph.groups if graph else ()
+            comparisons = analysis.comparisons
+            base_used = str(analysis.base_path) if analysis.base_path else None
+            arch = analysis.architecture
+        else:
+            if base is not None:
+                raise UsageError("--base is for adapters; PATH is a model checkpoint")
+            graph, context = _analyse(ckpt, str(path), probe_tokens, progress, skipped)
+            for rule in rules:
+                if rule.family == "checkpoint":
+                    findings.extend(rule.check(context))
+            groups, comparisons, base_used = graph.groups, graph.comparisons, None
+            arch = graph.declared.architecture if graph.declared else _arch_name(ckpt)
         findings.sort(key=lambda f: (-f.severity.rank, f.code, f.location.tensor or ""))
         stats = Stats(
             header_bytes_read=ckpt.stats.header_bytes,
@@ -73,16 +90,16 @@ def audit(
         target = Target(
             path=str(path),
             kind=ckpt.kind,
-            base=str(base) if base is not None else None,
+            base=base_used,
             layout=ckpt.layout,
             files=tuple(ckpt.files),
-            architecture=graph.declared.architecture if graph.declared else _arch_name(ckpt),
+            architecture=arch,
         )
     return Report(
         tool_version=__version__,
         target=target,
-        groups=graph.groups,
-        comparisons=graph.comparisons,
+        groups=tuple(groups),
+        comparisons=tuple(comparisons),
         findings=tuple(findings),
         skipped=tuple(skipped),
         fail_on=fail_level,

@@ -104,6 +104,7 @@ class Comparison:
     max_abs_logit_diff: float | None = None
     top1_agreement: float | None = None
     bitwise_equal: bool | None = None
+    embedding_rows_max_abs_diff: float | None = None  # probe-token rows as the embedding outputs them
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ def comparison_dict(c: Comparison) -> dict[str, Any]:
         "max_abs_logit_diff": _num(c.max_abs_logit_diff),
         "top1_agreement": _num(c.top1_agreement),
         "bitwise_equal": c.bitwise_equal,
+        "embedding_rows_max_abs_diff": _num(c.embedding_rows_max_abs_diff),
     }
 
 

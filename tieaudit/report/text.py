@@ -111,8 +111,13 @@ def render(report: Report, options: RenderOptions) -> str:
     if options.verbosity >= 1 and report.comparisons:
         console.print("[bold]comparisons[/] (float32)")
         for c in report.comparisons:
+            what = (
+                f"{escape(c.tensor)} merged and reloaded vs as the adapter uses it"
+                if c.stage == "merge-reload" and c.tensor
+                else f"{escape(c.target)} vs {escape(c.source)}"
+            )
             console.print(
-                f"  {c.stage}: {escape(c.target)} vs {escape(c.source)}: max|Δ| {_fmt(c.max_abs_diff)}, "
+                f"  {c.stage}: {what}: max|Δ| {_fmt(c.max_abs_diff)}, "
                 f"rel {_fmt(c.rel_diff)}, logits max|Δ| {_fmt(c.max_abs_logit_diff)}, top-1 {_fmt(c.top1_agreement)}"
             )
         console.print()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tieaudit.adapters import AdapterSettings, ModuleEdit
 from tieaudit.checkpoint.types import ConfigFile, IndexMismatch
+from tieaudit.forecast import GroupForecast
 from tieaudit.graph import PairState, TieGraph
 from tieaudit.model import Location
 
@@ -39,3 +41,40 @@ class RuleContext:
         if self.config is None:
             return None
         return self.config.data.get(key)
+
+
+@dataclass(frozen=True)
+class BaseMismatch:
+    """The adapter does not fit the base: a saved base copy differs, or shapes do not fit (TIE104)."""
+
+    param: str
+    kind: str  # "base-copy-differs" | "shape"
+    detail: str
+    max_abs_diff: float | None = None
+    rel_diff: float | None = None
+
+
+@dataclass(frozen=True)
+class AdapterContext:
+    """What the adapter rules see: the base's tie graph, the adapter's edits, and the forecasts."""
+
+    path: str
+    base: str | None
+    settings: AdapterSettings
+    graph: TieGraph | None
+    edits: dict[str, ModuleEdit]
+    forecasts: tuple[GroupForecast, ...]
+    mismatches: tuple[BaseMismatch, ...]
+    probes: int
+    adapter_config: ConfigFile | None = None
+
+    def edit_location(self, tensor: str) -> Location:
+        """Point at the adapter_config.json key that puts this layer in the adapter (with its line)."""
+        edit = self.edits.get(tensor)
+        key = "/target_modules"
+        if edit is not None and edit.full_copy:
+            key = "/modules_to_save"
+        elif edit is not None and edit.tokens and not edit.lora:
+            key = "/trainable_token_indices"
+        line = self.adapter_config.line_of(key) if self.adapter_config else None
+        return Location(file="adapter_config.json", tensor=tensor, config_key=key, line=line)

@@ -72,4 +72,4 @@ def _matches(r: Rule, selector: str) -> bool:
 
 def _load() -> None:
     # importing the rule modules registers their rules
-    from tieaudit.rules import checkpoint  # noqa: F401
+    from tieaudit.rules import adapter, checkpoint  # noqa: F401

@@ -1,0 +1,305 @@
+"""Adapter analysis: resolve the base, build its tie graph, read the adapter's edits, check they fit,
+and forecast every tied group the adapter touches. Returns data for the adapter rules."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tieaudit.adapters import SUPPORTED_TYPES, AdapterSettings, ModuleEdit, module_edits, read_settings, resolve_base
+from tieaudit.model import Comparison, Skipped, TieStatus
+
+if TYPE_CHECKING:
+    from tieaudit.checkpoint import Checkpoint
+    from tieaudit.forecast import GroupForecast
+    from tieaudit.graph import TieGraph
+    from tieaudit.rules.context import AdapterContext, BaseMismatch
+
+PROBE_SEED = 0
+
+
+@dataclass(frozen=True)
+class AdapterAnalysis:
+    context: AdapterContext
+    comparisons: tuple[Comparison, ...]
+    skipped: tuple[Skipped, ...]
+    base_path: Path | None
+    architecture: str | None
+
+
+def analyse_adapter(
+    adapter: Checkpoint, path: str, base: str | None, probes: int, stack: contextlib.ExitStack
+) -> AdapterAnalysis:
+    from tieaudit.checkpoint import open_checkpoint
+    from tieaudit.rules.context import AdapterContext
+
+    assert adapter.adapter_config is not None
+    settings = read_settings(adapter.adapter_config)
+    skipped: list[Skipped] = []
+    base_path, how = resolve_base(base, settings, Path(adapter.root))
+
+    def result(
+        graph: TieGraph | None,
+        edits: dict[str, ModuleEdit],
+        forecasts: list[GroupForecast],
+        mismatches: list[BaseMismatch],
+        comparisons: list[Comparison],
+        arch: str | None,
+    ) -> AdapterAnalysis:
+        ctx = AdapterContext(
+            path=path,
+            base=str(base_path) if base_path else None,
+            settings=settings,
+            graph=graph,
+            edits=edits,
+            forecasts=tuple(forecasts),
+            mismatches=tuple(mismatches),
+            probes=probes,
+            adapter_config=adapter.adapter_config,
+        )
+        return AdapterAnalysis(ctx, tuple(comparisons), tuple(skipped), base_path, arch)
+
+    if settings.peft_type not in SUPPORTED_TYPES:
+        skipped.append(
+            Skipped(
+                "adapter",
+                f"peft_type {settings.peft_type} is not modelled (supported: LORA, "
+                "TRAINABLE_TOKENS): no adapter rule was applied",
+            )
+        )
+        return result(None, {}, [], [], [], None)
+    if base_path is None:
+        skipped.append(Skipped("base", how))
+        skipped.append(
+            Skipped(
+                "adapter-numbers",
+                "without the base, the tie graph, the effective weights and the "
+                "merge forecast (TIE101-TIE104) could not be computed",
+            )
+        )
+        return result(None, {}, [], [], [], None)
+
+    base_ckpt = stack.enter_context(open_checkpoint(base_path))
+    if base_ckpt.kind != "model":
+        from tieaudit.errors import InputError
+
+        raise InputError(f"base {base_path} is itself an adapter; pass the base model directory")
+    graph, arch = _base_graph(base_ckpt, skipped)
+    members = {n for g in graph.groups for n in g.members}
+    edits = module_edits(adapter.tensors, settings, members)
+    mismatches = _shape_mismatches(adapter, base_ckpt, graph, edits)
+    mismatches += _base_copy_mismatches(adapter, base_ckpt, graph, edits, {m.param for m in mismatches})
+    if settings.use_dora or any(e.lora and e.lora.dora for e in edits.values()):
+        skipped.append(
+            Skipped(
+                "dora",
+                "DoRA magnitude vectors are not modelled: effective weights of DoRA layers "
+                "and their merge forecast were not computed",
+            )
+        )
+
+    forecasts, comparisons = _forecasts(adapter, base_ckpt, graph, edits, settings, probes, mismatches, skipped)
+    return result(graph, edits, forecasts, mismatches, comparisons, arch)
+
+
+def _base_graph(base_ckpt: Checkpoint, skipped: list[Skipped]) -> tuple[TieGraph, str | None]:
+    from tieaudit.declared import DeclaredTiesUnavailable, declared_ties, validate_flag_types
+    from tieaudit.graph import build_graph
+
+    declared = None
+    if base_ckpt.config is None:
+        skipped.append(Skipped("declared-ties", "the base has no config.json"))
+    else:
+        validate_flag_types(base_ckpt.config)
+        try:
+            declared = declared_ties(Path(base_ckpt.root), base_ckpt.config)
+        except DeclaredTiesUnavailable as exc:
+            skipped.append(Skipped("declared-ties", f"base: {exc}"))
+    return build_graph(base_ckpt, declared, probes=0), (declared.architecture if declared else None)
+
+
+def _group_shape(
+    base_ckpt: Checkpoint, graph: TieGraph, members: tuple[str, ...]
+) -> tuple[str, tuple[int, ...]] | None:
+    for m in members:
+        disk = graph.disk_names.get(m)
+        if disk is not None and disk in base_ckpt.tensors:
+            return disk, tuple(base_ckpt.tensors[disk].shape)
+    return None
+
+
+def _shape_mismatches(
+    adapter: Checkpoint, base_ckpt: Checkpoint, graph: TieGraph, edits: dict[str, ModuleEdit]
+) -> list[BaseMismatch]:
+    from tieaudit.rules.context import BaseMismatch
+
+    out = []
+    for g in graph.groups:
+        found = _group_shape(base_ckpt, graph, g.members)
+        if found is None:
+            continue
+        _, shape = found
+        if len(shape) != 2:
+            continue
+        vocab, hidden = shape
+        for m in g.members:
+            e = edits.get(m)
+            if e is None:
+                continue
+            problems = []
+            t = adapter.tensors
+            for key in (e.full_copy, e.base_copy):
+                if key and tuple(t[key].shape) != shape:
+                    problems.append(f"{key} has shape {list(t[key].shape)}, the base {list(shape)}")
+            if e.lora:
+                a, b = tuple(t[e.lora.a].shape), tuple(t[e.lora.b].shape)
+                want = (
+                    ((e.lora.r, vocab), (hidden, e.lora.r))
+                    if e.lora.kind == "embedding"
+                    else ((e.lora.r, hidden), (vocab, e.lora.r))
+                )
+                if (a, b) != want:
+                    problems.append(f"LoRA factors {list(a)} and {list(b)} do not fit the base weight {list(shape)}")
+            if e.tokens:
+                idx, key = e.tokens
+                vals = tuple(t[key].shape)
+                if vals != (len(idx), hidden) or any(i < 0 or i >= vocab for i in idx):
+                    problems.append(
+                        f"trainable tokens {list(vals)} at indices up to {max(idx)} do not fit "
+                        f"a {vocab} x {hidden} embedding"
+                    )
+            if problems:
+                out.append(BaseMismatch(m, "shape", "; ".join(problems)))
+    return out
+
+
+def _base_copy_mismatches(
+    adapter: Checkpoint, base_ckpt: Checkpoint, graph: TieGraph, edits: dict[str, ModuleEdit], skip: set[str]
+) -> list[BaseMismatch]:
+    from tieaudit.compare import diff_tensors
+    from tieaudit.forecast import TensorReader, differs
+    from tieaudit.rules.context import BaseMismatch
+
+    out = []
+    adapter_rows, base_rows = TensorReader(adapter), TensorReader(base_ckpt)
+    for g in graph.groups:
+        found = _group_shape(base_ckpt, graph, g.members)
+        if found is None:
+            continue
+        for m in g.members:
+            e = edits.get(m)
+            if e is None or e.base_copy is None or m in skip:
+                continue
+            # the base's weight for this layer: its own stored tensor, or the shared one of a tied group
+            own = graph.disk_names.get(m)
+            disk = own if own in base_ckpt.tensors else found[0]
+            if own not in base_ckpt.tensors and not g.tied_by_config:
+                continue
+            d = diff_tensors(adapter_rows.rows(e.base_copy), base_rows.rows(disk), found[1])
+            if differs(d):
+                out.append(
+                    BaseMismatch(
+                        m,
+                        "base-copy-differs",
+                        f"the base copy saved in the adapter ({e.base_copy}) differs from the base's weight",
+                        d.max_abs_diff,
+                        d.rel_diff,
+                    )
+                )
+    return out
+
+
+def _forecasts(
+    adapter: Checkpoint,
+    base_ckpt: Checkpoint,
+    graph: TieGraph,
+    edits: dict[str, ModuleEdit],
+    settings: AdapterSettings,
+    probes: int,
+    mismatches: list[BaseMismatch],
+    skipped: list[Skipped],
+) -> tuple[list[GroupForecast], list[Comparison]]:
+    import torch
+
+    from tieaudit.forecast import TensorReader, forecast_group
+
+    bad = {m.param for m in mismatches}
+    forecasts, comparisons = [], []
+    for g in graph.groups:
+        touched = [m for m in g.members if m in edits and edits[m].changes_weight]
+        if not touched:
+            continue
+        if not g.tied_by_config or g.status is not TieStatus.TIED:
+            continue  # an untied pair merges correctly; a broken base is `tieaudit check BASE`'s business
+        if any(m in bad for m in g.members):
+            continue
+        if any(edits[m].lora and edits[m].lora.dora for m in touched):  # type: ignore[union-attr]
+            continue
+        found = _group_shape(base_ckpt, graph, g.members)
+        if found is None or len(found[1]) != 2:
+            skipped.append(Skipped("merge-forecast", f"{g.source}: no 2-D stored weight in the base"))
+            continue
+        disk, shape = found
+        vocab = shape[0]
+        gen = torch.Generator().manual_seed(PROBE_SEED)
+        probe_rows = sorted(set(torch.randint(0, vocab, (min(probes, vocab),), generator=gen).tolist()))
+        group_edits = {m: edits[m] for m in g.members if m in edits}
+        fc = forecast_group(
+            g.source,
+            g.members,
+            (shape[0], shape[1]),
+            TensorReader(base_ckpt).rows(disk),
+            group_edits,
+            TensorReader(adapter),
+            settings,
+            probes=probes,
+            probe_rows=probe_rows,
+            embed_scale=_embed_scale(base_ckpt),
+        )
+        forecasts.append(fc)
+        for target, d in fc.adapter_diffs.items():
+            comparisons.append(
+                Comparison(
+                    "adapter",
+                    fc.source,
+                    target,
+                    None,
+                    d.max_abs_diff,
+                    d.rel_diff,
+                    d.max_abs_logit_diff,
+                    d.top1_agreement,
+                    d.bitwise_equal,
+                )
+            )
+        for m, f in fc.members_forecast.items():
+            d2 = f.merge_diff
+            comparisons.append(
+                Comparison(
+                    "merge-reload",
+                    fc.source,
+                    next((t for t in fc.members if t != fc.source), fc.source),
+                    m,
+                    d2.max_abs_diff if d2 else None,
+                    d2.rel_diff if d2 else None,
+                    d2.max_abs_logit_diff if d2 else None,
+                    d2.top1_agreement if d2 else None,
+                    d2.bitwise_equal if d2 else False,
+                    f.embedding_rows_diff,
+                )
+            )
+    return forecasts, comparisons
+
+
+def _embed_scale(base_ckpt: Checkpoint) -> float:
+    """Gemma-family models scale embedding outputs by sqrt(hidden_size); the rows compared are outputs."""
+    cfg: dict[str, object] = base_ckpt.config.data if base_ckpt.config else {}
+    sub = cfg.get("text_config")
+    text: dict[str, object] = sub if isinstance(sub, dict) else cfg
+    model_type = str(text.get("model_type") or cfg.get("model_type") or "")
+    hidden = text.get("hidden_size")
+    if model_type.startswith("gemma") and isinstance(hidden, int):
+        return float(math.sqrt(hidden))
+    return 1.0
