@@ -126,7 +126,7 @@ def audit_model(
         index_mismatches=(),
         probes=probe_tokens,
     )
-    findings = [f for r in selected(select, ignore) for f in r.check(ctx)]
+    findings = [f for r in selected(select, ignore) if r.family == "checkpoint" for f in r.check(ctx)]
     findings.sort(key=lambda f: (-f.severity.rank, f.code, f.location.tensor or ""))
     return Report(
         tool_version=__version__,
