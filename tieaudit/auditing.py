@@ -11,12 +11,14 @@ from typing import TYPE_CHECKING
 
 from tieaudit._version import __version__
 from tieaudit.errors import UsageError
-from tieaudit.model import Finding, Report, Severity, Skipped, Stats, Target
+from tieaudit.model import Comparison, Finding, Report, Severity, Skipped, Stats, Target
 
 if TYPE_CHECKING:
+    from tieaudit.adapter_analysis import AdapterAnalysis
     from tieaudit.checkpoint import Checkpoint
     from tieaudit.graph import TieGraph
     from tieaudit.rules import RuleContext
+    from tieaudit.rules.context import AdapterContext
 
 Progress = Callable[[str, int, int], None]
 
@@ -38,6 +40,7 @@ def audit(
     exit_zero: bool = False,
     probe_tokens: int = 64,
     progress: Progress | None = None,
+    deep: bool = False,
 ) -> Report:
     """Audit a checkpoint directory and return the report (never writes anything).
 
@@ -64,21 +67,33 @@ def audit(
 
             analysis = analyse_adapter(ckpt, str(path), None if base is None else str(base), probe_tokens, stack)
             skipped.extend(analysis.skipped)
+            context = analysis.context
+            extra: list[Comparison] = []
+            if deep:
+                context, extra = _deep(context, analysis, Path(ckpt.root), skipped, progress)
             for rule in rules:
                 if rule.family == "adapter":
-                    findings.extend(rule.check(analysis.context))
+                    findings.extend(rule.check(context))
             graph = analysis.context.graph
             groups = graph.groups if graph else ()
-            comparisons = analysis.comparisons
+            comparisons = (*analysis.comparisons, *extra)
             base_used = str(analysis.base_path) if analysis.base_path else None
             arch = analysis.architecture
         else:
             if base is not None:
                 raise UsageError("--base is for adapters; PATH is a model checkpoint")
-            graph, context = _analyse(ckpt, str(path), probe_tokens, progress, skipped)
+            if deep:
+                skipped.append(
+                    Skipped(
+                        "deep",
+                        "--deep measures adapter merges with peft; a model checkpoint is "
+                        "judged from its files, as transformers would load them",
+                    )
+                )
+            graph, model_context = _analyse(ckpt, str(path), probe_tokens, progress, skipped)
             for rule in rules:
                 if rule.family == "checkpoint":
-                    findings.extend(rule.check(context))
+                    findings.extend(rule.check(model_context))
             groups, comparisons, base_used = graph.groups, graph.comparisons, None
             arch = graph.declared.architecture if graph.declared else _arch_name(ckpt)
         findings.sort(key=lambda f: (-f.severity.rank, f.code, f.location.tensor or ""))
@@ -162,3 +177,34 @@ def _load_dtype(ckpt: Checkpoint) -> str | None:
         if isinstance(value, str) and value.removeprefix("torch.") in _DTYPE_CODES:
             return _DTYPE_CODES[value.removeprefix("torch.")]
     return None
+
+
+def _deep(
+    context: AdapterContext,
+    analysis: AdapterAnalysis,
+    adapter_root: Path,
+    skipped: list[Skipped],
+    progress: Progress | None,
+) -> tuple[AdapterContext, list[Comparison]]:
+    """Run the real peft merge -> save -> reload and attach the measurement."""
+    from dataclasses import replace
+
+    from tieaudit.deep import measure_adapter_merge
+
+    if analysis.base_path is None or analysis.architecture is None:
+        skipped.append(Skipped("deep", "--deep needs the base and its transformers class"))
+        return context, []
+    if progress:
+        progress("--deep: loading the base and the adapter with transformers and peft", 0, 0)
+    measured = measure_adapter_merge(analysis.base_path, adapter_root, analysis.architecture)
+    comparison = Comparison(
+        stage="measured-merge-reload",
+        source="PeftModel (unmerged)",
+        target="merge_and_unload -> save_pretrained -> from_pretrained",
+        tensor=None,
+        max_abs_diff=None,
+        rel_diff=None,
+        max_abs_logit_diff=measured.max_abs_logit_diff,
+        top1_agreement=measured.top1_agreement,
+    )
+    return replace(context, measured=measured), [comparison]

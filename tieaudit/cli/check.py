@@ -21,6 +21,7 @@ def check(
     select: o.SelectOpt = None,
     ignore: o.IgnoreOpt = None,
     probe_tokens: o.ProbeOpt = 64,
+    deep: o.DeepOpt = False,
     quiet: o.QuietOpt = False,
     verbose: o.VerboseOpt = False,
     progress: o.ProgressOpt = None,
@@ -45,6 +46,7 @@ def check(
             exit_zero=exit_zero,
             probe_tokens=probe_tokens,
             progress=callback,
+            deep=deep,
         )
     stream = sys.stdout if output is None else None
     opts = RenderOptions(

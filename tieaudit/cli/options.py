@@ -25,6 +25,10 @@ IgnoreOpt = Annotated[list[str] | None, typer.Option("--ignore", help="Skip thes
 ProbeOpt = Annotated[
     int, typer.Option("--probe-tokens", help="Probe hidden states for logit comparisons (0 disables).", min=0)
 ]
+DeepOpt = Annotated[
+    bool,
+    typer.Option("--deep", help="Adapters: also run the real peft merge -> save -> reload and measure the logits."),
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Findings only.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Also show every measured comparison.")]
 ProgressOpt = Annotated[

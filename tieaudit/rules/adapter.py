@@ -11,6 +11,8 @@ from tieaudit.model import Finding, FixHint, Location, Severity
 from tieaudit.rules.context import AdapterContext
 from tieaudit.rules.registry import rule
 
+MEASURED_TOL = 1e-4  # measured logit difference, relative to the logit scale, that counts as "changed"
+
 
 def _num(x: float | None) -> str:
     if x is None:
@@ -136,6 +138,14 @@ once and unties the pair where the adapter did.
 """,
 )
 def merge_corrupts_tied_weights(ctx: AdapterContext) -> Iterator[Finding]:
+    reported = False
+    meas = ctx.measured
+    measured_text = (
+        f" Measured with peft (--deep): logits max |Δ| {_num(meas.max_abs_logit_diff)} (logit scale "
+        f"{_num(meas.logit_scale)}), top-1 agreement {_pct(meas.top1_agreement)}."
+        if meas
+        else ""
+    )
     for fc in ctx.forecasts:
         bad = fc.corrupted()
         if not bad:
@@ -170,7 +180,8 @@ def merge_corrupts_tied_weights(ctx: AdapterContext) -> Iterator[Finding]:
             "TIE102",
             "merge-corrupts-tied-weights",
             Severity.ERROR,
-            f"merging this adapter with PEFT and reloading would not reproduce it: {measured}. Why: {mechanisms}",
+            f"merging this adapter with PEFT and reloading would not reproduce it: {measured}. Why: {mechanisms}."
+            f"{measured_text}",
             _config_location(ctx, worst),
             {
                 "source": fc.source,
@@ -179,8 +190,34 @@ def merge_corrupts_tied_weights(ctx: AdapterContext) -> Iterator[Finding]:
                 "mechanisms": list(fc.mechanisms),
                 "config_tied_after_merge": fc.config_tied_after_merge,
                 "forecast": numbers,
+                "measured": None
+                if meas is None
+                else {
+                    "max_abs_logit_diff": meas.max_abs_logit_diff,
+                    "top1_agreement": meas.top1_agreement,
+                    "logit_scale": meas.logit_scale,
+                },
             },
             FixHint("safe", f"tieaudit merge {ctx.path} --base {base} --output-dir MERGED_DIR"),
+        )
+        reported = True
+    if meas is not None and not reported and meas.max_abs_logit_diff > MEASURED_TOL * max(meas.logit_scale, 1.0):
+        # reality wins over the forecast: the real merge changed the outputs
+        yield Finding(
+            "TIE102",
+            "merge-corrupts-tied-weights",
+            Severity.ERROR,
+            f"merging this adapter with PEFT and reloading changed the outputs although no tied weight was "
+            f"forecast to change:{measured_text}",
+            Location(file="adapter_config.json"),
+            {
+                "measured": {
+                    "max_abs_logit_diff": meas.max_abs_logit_diff,
+                    "top1_agreement": meas.top1_agreement,
+                    "logit_scale": meas.logit_scale,
+                }
+            },
+            FixHint("manual", None, "report this checkpoint to tieaudit: the forecast missed a mechanism"),
         )
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from tieaudit.adapters import AdapterSettings, ModuleEdit
 from tieaudit.checkpoint.types import ConfigFile, IndexMismatch
+from tieaudit.deep import Measured
 from tieaudit.forecast import GroupForecast
 from tieaudit.graph import PairState, TieGraph
 from tieaudit.model import Location
@@ -67,6 +68,7 @@ class AdapterContext:
     mismatches: tuple[BaseMismatch, ...]
     probes: int
     adapter_config: ConfigFile | None = None
+    measured: Measured | None = None  # --deep: the real peft merge -> save -> reload
 
     def edit_location(self, tensor: str) -> Location:
         """Point at the adapter_config.json key that puts this layer in the adapter (with its line)."""
