@@ -44,3 +44,26 @@ def outcome() -> Callable[[Path, str], object]:
         return cache[path]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def adapter_case(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], tuple[Path, Path, object]]:
+    """`adapter_case(arch, case)` -> (base_dir, adapter_dir, Reality): a real base, a real peft adapter with
+    non-zero deltas, and what peft's merge -> save -> reload really does (built once per session)."""
+    from fixtures.adapter_builders import build_adapter, build_base, case_base_tied, reality
+
+    root = tmp_path_factory.mktemp("adapters")
+    bases: dict[tuple[str, bool], Path] = {}
+    cache: dict[tuple[str, str], tuple[Path, Path, object]] = {}
+
+    def get(arch: str, case: str) -> tuple[Path, Path, object]:
+        if (arch, case) not in cache:
+            tied = case_base_tied(case)
+            if (arch, tied) not in bases:
+                bases[arch, tied] = build_base(arch, root / f"{arch}-base-{'tied' if tied else 'untied'}", tied=tied)
+            base = bases[arch, tied]
+            adapter = build_adapter(arch, case, base, root / f"{arch}-{case}")
+            cache[arch, case] = (base, adapter, reality(base, adapter))
+        return cache[arch, case]
+
+    return get

@@ -48,6 +48,7 @@ def analyse_adapter(
         mismatches: list[BaseMismatch],
         comparisons: list[Comparison],
         arch: str | None,
+        ignored: list[tuple[str, str]] | None = None,
     ) -> AdapterAnalysis:
         ctx = AdapterContext(
             path=path,
@@ -59,6 +60,7 @@ def analyse_adapter(
             mismatches=tuple(mismatches),
             probes=probes,
             adapter_config=adapter.adapter_config,
+            ignored=tuple(ignored or []),
         )
         return AdapterAnalysis(ctx, tuple(comparisons), tuple(skipped), base_path, arch)
 
@@ -101,8 +103,34 @@ def analyse_adapter(
             )
         )
 
-    forecasts, comparisons = _forecasts(adapter, base_ckpt, graph, edits, settings, probes, mismatches, skipped)
-    return result(graph, edits, forecasts, mismatches, comparisons, arch)
+    applied, ignored = _applied_edits(graph, edits, settings)
+    forecasts, comparisons = _forecasts(adapter, base_ckpt, graph, applied, settings, probes, mismatches, skipped)
+    return result(graph, edits, forecasts, mismatches, comparisons, arch, ignored)
+
+
+def _applied_edits(
+    graph: TieGraph, edits: dict[str, ModuleEdit], settings: AdapterSettings
+) -> tuple[dict[str, ModuleEdit], list[tuple[str, str]]]:
+    """The edits peft really applies when loading onto this base. Weights the file holds for a layer the
+    config does not name (ensure_weight_tying saves the tied head's) are used only when peft re-ties that
+    layer to the embedding's adapter; otherwise peft silently ignores them."""
+    tied = {n for g in graph.groups if g.tied_by_config for n in g.members}
+    applied: dict[str, ModuleEdit] = {}
+    ignored: list[tuple[str, str]] = []
+    for name, edit in edits.items():
+        if edit.named_in_config or not edit.changes_weight or (name in tied and settings.peft_ties_on_load()):
+            applied[name] = edit
+        elif name in tied:
+            ignored.append(
+                (
+                    name,
+                    "peft re-ties a head to the embedding's adapter only for layers named "
+                    "embed_tokens/lm_head, and this config names neither",
+                )
+            )
+        else:
+            ignored.append((name, "this base does not tie the pair, so peft attaches nothing to this layer"))
+    return applied, ignored
 
 
 def _base_graph(base_ckpt: Checkpoint, skipped: list[Skipped]) -> tuple[TieGraph, str | None]:

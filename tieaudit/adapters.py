@@ -58,6 +58,18 @@ class AdapterSettings:
         tti = self.trainable_token_indices
         return isinstance(tti, dict) and any(_suffix_match(t, module) for t in tti)
 
+    def peft_ties_on_load(self) -> bool:
+        """Whether peft re-ties the tied head to the embedding's adapter when loading (ensure_weight_tying):
+        it does only when a configured module's leaf name is in peft's EMBEDDING_LAYER_NAMES."""
+        if not self.ensure_weight_tying:
+            return False
+        names = ("embed_tokens", "lm_head")
+        if any(m.split(".")[-1] in names for m in self.modules_to_save or []):
+            return True
+        if isinstance(self.target_modules, str):
+            return any(re.fullmatch(self.target_modules, n) for n in names)
+        return any(m.split(".")[-1] in names for m in self.target_modules or [])
+
     def token_indices(self, module: str) -> tuple[int, ...] | None:
         tti = self.trainable_token_indices
         if isinstance(tti, list):
@@ -176,7 +188,9 @@ def module_edits(
                     f"adapter_model holds trainable tokens for {module}, but adapter_config.json gives no indices"
                 )
             tokens = (idx, tok_key)
-        edit = ModuleEdit(param, module, lora, full, base, tokens, settings.named(module))
+        # trainable tokens given as a plain list apply to the input embedding, whose key holds them
+        named = settings.named(module) or tokens is not None
+        edit = ModuleEdit(param, module, lora, full, base, tokens, named)
         if edit.changes_weight or base:
             out[param] = edit
     return out

@@ -236,39 +236,42 @@ def _worst(fc: GroupForecast, bad: list[str]) -> str:
     name="tied-adapter-ignored",
     severity=Severity.WARNING,
     family="adapter",
-    summary="an `ensure_weight_tying` adapter whose tied weights the base will ignore (untied base)",
+    summary="an `ensure_weight_tying` adapter whose tied weights peft will ignore on this base",
     explain="""
 The adapter was trained with `ensure_weight_tying=True` on a tied model: peft saved the tied layer's
 weights (e.g. `lm_head` LoRA factors or its modules_to_save copy) in the file, but rewrote the
-config to name only the embedding. On this base, which does not tie the pair, peft attaches the
-adapter to the embedding only and silently ignores the head weights in the file: the head keeps the
-base's separate weights, and the adapted model is not the one that was trained.
+config to name only the embedding. On a base that does not tie the pair, peft attaches the adapter
+to the embedding only and silently ignores the head weights in the file: the head keeps the base's
+separate weights, and the adapted model is not the one that was trained. The same happens on a tied
+base whose layers peft does not recognise: it re-ties the head only when the configured embedding is
+named `embed_tokens` (GPT-2's `wte`, for one, is not), so a GPT-2 adapter trained with
+`ensure_weight_tying` on LoRA loses its head LoRA on reload.
 
 Fix: apply the adapter to the tied base it was trained on, or list the head in `target_modules` /
 `modules_to_save` for an untied base.
 """,
 )
 def tied_adapter_ignored(ctx: AdapterContext) -> Iterator[Finding]:
-    if not ctx.settings.ensure_weight_tying or ctx.graph is None:
+    if not ctx.settings.ensure_weight_tying:
         return
-    for pair in ctx.graph.pairs:
-        if pair.tied_by_config:
-            continue
-        for name in (pair.target, pair.source):
-            edit = ctx.edits.get(name)
-            if edit is None or not edit.changes_weight or edit.named_in_config:
-                continue
-            yield Finding(
-                "TIE103",
-                "tied-adapter-ignored",
-                Severity.WARNING,
-                f"the adapter was saved with ensure_weight_tying and holds weights for {_module(name)} "
-                f"({describe(edit)}), but adapter_config.json does not name it and this base does not tie "
-                f"{pair.target} to {pair.source}: peft ignores those weights when loading",
-                _config_location(ctx, name),
-                {"tensor": name, "pair": [pair.target, pair.source], "edit": describe(edit)},
-                FixHint("manual", None, "apply the adapter to the tied base it was trained on"),
-            )
+    for name, why in ctx.ignored:
+        edit = ctx.edits[name]
+        yield Finding(
+            "TIE103",
+            "tied-adapter-ignored",
+            Severity.WARNING,
+            f"the adapter was saved with ensure_weight_tying and holds weights for {_module(name)} "
+            f"({describe(edit)}), but adapter_config.json does not name it and {why}: peft ignores those "
+            "weights when loading, so the adapted model is not the one that was trained",
+            Location(file="adapter_config.json", tensor=name, config_key="/target_modules"),
+            {"tensor": name, "edit": describe(edit), "reason": why},
+            FixHint(
+                "manual",
+                None,
+                "apply the adapter to the tied base it was trained on, or name the layer in "
+                "target_modules / modules_to_save",
+            ),
+        )
 
 
 @rule(

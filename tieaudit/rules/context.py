@@ -68,7 +68,10 @@ class AdapterContext:
     mismatches: tuple[BaseMismatch, ...]
     probes: int
     adapter_config: ConfigFile | None = None
-    measured: Measured | None = None  # --deep: the real peft merge -> save -> reload
+    measured: Measured | None = None
+    ignored: tuple[
+        tuple[str, str], ...
+    ] = ()  # (parameter, why peft ignores the file's weights for it)  # --deep: the real peft merge -> save -> reload
 
     def edit_location(self, tensor: str) -> Location:
         """Point at the adapter_config.json key that puts this layer in the adapter (with its line)."""

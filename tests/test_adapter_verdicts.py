@@ -1,0 +1,192 @@
+"""The adapter correctness bar: tieaudit's forecast agrees with what peft really does.
+
+Every case of ground-truth.md §3 is built with real peft calls (non-zero deltas) on Llama, Gemma 2,
+GPT-2 (`wte`) and OPT (`model.decoder.embed_tokens`); peft's real merge_and_unload -> save_pretrained ->
+from_pretrained is run (fixtures/adapter_builders.reality); and tieaudit, reading only the files, must
+(a) report TIE102 exactly when the real reloaded logits differ from the adapter's, (b) forecast the
+merge-reload weight difference of each tied tensor within 2 % of the real one, (c) report TIE101 exactly
+when the adapter's effective embedding and head differ while the base ties them, and (d) stay clean for
+adapters that keep tying consistent.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from fixtures.adapter_builders import ADAPTER_ARCHS, ADAPTER_CASES, case_base_tied
+from tieaudit import audit
+
+CASES = [(a, c) for a in ADAPTER_ARCHS for c in ADAPTER_CASES]
+RUNTIME_TOL = 1e-5  # effective embedding vs head, max abs (float32 noise is ~1e-7)
+
+
+def _audit(adapter_case, arch: str, case: str, **kw):
+    base, adapter, real = adapter_case(arch, case)
+    return audit(adapter, base=base, **kw), real
+
+
+@pytest.mark.parametrize("case", CASES, ids=["-".join(c) for c in CASES])
+def test_forecast_matches_peft(case: tuple[str, str], adapter_case) -> None:
+    arch, name = case
+    report, real = _audit(adapter_case, arch, name)
+    codes = {f.code for f in report.findings}
+
+    # (a) TIE102 <=> the real merged model's logits differ from the adapter's
+    merge_breaks = real.adapter_vs_merged_logits > 1e-4 * real.logit_scale
+    assert ("TIE102" in codes) == merge_breaks, (real.adapter_vs_merged_logits, real.logit_scale, report.findings)
+
+    # (c) TIE101 <=> a tied base, and the adapter's effective embedding and head differ at run time
+    unties = case_base_tied(name) and real.runtime_embed_vs_head > RUNTIME_TOL
+    assert ("TIE101" in codes) == unties, (real.runtime_embed_vs_head, report.findings)
+
+    # (b) the forecast merge-reload difference of each tied tensor is the real one, within 2 %
+    if case_base_tied(name):
+        [group] = report.groups
+        forecast = {c.tensor: c.max_abs_diff for c in report.comparisons if c.stage == "merge-reload"}
+        actual = {
+            group.source: float((real.merged_embed - real.runtime_embed).abs().max()),
+            group.targets[0]: float((real.merged_head - real.runtime_head).abs().max()),
+        }
+        for tensor, value in actual.items():
+            assert tensor in forecast, report.comparisons
+            assert forecast[tensor] == pytest.approx(value, rel=0.02, abs=1e-5), (tensor, forecast, actual)
+        runtime = next(c for c in report.comparisons if c.stage == "adapter")
+        assert runtime.max_abs_diff == pytest.approx(real.runtime_embed_vs_head, rel=0.02, abs=1e-5)
+
+    # (d) consistent adapters are clean, and nothing but the adapter rules fires
+    if not merge_breaks and not unties:
+        assert not [f for f in report.findings if f.code in ("TIE101", "TIE102", "TIE104")]
+    assert all(f.code.startswith("TIE1") for f in report.findings)
+    assert report.target.kind == "adapter"
+
+
+def test_tie102_evidence_names_the_mechanism_and_points_to_merge(adapter_case) -> None:
+    report, _ = _audit(adapter_case, "llama", "lora_both_tying")
+    [finding] = [f for f in report.findings if f.code == "TIE102"]
+    assert finding.evidence["mechanisms"] == ["double-merge-of-tied-factors"]
+    assert "W0 + 2ΔE" in finding.message
+    assert finding.fix is not None and finding.fix.command and finding.fix.command.startswith("tieaudit merge ")
+    assert finding.location.file == "adapter_config.json" and finding.location.line
+
+
+def test_tie101_says_what_the_adapted_model_does(adapter_case) -> None:
+    report, _ = _audit(adapter_case, "opt", "mts_embed")
+    [finding] = [f for f in report.findings if f.code == "TIE101"]
+    assert "trained copy (modules_to_save)" in finding.message and "keeps the base weights" in finding.message
+    assert "model.decoder.embed_tokens" in finding.message
+
+
+def test_gpt2_tied_head_lora_is_ignored_on_reload(adapter_case) -> None:
+    """peft re-ties the head only for layers named embed_tokens: GPT-2's wte adapter loses its head LoRA."""
+    report, real = _audit(adapter_case, "gpt2", "lora_both_tying")
+    assert any("lm_head" in k for k in real.ignored_adapter_keys)
+    assert "TIE103" in {f.code for f in report.findings}
+
+
+def test_tie103_on_an_untied_base(adapter_case, tmp_path: Path) -> None:
+    """An ensure_weight_tying adapter trained on the tied base, applied to an untied one."""
+    _, adapter, _ = adapter_case("llama", "lora_both_tying")
+    untied_base, _, _ = adapter_case("llama", "untied_base_lora_both")
+    report = audit(adapter, base=untied_base)
+    ignored = [f for f in report.findings if f.code == "TIE103"]
+    assert ignored and ignored[0].location.tensor == "lm_head.weight"
+
+
+def test_tie104_base_copy_differs(adapter_case, tmp_path: Path) -> None:
+    """The adapter was trained on another base (here: the embedding fine-tuned since): its saved
+    base_layer copy does not match the base it is checked against."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    base, adapter, _ = adapter_case("llama", "lora_embed")
+    other = tmp_path / "other-base"
+    shutil.copytree(base, other)
+    state = load_file(other / "model.safetensors")
+    state["model.embed_tokens.weight"] = state["model.embed_tokens.weight"] + 0.01 * torch.randn(64, 16)
+    save_file(state, other / "model.safetensors", metadata={"format": "pt"})
+    report = audit(adapter, base=other)
+    [mismatch] = [f for f in report.findings if f.code == "TIE104"]
+    assert mismatch.location.tensor == "model.embed_tokens.weight"
+    assert mismatch.evidence["max_abs_diff"] > 0.001
+    assert report.exit_code == 1
+
+
+def test_tie104_shapes_do_not_fit(adapter_case, tmp_path: Path) -> None:
+    """A base with a larger vocabulary: the adapter's factors and copies do not fit; an error, no traceback."""
+    from safetensors.torch import load_file, save_file
+
+    base, adapter, _ = adapter_case("llama", "lora_embed")
+    bigger = tmp_path / "bigger"
+    shutil.copytree(base, bigger)
+    state = load_file(bigger / "model.safetensors")
+    import torch
+
+    state["model.embed_tokens.weight"] = torch.cat([state["model.embed_tokens.weight"], torch.zeros(8, 16)])
+    save_file(state, bigger / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((bigger / "config.json").read_text())
+    cfg["vocab_size"] = 72
+    (bigger / "config.json").write_text(json.dumps(cfg))
+    report = audit(adapter, base=bigger)
+    [mismatch] = [f for f in report.findings if f.code == "TIE104"]
+    assert "do not fit" in mismatch.message
+    assert not [f for f in report.findings if f.code == "TIE102"]  # no forecast on a base it does not fit
+
+
+def test_no_base_gives_the_structural_verdict_and_says_what_was_skipped(adapter_case, tmp_path: Path) -> None:
+    _, adapter, _ = adapter_case("llama", "lora_embed")
+    lonely = tmp_path / "adapter"
+    shutil.copytree(adapter, lonely)
+    cfg = json.loads((lonely / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "some-org/not-in-the-cache"
+    (lonely / "adapter_config.json").write_text(json.dumps(cfg))
+    report = audit(lonely)
+    reasons = " ".join(s.reason for s in report.skipped)
+    assert "not-in-the-cache" in reasons and "merge forecast" in reasons
+    assert report.exit_code == 0
+
+
+def test_base_model_name_or_path_resolves_a_local_directory(adapter_case, tmp_path: Path) -> None:
+    base, adapter, _ = adapter_case("llama", "lora_head")
+    copy = tmp_path / "adapter"
+    shutil.copytree(adapter, copy)
+    cfg = json.loads((copy / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(base)
+    (copy / "adapter_config.json").write_text(json.dumps(cfg))
+    report = audit(copy)
+    assert report.target.base == str(base) and "TIE102" in {f.code for f in report.findings}
+
+
+def test_deep_measures_the_real_merge(adapter_case) -> None:
+    report, real = _audit(adapter_case, "llama", "lora_embed", deep=True)
+    [measured] = [c for c in report.comparisons if c.stage == "measured-merge-reload"]
+    assert measured.max_abs_logit_diff == pytest.approx(real.adapter_vs_merged_logits, rel=0.05)
+    [finding] = [f for f in report.findings if f.code == "TIE102"]
+    assert "Measured with peft" in finding.message
+
+
+def test_merge_forecast_reads_rows_not_models(adapter_case) -> None:
+    """The forecast reads the base's one stored tied tensor and the adapter's small factors."""
+    report, _ = _audit(adapter_case, "llama", "lora_embed", probe_tokens=0)
+    assert report.stats.tensor_bytes_read < 10 * 64 * 16 * 4
+
+
+def test_cli_on_an_adapter(adapter_case) -> None:
+    from typer.testing import CliRunner
+
+    from tieaudit.cli.app import app
+
+    base, adapter, _ = adapter_case("llama", "lora_head")
+    result = CliRunner().invoke(app, ["check", str(adapter), "--base", str(base), "-f", "json"])
+    doc = json.loads(result.stdout)
+    assert result.exit_code == doc["summary"]["exit_code"] == 1
+    assert doc["target"]["kind"] == "adapter" and doc["target"]["base"] == str(base)
+    assert {c["stage"] for c in doc["comparisons"]} == {"adapter", "merge-reload"}
+    assert {f["code"] for f in doc["findings"]} == {"TIE101", "TIE102"}
+    wrong = CliRunner().invoke(app, ["check", str(base), "--base", str(base)])
+    assert wrong.exit_code == 2 and "--base is for adapters" in wrong.stderr
+    missing = CliRunner().invoke(app, ["check", str(adapter), "--base", "/no/such/base"])
+    assert missing.exit_code == 2 and "--base" in missing.stderr
