@@ -190,3 +190,38 @@ def test_cli_on_an_adapter(adapter_case) -> None:
     assert wrong.exit_code == 2 and "--base is for adapters" in wrong.stderr
     missing = CliRunner().invoke(app, ["check", str(adapter), "--base", "/no/such/base"])
     assert missing.exit_code == 2 and "--base" in missing.stderr
+
+
+def test_bin_adapter_gives_the_same_verdict(adapter_case, tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    base, adapter, _ = adapter_case("opt", "lora_embed")
+    as_bin = tmp_path / "adapter-bin"
+    as_bin.mkdir()
+    shutil.copy(adapter / "adapter_config.json", as_bin)
+    torch.save(load_file(adapter / "adapter_model.safetensors"), as_bin / "adapter_model.bin")
+    codes = {f.code for f in audit(as_bin, base=base).findings}
+    assert codes == {f.code for f in audit(adapter, base=base).findings} == {"TIE101", "TIE102"}
+
+
+def test_base_resolved_offline_from_the_hugging_face_cache(adapter_case, tmp_path: Path, monkeypatch) -> None:
+    """base_model_name_or_path as a repo id that is already in the local cache (never downloaded)."""
+    import huggingface_hub.constants as hub_constants
+
+    base, adapter, _ = adapter_case("llama", "lora_head")
+    cache = tmp_path / "hub"
+    repo = cache / "models--someorg--tiny-llama"
+    shutil.copytree(base, repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    copy = tmp_path / "adapter"
+    shutil.copytree(adapter, copy)
+    cfg = json.loads((copy / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "someorg/tiny-llama"
+    (copy / "adapter_config.json").write_text(json.dumps(cfg))
+    report = audit(copy)
+    assert report.target.base is not None and "0123abcd" in report.target.base
+    assert "TIE102" in {f.code for f in report.findings}
