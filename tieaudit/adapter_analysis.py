@@ -14,6 +14,7 @@ from tieaudit.model import Comparison, Skipped, TieStatus
 
 if TYPE_CHECKING:
     from tieaudit.checkpoint import Checkpoint
+    from tieaudit.checkpoint.types import ReadStats
     from tieaudit.forecast import GroupForecast
     from tieaudit.graph import TieGraph
     from tieaudit.rules.context import AdapterContext, BaseMismatch
@@ -28,6 +29,7 @@ class AdapterAnalysis:
     skipped: tuple[Skipped, ...]
     base_path: Path | None
     architecture: str | None
+    base_stats: ReadStats | None = None  # bytes read from the base checkpoint
 
 
 def analyse_adapter(
@@ -39,6 +41,7 @@ def analyse_adapter(
     assert adapter.adapter_config is not None
     settings = read_settings(adapter.adapter_config)
     skipped: list[Skipped] = []
+    base_stats: list[ReadStats | None] = [None]
     base_path, how = resolve_base(base, settings, Path(adapter.root))
 
     def result(
@@ -62,7 +65,7 @@ def analyse_adapter(
             adapter_config=adapter.adapter_config,
             ignored=tuple(ignored or []),
         )
-        return AdapterAnalysis(ctx, tuple(comparisons), tuple(skipped), base_path, arch)
+        return AdapterAnalysis(ctx, tuple(comparisons), tuple(skipped), base_path, arch, base_stats[0])
 
     if settings.peft_type not in SUPPORTED_TYPES:
         skipped.append(
@@ -85,6 +88,7 @@ def analyse_adapter(
         return result(None, {}, [], [], [], None)
 
     base_ckpt = stack.enter_context(open_checkpoint(base_path))
+    base_stats[0] = base_ckpt.stats
     if base_ckpt.kind != "model":
         from tieaudit.errors import InputError
 

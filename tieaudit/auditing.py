@@ -97,9 +97,12 @@ def audit(
             groups, comparisons, base_used = graph.groups, graph.comparisons, None
             arch = graph.declared.architecture if graph.declared else _arch_name(ckpt)
         findings.sort(key=lambda f: (-f.severity.rank, f.code, f.location.tensor or ""))
+        read = [ckpt.stats]
+        if ckpt.kind == "adapter" and analysis.base_stats is not None:
+            read.append(analysis.base_stats)
         stats = Stats(
-            header_bytes_read=ckpt.stats.header_bytes,
-            tensor_bytes_read=ckpt.stats.tensor_bytes,
+            header_bytes_read=sum(r.header_bytes for r in read),
+            tensor_bytes_read=sum(r.tensor_bytes for r in read),
             seconds=round(time.perf_counter() - started, 3),
         )
         target = Target(

@@ -154,3 +154,77 @@ def logit_agreement(
         stop = min(rows, start + step)
         tracker.update(start, read_a(start, stop).to(torch.float32), read_b(start, stop).to(torch.float32))
     return tracker.result()
+
+
+class StreamingDiff:
+    """One comparison fed chunk by chunk, for callers that compare several tensor pairs in one pass over
+    the rows (the adapter forecast). Probe logits come from a per-chunk cache shared by all comparisons,
+    so a tensor used by several comparisons is multiplied once per chunk."""
+
+    def __init__(self, probes: int, hidden: int | None) -> None:
+        import torch
+
+        self.want_logits = probes > 0 and hidden is not None
+        self.equal = True
+        self.max_abs = 0.0
+        self.sq_diff = 0.0
+        self.sq_ref = 0.0
+        self.max_logit = 0.0
+        if self.want_logits:
+            self.best_a = torch.full((probes,), -math.inf)
+            self.arg_a = torch.zeros(probes, dtype=torch.long)
+            self.best_b = self.best_a.clone()
+            self.arg_b = self.arg_a.clone()
+
+    def update(self, start: int, a: torch.Tensor, b: torch.Tensor, logits: LogitCache | None = None) -> None:
+        import torch
+
+        same = a is b or torch.equal(a, b)
+        self.sq_ref += float(torch.linalg.vector_norm(a)) ** 2
+        if not same:
+            self.equal = False
+            d = a - b
+            if d.numel():
+                self.max_abs = max(self.max_abs, float(torch.nan_to_num(d.abs(), nan=math.inf, posinf=math.inf).max()))
+                self.sq_diff += float(torch.linalg.vector_norm(d)) ** 2
+        if not self.want_logits or logits is None:
+            return
+        la = logits.of(a)
+        lb = la if same else logits.of(b)
+        if lb is not la:
+            self.max_logit = max(
+                self.max_logit, float(torch.nan_to_num((la - lb).abs(), nan=math.inf, posinf=math.inf).max())
+            )
+        for lg, best, arg in ((la, self.best_a, self.arg_a), (lb, self.best_b, self.arg_b)):
+            val, idx = lg.max(dim=1)
+            better = val > best
+            best[better] = val[better]
+            arg[better] = idx[better] + start
+
+    def result(self) -> TensorDiff:
+        if self.equal:
+            return TensorDiff(True, 0.0, 0.0, 0.0 if self.want_logits else None, 1.0 if self.want_logits else None)
+        if self.sq_ref > 0:
+            rel = math.sqrt(self.sq_diff) / math.sqrt(self.sq_ref)
+        else:
+            rel = 0.0 if self.sq_diff == 0 else math.inf
+        if not self.want_logits:
+            return TensorDiff(False, self.max_abs, rel)
+        top1 = float((self.arg_a == self.arg_b).float().mean())
+        return TensorDiff(False, self.max_abs, rel, self.max_logit, top1)
+
+
+class LogitCache:
+    """`h @ X.T` for the tensors of one chunk, computed once per distinct tensor object."""
+
+    def __init__(self, h: torch.Tensor) -> None:
+        self.h = h
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def of(self, x: torch.Tensor) -> torch.Tensor:
+        hit = self._cache.get(id(x))
+        if hit is not None and hit[0] is x:
+            return hit[1]
+        out = self.h @ x.T
+        self._cache[id(x)] = (x, out)
+        return out

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tieaudit.adapters import AdapterSettings, ModuleEdit
-from tieaudit.compare import TensorDiff, diff_tensors
+from tieaudit.compare import LogitCache, StreamingDiff, TensorDiff, probe_hidden_states, rows_per_chunk
 
 if TYPE_CHECKING:
     import torch
@@ -117,25 +117,6 @@ def forecast_group(
                 rows[t - a] = tokens[1][i]
         return rows
 
-    def runtime(m: str) -> RowReader:
-        if m in copies:
-            return copies[m]
-        delta = deltas.get(m)
-
-        def read(a: int, b: int) -> torch.Tensor:
-            w = w0(a, b)
-            if delta is not None:
-                w = w + delta(a, b)
-            return with_tokens(w, a, b)
-
-        return read
-
-    def shared(a: int, b: int) -> torch.Tensor:
-        w = w0(a, b)
-        for delta in deltas.values():
-            w = w + delta(a, b)
-        return with_tokens(w, a, b)
-
     # storage classes after merge_and_unload: every layer still on the shared Parameter, and each copy
     # (with ensure_weight_tying peft keeps the copies tied to each other: one storage)
     classes: dict[str, list[str]] = {}
@@ -143,17 +124,18 @@ def forecast_group(
         cls = ("copy" if settings.ensure_weight_tying else f"copy:{m}") if m in copies else "shared"
         classes.setdefault(cls, []).append(m)
     untied_after = len(classes) > 1  # PEFT's post-merge check: the data pointers differ
-    reload: dict[str, RowReader | None] = {}
+    # what each member holds after merge -> save -> reload: "shared" (the merged shared weight), the member
+    # whose copy it gets, or None (dropped by the save under an untied config: random init)
+    reload: dict[str, str | None] = {}
     if not untied_after:
         kept = members[0]
-        value = copies.get(kept, shared)
         for m in members:
-            reload[m] = value
+            reload[m] = kept if kept in copies else "shared"
     else:
         for names in classes.values():
             # save_pretrained keeps one name per storage; the config is untied, so the others load random
             for i, m in enumerate(names):
-                reload[m] = (copies.get(m, shared)) if i == 0 else None
+                reload[m] = (m if m in copies else "shared") if i == 0 else None
 
     mechanisms = []
     lora_members = [m for m in members if m in deltas]
@@ -167,25 +149,45 @@ def forecast_group(
     if any(v is None for v in reload.values()):
         mechanisms.append(MECH_DROPPED)
 
-    adapter_diffs = {t: diff_tensors(runtime(source), runtime(t), shape, probes=probes) for t in members if t != source}
+    # one pass over the rows: W0 and each delta are read once per chunk, and the probe logits of every
+    # distinct tensor are computed once per chunk, whatever the number of comparisons that use it
+    targets = [t for t in members if t != source]
+    adapter_acc = {t: StreamingDiff(probes, hidden) for t in targets}
+    merge_acc = {m: StreamingDiff(probes, hidden) for m in members if reload[m] is not None}
+    rows_worst = dict.fromkeys(merge_acc, 0.0)
+    h = probe_hidden_states(probes, hidden) if probes > 0 else None
+    step = rows_per_chunk(shape)
+    for start in range(0, vocab, step):
+        stop = min(vocab, start + step)
+        w = w0(start, stop)
+        d = {m: delta(start, stop) for m, delta in deltas.items()}
+        held = {m: copies[m](start, stop) for m in copies}
+        rt = {m: held[m] if m in held else with_tokens(w + d[m] if m in d else w.clone(), start, stop) for m in members}
+        merged_rows = w
+        for value in d.values():
+            merged_rows = merged_rows + value
+        merged_rows = with_tokens(merged_rows.clone(), start, stop)
+        logits = LogitCache(h) if h is not None else None
+        for t in targets:
+            adapter_acc[t].update(start, rt[source], rt[t], logits)
+        for m, acc in merge_acc.items():
+            src = reload[m]
+            after = merged_rows if src == "shared" else held[str(src)]
+            acc.update(start, after, rt[m], logits)
+            for row in probe_rows:
+                if start <= row < stop:
+                    gap = float((after[row - start] - rt[m][row - start]).abs().max())
+                    rows_worst[m] = max(rows_worst[m], gap)
+        del w, d, held, rt, merged_rows, logits
+    adapter_diffs = {t: acc.result() for t, acc in adapter_acc.items()}
     per_member = {}
     for m in members:
-        r = reload[m]
-        if r is None:
+        if m not in merge_acc:
             per_member[m] = MemberForecast(m, edits.get(m), None, dropped=True)
             continue
-        d = diff_tensors(r, runtime(m), shape, probes=probes)
-        rows_diff = _rows_diff(r, runtime(m), probe_rows) * embed_scale if probe_rows else None
-        per_member[m] = MemberForecast(m, edits.get(m), d, embedding_rows_diff=rows_diff)
-    del vocab, hidden
+        rows_diff = rows_worst[m] * embed_scale if probe_rows else None
+        per_member[m] = MemberForecast(m, edits.get(m), merge_acc[m].result(), embedding_rows_diff=rows_diff)
     return GroupForecast(source, members, adapter_diffs, per_member, not untied_after, tuple(mechanisms))
-
-
-def _rows_diff(a: RowReader, b: RowReader, rows: list[int]) -> float:
-    worst = 0.0
-    for t in rows:
-        worst = max(worst, float((a(t, t + 1) - b(t, t + 1)).abs().max()))
-    return worst
 
 
 def _delta_reader(edit: ModuleEdit, adapter: TensorReader) -> RowReader:
