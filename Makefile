@@ -37,6 +37,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_check.py
+	$(BIN)/python benchmarks/bench_adapter.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

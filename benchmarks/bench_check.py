@@ -661,7 +661,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     raw = {"machine": info, "repeats": repeats, "rows": [_raw_row(r) for r in rows]}
     (workdir / "results.json").write_text(json.dumps(raw, indent=2))
     if not args.no_readme:
-        README.write_text(render_readme(rows, info, repeats, time.perf_counter() - started))
+        # keep the sections other scripts own (bench_adapter.py writes "## Adapter check")
+        kept = ""
+        if README.exists():
+            text = README.read_text()
+            marker = text.find("\n## Adapter check")
+            kept = text[marker:] if marker >= 0 else ""
+        README.write_text(render_readme(rows, info, repeats, time.perf_counter() - started) + kept)
         _log(f"[report] wrote {README.relative_to(REPO)}")
     _log(f"[done] {time.perf_counter() - started:.0f} s")
     return 0 if all(ok for ok, _ in checks) else 1

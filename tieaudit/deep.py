@@ -52,7 +52,8 @@ def _quiet() -> Iterator[None]:
 
 
 def measure_adapter_merge(base: Path, adapter: Path, architecture: str, *, tokens: int = 16) -> Measured:
-    """Run the real merge -> save -> reload and compare logits with the unmerged adapter (float32, CPU)."""
+    """Run the real merge -> save -> reload and compare logits with the unmerged adapter, in the dtype the
+    config names (as the user would load it), on the CPU."""
     import json
 
     import torch
@@ -64,7 +65,7 @@ def measure_adapter_merge(base: Path, adapter: Path, architecture: str, *, token
         cls = getattr(transformers, architecture, None)
         if cls is None:
             raise InputError(f"--deep: transformers has no class {architecture}")
-        model = cls.from_pretrained(str(base), dtype=torch.float32)
+        model = cls.from_pretrained(str(base), dtype="auto")  # as the user loads it (the config dtype)
         model.eval()
         vocab = int(model.get_input_embeddings().weight.shape[0])
         gen = torch.Generator().manual_seed(PROBE_SEED)
@@ -77,7 +78,7 @@ def measure_adapter_merge(base: Path, adapter: Path, architecture: str, *, token
         with tempfile.TemporaryDirectory(prefix="tieaudit-deep-") as tmp:
             merged.save_pretrained(tmp)
             tied = json.loads((Path(tmp) / "config.json").read_text()).get("tie_word_embeddings")
-            reloaded = cls.from_pretrained(tmp, dtype=torch.float32)
+            reloaded = cls.from_pretrained(tmp, dtype="auto")
             reloaded.eval()
             with torch.no_grad():
                 after = reloaded(input_ids=ids).logits.float()
