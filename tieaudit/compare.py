@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -57,62 +57,44 @@ def diff_tensors(
 
     rows = shape[0] if shape else 1
     step = rows_per_chunk(shape, chunk_bytes)
-    want_logits = probes > 0 and len(shape) == 2
-    tracker: _Top1 | None = None
-    equal = True
-    max_abs = 0.0
-    sq_diff = 0.0
-    sq_ref = 0.0
+    acc = StreamingDiff(probes, shape[1] if len(shape) == 2 else None)
+    h = probe_hidden_states(probes, shape[1]) if acc.want_logits else None
+    track = False
     for start in range(0, rows, step):
         stop = min(rows, start + step)
         a = read_a(start, stop)
         b = read_b(start, stop)
+        # equality in the stored dtype, as transformers' torch.equal sees it
         same = torch.equal(a, b)
+        if start == 0:
+            track = h is not None and not same
         a32 = a.to(torch.float32)
-        sq_ref += float(torch.linalg.vector_norm(a32)) ** 2
-        b32 = a32
-        if not same:
-            if equal and start == 0 and want_logits:
-                tracker = _Top1(probes, shape[1])
-            equal = False
-            b32 = b.to(torch.float32)
-            d = a32 - b32
-            if d.numel():
-                # nan_to_num: a NaN in either tensor must not hide every other difference
-                max_abs = max(max_abs, float(torch.nan_to_num(d.abs_(), nan=math.inf, posinf=math.inf).max()))
-                sq_diff += float(torch.linalg.vector_norm(d)) ** 2
-            del d
-        if tracker is not None:
-            tracker.update(start, a32, b32)
-        del a, b, a32, b32
-    rel = math.sqrt(sq_diff) / math.sqrt(sq_ref) if sq_ref > 0 else (0.0 if sq_diff == 0 else math.inf)
-    if equal:
-        return TensorDiff(True, 0.0, 0.0, 0.0 if want_logits else None, 1.0 if want_logits else None)
-    if not want_logits:
-        return TensorDiff(False, max_abs, rel)
-    if tracker is None:
-        logit_diff, top1 = logit_agreement(read_a, read_b, shape, probes=probes, chunk_bytes=chunk_bytes)
-    else:
-        logit_diff, top1 = tracker.result()
-    return TensorDiff(False, max_abs, rel, logit_diff, top1)
+        logits = LogitCache(h) if track and h is not None else None
+        acc.update(start, a32, a32 if same else b.to(torch.float32), logits, same=same)
+        del a, b, a32
+    result = acc.result()
+    if result.bitwise_equal or not acc.want_logits or track:
+        return result
+    logit_diff, top1 = logit_agreement(read_a, read_b, shape, probes=probes, chunk_bytes=chunk_bytes)
+    return replace(result, max_abs_logit_diff=logit_diff, top1_agreement=top1)
 
 
 class _Top1:
-    """Running max |logit difference| and argmax of `h @ A.T` and `h @ B.T`, over vocabulary chunks."""
+    """Running max |logit difference| and argmax of two logit streams, over vocabulary chunks."""
 
-    def __init__(self, probes: int, hidden: int) -> None:
+    def __init__(self, probes: int) -> None:
         import torch
 
-        self.h = probe_hidden_states(probes, hidden)
         self.best = [torch.full((probes,), -math.inf), torch.full((probes,), -math.inf)]
         self.arg = [torch.zeros(probes, dtype=torch.long), torch.zeros(probes, dtype=torch.long)]
         self.max_diff = 0.0
+        self.fed = False
 
-    def update(self, start: int, a32: torch.Tensor, b32: torch.Tensor) -> None:
+    def update(self, start: int, la: torch.Tensor, lb: torch.Tensor) -> None:
+        """Logits of one chunk of rows starting at `start` (`lb is la` when the chunks are equal)."""
         import torch
 
-        la = self.h @ a32.T
-        lb = la if b32 is a32 else self.h @ b32.T
+        self.fed = True
         if lb is not la:
             self.max_diff = max(
                 self.max_diff, float(torch.nan_to_num((la - lb).abs(), nan=math.inf, posinf=math.inf).max())
@@ -148,58 +130,54 @@ def logit_agreement(
     import torch
 
     rows, hidden = shape
-    tracker = _Top1(probes, hidden)
+    h = probe_hidden_states(probes, hidden)
+    tracker = _Top1(probes)
     step = rows_per_chunk(shape, chunk_bytes)
     for start in range(0, rows, step):
         stop = min(rows, start + step)
-        tracker.update(start, read_a(start, stop).to(torch.float32), read_b(start, stop).to(torch.float32))
+        tracker.update(start, h @ read_a(start, stop).to(torch.float32).T, h @ read_b(start, stop).to(torch.float32).T)
     return tracker.result()
 
 
 class StreamingDiff:
-    """One comparison fed chunk by chunk, for callers that compare several tensor pairs in one pass over
-    the rows (the adapter forecast). Probe logits come from a per-chunk cache shared by all comparisons,
-    so a tensor used by several comparisons is multiplied once per chunk."""
+    """One comparison of two float32 tensors fed chunk by chunk: weight statistics always, probe logits
+    for the chunks given a `LogitCache` (callers that compare several pairs in one pass share one cache
+    per chunk, so a tensor used by several comparisons is multiplied once)."""
 
     def __init__(self, probes: int, hidden: int | None) -> None:
-        import torch
-
         self.want_logits = probes > 0 and hidden is not None
+        self.top1 = _Top1(probes) if self.want_logits else None
         self.equal = True
         self.max_abs = 0.0
         self.sq_diff = 0.0
         self.sq_ref = 0.0
-        self.max_logit = 0.0
-        if self.want_logits:
-            self.best_a = torch.full((probes,), -math.inf)
-            self.arg_a = torch.zeros(probes, dtype=torch.long)
-            self.best_b = self.best_a.clone()
-            self.arg_b = self.arg_a.clone()
 
-    def update(self, start: int, a: torch.Tensor, b: torch.Tensor, logits: LogitCache | None = None) -> None:
+    def update(
+        self,
+        start: int,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        logits: LogitCache | None = None,
+        *,
+        same: bool | None = None,
+    ) -> None:
+        """`same`: whether the chunks are equal, when the caller already knows (e.g. in the stored dtype)."""
         import torch
 
-        same = a is b or torch.equal(a, b)
+        if same is None:
+            same = a is b or torch.equal(a, b)
         self.sq_ref += float(torch.linalg.vector_norm(a)) ** 2
         if not same:
             self.equal = False
             d = a - b
             if d.numel():
-                self.max_abs = max(self.max_abs, float(torch.nan_to_num(d.abs(), nan=math.inf, posinf=math.inf).max()))
+                # nan_to_num: a NaN in either tensor must not hide every other difference
+                self.max_abs = max(self.max_abs, float(torch.nan_to_num(d.abs_(), nan=math.inf, posinf=math.inf).max()))
                 self.sq_diff += float(torch.linalg.vector_norm(d)) ** 2
-        if not self.want_logits or logits is None:
-            return
-        la = logits.of(a)
-        lb = la if same else logits.of(b)
-        if lb is not la:
-            self.max_logit = max(
-                self.max_logit, float(torch.nan_to_num((la - lb).abs(), nan=math.inf, posinf=math.inf).max())
-            )
-        for lg, best, arg in ((la, self.best_a, self.arg_a), (lb, self.best_b, self.arg_b)):
-            val, idx = lg.max(dim=1)
-            better = val > best
-            best[better] = val[better]
-            arg[better] = idx[better] + start
+            del d
+        if self.top1 is not None and logits is not None:
+            la = logits.of(a)
+            self.top1.update(start, la, la if same else logits.of(b))
 
     def result(self) -> TensorDiff:
         if self.equal:
@@ -208,10 +186,10 @@ class StreamingDiff:
             rel = math.sqrt(self.sq_diff) / math.sqrt(self.sq_ref)
         else:
             rel = 0.0 if self.sq_diff == 0 else math.inf
-        if not self.want_logits:
+        if self.top1 is None or not self.top1.fed:
             return TensorDiff(False, self.max_abs, rel)
-        top1 = float((self.arg_a == self.arg_b).float().mean())
-        return TensorDiff(False, self.max_abs, rel, self.max_logit, top1)
+        logit_diff, top1 = self.top1.result()
+        return TensorDiff(False, self.max_abs, rel, logit_diff, top1)
 
 
 class LogitCache:
