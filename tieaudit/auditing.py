@@ -78,6 +78,7 @@ def audit(
             groups = graph.groups if graph else ()
             comparisons = (*analysis.comparisons, *extra)
             base_used = str(analysis.base_path) if analysis.base_path else None
+            base_stats = analysis.base_stats
             arch = analysis.architecture
         else:
             if base is not None:
@@ -94,12 +95,10 @@ def audit(
             for rule in rules:
                 if rule.family == "checkpoint":
                     findings.extend(rule.check(model_context))
-            groups, comparisons, base_used = graph.groups, graph.comparisons, None
+            groups, comparisons, base_used, base_stats = graph.groups, graph.comparisons, None, None
             arch = graph.declared.architecture if graph.declared else _arch_name(ckpt)
         findings.sort(key=lambda f: (-f.severity.rank, f.code, f.location.tensor or ""))
-        read = [ckpt.stats]
-        if ckpt.kind == "adapter" and analysis.base_stats is not None:
-            read.append(analysis.base_stats)
+        read = [ckpt.stats] if base_stats is None else [ckpt.stats, base_stats]
         stats = Stats(
             header_bytes_read=sum(r.header_bytes for r in read),
             tensor_bytes_read=sum(r.tensor_bytes for r in read),
@@ -168,17 +167,18 @@ def _analyse(
     return graph, context
 
 
-_DTYPE_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
-
-
 def _load_dtype(ckpt: Checkpoint) -> str | None:
-    """The dtype from_pretrained loads in by default: the config's `dtype` (`torch_dtype` before v5)."""
+    """The dtype from_pretrained loads in by default: the config's `dtype` (`torch_dtype` before v5),
+    as a safetensors code of a floating type."""
+    from tieaudit.checkpoint.pickled import TORCH_DTYPE_NAMES
+
     if ckpt.config is None:
         return None
+    codes = {name: code for code, name in TORCH_DTYPE_NAMES.items() if code in ("F64", "F32", "F16", "BF16")}
     for key in ("dtype", "torch_dtype"):
         value = ckpt.config.data.get(key)
-        if isinstance(value, str) and value.removeprefix("torch.") in _DTYPE_CODES:
-            return _DTYPE_CODES[value.removeprefix("torch.")]
+        if isinstance(value, str) and value.removeprefix("torch.") in codes:
+            return codes[value.removeprefix("torch.")]
     return None
 
 

@@ -46,7 +46,7 @@ class DeclaredTies:
     potential: dict[str, str]  # every declared {target: source}, whatever the flags say
     active: dict[str, str]  # the {target: source} transformers ties with this config
     flags: dict[str, Flag]  # target -> the flag that governs it
-    expected: dict[str, tuple[tuple[int, ...], str]]  # in-memory name -> (shape, dtype) the config builds
+    expected: dict[str, tuple[int, ...]]  # in-memory name -> the shape the config builds
     model_keys: frozenset[str]
     rename: Callable[[str], str] = field(repr=False, compare=False)  # on-disk name -> in-memory name
 
@@ -54,18 +54,6 @@ class DeclaredTies:
 class DeclaredTiesUnavailable(Exception):
     """Declared ties could not be computed; the reason goes to the report's `skipped`."""
 
-
-_TORCH_DTYPE_CODES = {
-    "torch.float32": "F32",
-    "torch.float16": "F16",
-    "torch.bfloat16": "BF16",
-    "torch.float64": "F64",
-    "torch.int64": "I64",
-    "torch.int32": "I32",
-    "torch.int8": "I8",
-    "torch.uint8": "U8",
-    "torch.bool": "BOOL",
-}
 
 _cache: dict[tuple[str, str], DeclaredTies] = {}
 
@@ -116,7 +104,7 @@ def declared_ties(root: Path, config: ConfigFile) -> DeclaredTies:
     if key in _cache:
         return _cache[key]
 
-    with _quiet():
+    with quiet_libraries():
         import transformers
 
         cls = getattr(transformers, arch, None) if arch else None
@@ -216,7 +204,7 @@ def ties_of_model(
             flags.setdefault(full_target, flag)
 
     state = model.state_dict()
-    expected = {name: (tuple(t.shape), _TORCH_DTYPE_CODES.get(str(t.dtype), str(t.dtype))) for name, t in state.items()}
+    expected = {name: tuple(t.shape) for name, t in state.items()}
     rename = _renamer(model, state)
     return DeclaredTies(
         architecture=arch,
@@ -294,17 +282,26 @@ def _renamer(model: Any, meta_state: dict[str, Any]) -> Callable[[str], str]:
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """transformers logs and warns while building configs and meta models; none of it is ours to show."""
-    logger = logging.getLogger("transformers")
-    old = logger.level
-    logger.setLevel(logging.ERROR)
+def quiet_libraries() -> Iterator[None]:
+    """transformers and peft log, warn and draw progress bars while building configs and models; none of it
+    is ours to show (stdout is the report, stderr is ours)."""
+    from transformers.utils import logging as hf_logging
+
+    loggers = [logging.getLogger(name) for name in ("transformers", "peft")]
+    levels = [lg.level for lg in loggers]
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.setLevel(old)
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+        if bars:
+            hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
 
 
 def _one_line(exc: BaseException) -> str:

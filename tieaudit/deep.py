@@ -7,14 +7,11 @@ inputs again. This loads the whole model (it is the path tieaudit otherwise avoi
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import tempfile
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from tieaudit.declared import quiet_libraries
 from tieaudit.errors import InputError
 
 PROBE_SEED = 0
@@ -30,27 +27,6 @@ class Measured:
     config_tied_after_merge: bool | None
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    from transformers.utils import logging as hf_logging
-
-    loggers = [logging.getLogger(n) for n in ("transformers", "peft")]
-    levels = [lg.level for lg in loggers]
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-        if bars:
-            hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
-
-
 def measure_adapter_merge(base: Path, adapter: Path, architecture: str, *, tokens: int = 16) -> Measured:
     """Run the real merge -> save -> reload and compare logits with the unmerged adapter, in the dtype the
     config names (as the user would load it), on the CPU."""
@@ -58,7 +34,7 @@ def measure_adapter_merge(base: Path, adapter: Path, architecture: str, *, token
 
     import torch
 
-    with _quiet():
+    with quiet_libraries():
         import transformers
         from peft import PeftModel
 

@@ -52,7 +52,9 @@ class TensorReader:
 
         return reader
 
-    def full(self, name: str, nrows: int) -> torch.Tensor:
+    def full(self, name: str) -> torch.Tensor:
+        """The whole tensor (small ones only: LoRA factors, trainable-token rows)."""
+        nrows: int = self._ckpt.tensors[name].shape[0]  # type: ignore[attr-defined]
         return self.rows(name)(0, nrows)
 
 
@@ -107,7 +109,7 @@ def forecast_group(
     tokens = None
     if token_edit is not None and token_edit.tokens is not None:
         idx, key = token_edit.tokens
-        tokens = (list(idx), adapter.full(key, len(idx)))
+        tokens = (list(idx), adapter.full(key))
 
     def with_tokens(rows: torch.Tensor, a: int, b: int) -> torch.Tensor:
         if tokens is None:
@@ -195,10 +197,8 @@ def _delta_reader(edit: ModuleEdit, adapter: TensorReader) -> RowReader:
 
     lora = edit.lora
     assert lora is not None
-    a_info_rows = _nrows(adapter, lora.a)
-    b_info_rows = _nrows(adapter, lora.b)
-    a = adapter.full(lora.a, a_info_rows)
-    b = adapter.full(lora.b, b_info_rows)
+    a = adapter.full(lora.a)
+    b = adapter.full(lora.b)
     s = lora.scaling
     if lora.kind == "embedding":
         # A [r, vocab], B [hidden, r]: delta = (B @ A).T * s, rows a..b = A[:, a:b].T @ B.T
@@ -212,9 +212,3 @@ def _delta_reader(edit: ModuleEdit, adapter: TensorReader) -> RowReader:
         return (b[start:stop] @ a) * s
 
     return linear_rows
-
-
-def _nrows(adapter: TensorReader, name: str) -> int:
-    tensors = adapter._ckpt.tensors  # type: ignore[attr-defined]
-    shape: tuple[int, ...] = tensors[name].shape
-    return shape[0]

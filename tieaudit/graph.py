@@ -258,8 +258,8 @@ def _pair_state(
     if declared:
         for name, info in ((c.target, tgt), (c.source, src)):
             exp = declared.expected.get(name)
-            if info is not None and exp is not None and tuple(info.shape) != exp[0]:
-                expected_mismatch.append((name, tuple(info.shape), exp[0]))
+            if info is not None and exp is not None and tuple(info.shape) != exp:
+                expected_mismatch.append((name, tuple(info.shape), exp))
 
     status = _status(c, tied, declared, src, tgt, diff, bool(expected_mismatch))
     return PairState(

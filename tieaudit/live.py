@@ -28,8 +28,6 @@ class LiveTensors:
     """A `TensorSource` over a module's state dict, as save_pretrained would write it."""
 
     def __init__(self, state: dict[str, torch.Tensor], keep: set[str], storage: dict[str, tuple[str, str]]) -> None:
-        from tieaudit.checkpoint.types import DTYPE_SIZES  # noqa: F401  (dtype codes are shared with files)
-
         self._state = state
         self.metadata: dict[str, dict[str, str]] = {}
         self.tensors: dict[str, TensorInfo] = {}
@@ -54,9 +52,9 @@ class LiveTensors:
 
 
 def _dtype_code(t: torch.Tensor) -> str:
-    from tieaudit.declared import _TORCH_DTYPE_CODES
+    from tieaudit.checkpoint.pickled import dtype_code
 
-    return _TORCH_DTYPE_CODES.get(str(t.dtype), str(t.dtype))
+    return dtype_code(t.dtype) or str(t.dtype)
 
 
 def _storage_key(t: torch.Tensor) -> tuple[str, str]:

@@ -10,18 +10,10 @@ from tieaudit.forecast import MECH_DOUBLE, MECH_DROPPED, MECH_SHARED, MECH_SUM, 
 from tieaudit.model import Finding, FixHint, Location, Severity
 from tieaudit.rules.context import AdapterContext
 from tieaudit.rules.registry import rule
+from tieaudit.rules.wording import num as _num
+from tieaudit.rules.wording import pct as _pct
 
 MEASURED_TOL = 1e-4  # measured logit difference, relative to the logit scale, that counts as "changed"
-
-
-def _num(x: float | None) -> str:
-    if x is None:
-        return "n/a"
-    return "inf" if math.isinf(x) else f"{x:.3g}"
-
-
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.0%}"
 
 
 def describe(edit: ModuleEdit | None) -> str:

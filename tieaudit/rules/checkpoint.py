@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 from tieaudit.graph import OBSERVED_METADATA, OBSERVED_STORAGE, PairState
 from tieaudit.model import Finding, FixHint, Location, Severity, TieStatus
 from tieaudit.rules.context import RuleContext
 from tieaudit.rules.registry import rule
+from tieaudit.rules.wording import num as _num
+from tieaudit.rules.wording import pct as _pct
 
 
 def _finding(code: str, name: str, severity: Severity, message: str, location: Location, **kw: object) -> Finding:
     fix = kw.pop("fix", None)
     return Finding(code, name, severity, message, location, dict(kw), fix if isinstance(fix, FixHint) else None)
-
-
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.0%}"
-
-
-def _num(x: float | None) -> str:
-    if x is None:
-        return "n/a"
-    return "inf" if math.isinf(x) else f"{x:.3g}"
 
 
 def _as_loaded(pair: PairState) -> str:
@@ -231,15 +222,13 @@ def tied_shape_mismatch(ctx: RuleContext) -> Iterator[Finding]:
         if pair.tied_by_config and pair.both_stored and pair.shape_mismatch:
             s, t = pair.source_info, pair.target_info
             assert s is not None and t is not None
-            what = "shape"
-            consequence = "transformers cannot load them as one tensor (size mismatch)"
             yield _finding(
                 "TIE004",
                 "tied-shape-mismatch",
                 Severity.ERROR,
                 f"{pair.flag.ref if pair.flag else 'the model class'} ties {pair.target} to {pair.source}, but their "
-                f"{what}s differ ({pair.source} {list(s.shape)} {s.dtype}, {pair.target} {list(t.shape)} {t.dtype}): "
-                f"{consequence}",
+                f"shapes differ ({pair.source} {list(s.shape)} {s.dtype}, {pair.target} {list(t.shape)} {t.dtype}): "
+                "transformers cannot load them as one tensor (size mismatch)",
                 ctx.flag_location(pair, tensor=pair.target),
                 source=pair.source,
                 target=pair.target,
