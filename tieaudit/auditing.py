@@ -19,11 +19,12 @@ if TYPE_CHECKING:
     from tieaudit.graph import TieGraph
     from tieaudit.rules import RuleContext
     from tieaudit.rules.context import AdapterContext
+    from tieaudit.rules.registry import Rule
 
 Progress = Callable[[str, int, int], None]
 
 
-def _severity(value: str | Severity) -> Severity:
+def severity(value: str | Severity) -> Severity:
     try:
         return value if isinstance(value, Severity) else Severity(str(value).lower())
     except ValueError:
@@ -50,7 +51,7 @@ def audit(
     from tieaudit.rules import selected, unknown_selectors
 
     started = time.perf_counter()
-    fail_level = _severity(fail_on)
+    fail_level = severity(fail_on)
     bad = unknown_selectors([*(select or []), *(ignore or [])])
     if bad:
         raise UsageError(f"unknown rule selector {bad[0]!r}: see `tieaudit rules`")
@@ -60,59 +61,80 @@ def audit(
 
     with contextlib.ExitStack() as stack:
         ckpt = stack.enter_context(open_checkpoint(path))
-        skipped: list[Skipped] = []
-        findings: list[Finding] = []
-        if ckpt.kind == "adapter":
-            from tieaudit.adapter_analysis import analyse_adapter
+        report, _ = audit_open(
+            ckpt, str(path), base, rules, fail_level, exit_zero, probe_tokens, progress, deep, stack, started
+        )
+    return report
 
-            analysis = analyse_adapter(ckpt, str(path), None if base is None else str(base), probe_tokens, stack)
-            skipped.extend(analysis.skipped)
-            context = analysis.context
-            extra: list[Comparison] = []
-            if deep:
-                context, extra = _deep(context, analysis, Path(ckpt.root), skipped, progress)
-            for rule in rules:
-                if rule.family == "adapter":
-                    findings.extend(rule.check(context))
-            graph = analysis.context.graph
-            groups = graph.groups if graph else ()
-            comparisons = (*analysis.comparisons, *extra)
-            base_used = str(analysis.base_path) if analysis.base_path else None
-            base_stats = analysis.base_stats
-            arch = analysis.architecture
-        else:
-            if base is not None:
-                raise UsageError("--base is for adapters; PATH is a model checkpoint")
-            if deep:
-                skipped.append(
-                    Skipped(
-                        "deep",
-                        "--deep measures adapter merges with peft; a model checkpoint is "
-                        "judged from its files, as transformers would load them",
-                    )
+
+def audit_open(
+    ckpt: Checkpoint,
+    path: str,
+    base: str | os.PathLike[str] | None,
+    rules: Sequence[Rule],
+    fail_level: Severity,
+    exit_zero: bool,
+    probe_tokens: int,
+    progress: Progress | None,
+    deep: bool,
+    stack: contextlib.ExitStack,
+    started: float,
+) -> tuple[Report, TieGraph | None]:
+    """Audit an open checkpoint; also returns the tie graph of a model checkpoint (for `fix`)."""
+    skipped: list[Skipped] = []
+    findings: list[Finding] = []
+    model_graph: TieGraph | None = None
+    if ckpt.kind == "adapter":
+        from tieaudit.adapter_analysis import analyse_adapter
+
+        analysis = analyse_adapter(ckpt, path, None if base is None else str(base), probe_tokens, stack)
+        skipped.extend(analysis.skipped)
+        context = analysis.context
+        extra: list[Comparison] = []
+        if deep:
+            context, extra = _deep(context, analysis, Path(ckpt.root), skipped, progress)
+        for rule in rules:
+            if rule.family == "adapter":
+                findings.extend(rule.check(context))
+        graph = analysis.context.graph
+        groups = graph.groups if graph else ()
+        comparisons = (*analysis.comparisons, *extra)
+        base_used = str(analysis.base_path) if analysis.base_path else None
+        base_stats = analysis.base_stats
+        arch = analysis.architecture
+    else:
+        if base is not None:
+            raise UsageError("--base is for adapters; PATH is a model checkpoint")
+        if deep:
+            skipped.append(
+                Skipped(
+                    "deep",
+                    "--deep measures adapter merges with peft; a model checkpoint is "
+                    "judged from its files, as transformers would load them",
                 )
-            graph, model_context = _analyse(ckpt, str(path), probe_tokens, progress, skipped)
-            for rule in rules:
-                if rule.family == "checkpoint":
-                    findings.extend(rule.check(model_context))
-            groups, comparisons, base_used, base_stats = graph.groups, graph.comparisons, None, None
-            arch = graph.declared.architecture if graph.declared else _arch_name(ckpt)
-        findings.sort(key=lambda f: (-f.severity.rank, f.code, f.location.tensor or ""))
-        read = [ckpt.stats] if base_stats is None else [ckpt.stats, base_stats]
-        stats = Stats(
-            header_bytes_read=sum(r.header_bytes for r in read),
-            tensor_bytes_read=sum(r.tensor_bytes for r in read),
-            seconds=round(time.perf_counter() - started, 3),
-        )
-        target = Target(
-            path=str(path),
-            kind=ckpt.kind,
-            base=base_used,
-            layout=ckpt.layout,
-            files=tuple(ckpt.files),
-            architecture=arch,
-        )
-    return Report(
+            )
+        model_graph, model_context = _analyse(ckpt, path, probe_tokens, progress, skipped)
+        for rule in rules:
+            if rule.family == "checkpoint":
+                findings.extend(rule.check(model_context))
+        groups, comparisons, base_used, base_stats = model_graph.groups, model_graph.comparisons, None, None
+        arch = model_graph.declared.architecture if model_graph.declared else _arch_name(ckpt)
+    findings.sort(key=lambda f: (-f.severity.rank, f.code, f.location.tensor or ""))
+    read = [ckpt.stats] if base_stats is None else [ckpt.stats, base_stats]
+    stats = Stats(
+        header_bytes_read=sum(r.header_bytes for r in read),
+        tensor_bytes_read=sum(r.tensor_bytes for r in read),
+        seconds=round(time.perf_counter() - started, 3),
+    )
+    target = Target(
+        path=path,
+        kind=ckpt.kind,
+        base=base_used,
+        layout=ckpt.layout,
+        files=tuple(ckpt.files),
+        architecture=arch,
+    )
+    report = Report(
         tool_version=__version__,
         target=target,
         groups=tuple(groups),
@@ -123,6 +145,7 @@ def audit(
         exit_zero=exit_zero,
         stats=stats,
     )
+    return report, model_graph
 
 
 def _arch_name(ckpt: Checkpoint) -> str | None:

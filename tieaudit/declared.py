@@ -49,6 +49,8 @@ class DeclaredTies:
     expected: dict[str, tuple[int, ...]]  # in-memory name -> the shape the config builds
     model_keys: frozenset[str]
     rename: Callable[[str], str] = field(repr=False, compare=False)  # on-disk name -> in-memory name
+    # in-memory name -> the on-disk name save_pretrained writes (legacy names for some classes)
+    to_disk: Callable[[str], str] = field(repr=False, compare=False, default=lambda name: name)
 
 
 class DeclaredTiesUnavailable(Exception):
@@ -206,6 +208,7 @@ def ties_of_model(
     state = model.state_dict()
     expected = {name: tuple(t.shape) for name, t in state.items()}
     rename = _renamer(model, state)
+    to_disk = _reverse_renamer(model)
     return DeclaredTies(
         architecture=arch,
         transformers_version=version,
@@ -215,6 +218,7 @@ def ties_of_model(
         expected=expected,
         model_keys=frozenset(state),
         rename=rename,
+        to_disk=to_disk,
     )
 
 
@@ -279,6 +283,24 @@ def _renamer(model: Any, meta_state: dict[str, Any]) -> Callable[[str], str]:
         return str(renamed)
 
     return rename
+
+
+def _reverse_renamer(model: Any) -> Callable[[str], str]:
+    """In-memory name -> the name save_pretrained writes, with transformers' own reverse conversion."""
+    try:
+        import torch
+        from transformers.core_model_loading import revert_weight_conversion
+    except Exception:  # no conversion machinery: names are written as they are
+        return lambda name: name
+
+    def to_disk(name: str) -> str:
+        try:
+            out = revert_weight_conversion(model, {name: torch.empty(0, device="meta")})
+        except Exception:
+            return name
+        return str(next(iter(out))) if len(out) == 1 else name
+
+    return to_disk
 
 
 @contextlib.contextmanager

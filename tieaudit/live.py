@@ -81,7 +81,7 @@ def audit_model(
     probe_tokens: int = 64,
 ) -> Report:
     """Audit a live model (a transformers PreTrainedModel, or a wrapper such as a PeftModel around one)."""
-    from tieaudit.auditing import _severity
+    from tieaudit.auditing import severity
     from tieaudit.declared import ties_of_model
     from tieaudit.graph import build_graph
     from tieaudit.rules import RuleContext, selected
@@ -140,7 +140,7 @@ def audit_model(
         comparisons=graph.comparisons,
         findings=tuple(findings),
         skipped=tuple(skipped),
-        fail_on=_severity(fail_on),
+        fail_on=severity(fail_on),
         stats=Stats(tensor_bytes_read=source.tensor_bytes, seconds=round(time.perf_counter() - started, 3)),
     )
 

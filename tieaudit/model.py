@@ -131,6 +131,51 @@ class Stats:
 
 
 @dataclass(frozen=True)
+class FileChange:
+    """One change `tieaudit fix` makes (or would make) to a checkpoint directory."""
+
+    kind: str  # "store-tensor" | "drop-tensor" | "set-config" | "rewrite-index" | "rewrite-file" | "new-file"
+    file: str  # path relative to the checkpoint root
+    tensor: str | None = None  # on-disk tensor name
+    shape: tuple[int, ...] | None = None
+    dtype: str | None = None
+    nbytes: int | None = None
+    pointer: str | None = None  # JSON pointer, for set-config
+    old: Any = None  # previous config value (None: absent)
+    new: Any = None
+    detail: str = ""  # why, in words
+
+
+@dataclass(frozen=True)
+class FixOutcome:
+    """What `tieaudit fix` did about one finding of the audit it started from."""
+
+    code: str
+    fingerprint: str
+    tensor: str | None
+    status: str  # "fixed" | "would-fix" | "not-fixed" | "remains"
+    action: str  # what the fix does, or why it cannot
+    applicability: str = "safe"  # "safe" | "unsafe" | "manual"
+
+
+@dataclass(frozen=True)
+class FixRun:
+    """A `tieaudit fix` run: the strategy, where it wrote, and every change."""
+
+    mode: str  # "untie" | "retie"
+    dry_run: bool
+    source_path: str
+    written_to: str | None  # None: nothing written (dry run, or nothing to change)
+    changes: tuple[FileChange, ...]
+    fixed: int
+    total: int
+    bytes_written: int = 0
+    seconds: float = 0.0
+    notes: tuple[str, ...] = ()
+    diffs: tuple[str, ...] = ()  # unified diffs of the JSON files (--diff)
+
+
+@dataclass(frozen=True)
 class Report:
     tool_version: str
     target: Target
@@ -141,13 +186,17 @@ class Report:
     fail_on: Severity = Severity.WARNING
     exit_zero: bool = False
     stats: Stats = field(default_factory=Stats)
-    fixes: tuple[Mapping[str, Any], ...] = ()
+    fixes: tuple[FixOutcome, ...] = ()
+    fix_run: FixRun | None = None
 
     def counts(self) -> dict[str, int]:
         return count_findings(self.findings)
 
     @property
     def exit_code(self) -> int:
+        if self.fix_run is not None and self.fix_run.dry_run:
+            # fix --dry-run/--diff: 1 when something would change
+            return 1 if (self.fix_run.changes and not self.exit_zero) else 0
         return exit_code_for(self.findings, self.fail_on, self.exit_zero)
 
 

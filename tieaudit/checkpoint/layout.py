@@ -178,6 +178,38 @@ class Checkpoint:
         self.stats.tensor_bytes += (stop - start) * row_bytes
         return tensor
 
+    def byte_range(self, name: str) -> tuple[int, int, int] | None:
+        """For a tensor of a safetensors file: (open descriptor, absolute offset, length); None for .bin tensors.
+
+        Lets a writer copy the stored bytes file-to-file (``os.copy_file_range``) without materialising them.
+        The caller adds what it copies to ``stats.tensor_bytes``."""
+        info = self.tensors[name]
+        source = self._sources.get(info.file)
+        if not isinstance(source, _SafetensorsSource) or source.fd < 0:
+            return None
+        begin, end = source.header.offsets[info.name]
+        return source.fd, source.header.data_start + begin, end - begin
+
+    def file_tensors(self, rel: str) -> list[TensorInfo]:
+        """The tensors one weight file holds, in stored order (as its header or pickle lists them)."""
+        source = self._sources.get(rel)
+        if isinstance(source, _SafetensorsSource):
+            return sorted(source.header.tensors.values(), key=lambda i: source.header.offsets[i.name][0])
+        if isinstance(source, _BinSource) and source.loaded is not None:
+            return list(source.loaded.infos.values())
+        raise ValueError(f"{rel} is not an open weight file of this checkpoint")
+
+    def file_metadata(self, rel: str) -> dict[str, str]:
+        """The ``__metadata__`` of a safetensors file ({} for .bin)."""
+        return dict(self.metadata.get(rel, {}))
+
+    def bin_state(self, rel: str) -> dict[str, torch.Tensor]:
+        """The (memory-mapped) state dict of a .bin file, storages shared as pickled."""
+        source = self._sources.get(rel)
+        if not isinstance(source, _BinSource) or source.loaded is None:
+            raise ValueError(f"{rel} is not an open .bin file of this checkpoint")
+        return dict(source.loaded.tensors)
+
     def iter_rows(self, name: str, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield ``(start_row, chunk)`` covering the whole tensor, each chunk at most ``max_chunk_bytes``.
 

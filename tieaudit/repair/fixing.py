@@ -1,0 +1,347 @@
+"""`tieaudit fix`: audit, plan, write a staged fixed copy, re-audit it, then switch atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tieaudit.errors import InputError, UsageError, WriteError
+from tieaudit.model import FileChange, Finding, FixOutcome, FixRun, Report, Severity
+from tieaudit.repair.plan import MODES, FixPlan, FixRefused, FixRequest, plan_fix
+from tieaudit.repair.write import (
+    WeightOutput,
+    clean_stale_staging,
+    commit_in_place,
+    commit_output_dir,
+    fault,
+    fsync_tree,
+    layout_weights,
+    make_staging,
+    new_config_text,
+    new_index_text,
+    populate,
+    write_text,
+    write_weight_files,
+)
+
+if TYPE_CHECKING:
+    from tieaudit.checkpoint import Checkpoint
+
+Progress = Callable[[str, int, int], None]
+
+
+def fix(
+    path: str | os.PathLike[str],
+    *,
+    mode: str,
+    output_dir: str | os.PathLike[str] | None = None,
+    in_place: bool = False,
+    dry_run: bool = False,
+    diff: bool = False,
+    unsafe_fixes: bool = False,
+    sources: Sequence[str] = (),
+    fail_on: str | Severity = Severity.WARNING,
+    exit_zero: bool = False,
+    probe_tokens: int = 64,
+    progress: Progress | None = None,
+) -> Report:
+    """Repair the weight tying of the checkpoint at ``path`` (see the README's `tieaudit fix`).
+
+    Returns the report of the fixed checkpoint (or, with ``dry_run``/``diff``, of the original with the planned
+    changes); ``report.fix_run`` says what was changed and ``report.fixes`` what became of each finding.
+    Raises `TieauditError` subclasses (exit 2) for bad input or a failed write; the original is then intact.
+    """
+    from tieaudit.auditing import audit_open, severity
+    from tieaudit.checkpoint import open_checkpoint
+    from tieaudit.rules import selected
+
+    started = time.perf_counter()
+    if mode not in MODES:
+        raise UsageError("choose --untie or --retie")
+    dry = dry_run or diff
+    if not dry and (output_dir is None) == (not in_place):
+        raise UsageError("choose where to write: --output-dir DIR or --in-place (or preview with --dry-run/--diff)")
+    if sources and not unsafe_fixes:
+        raise UsageError("--source chooses which tensor wins an unsafe retie: it needs --unsafe-fixes")
+    fail_level = severity(fail_on)
+    display = os.fspath(path)
+    dest = _check_destination(display, output_dir, in_place) if not dry else None
+    rules = selected(None, None)
+
+    with contextlib.ExitStack() as stack:
+        ckpt = stack.enter_context(open_checkpoint(display))
+        if ckpt.kind != "model":
+            raise UsageError("tieaudit fix repairs model checkpoints; for an adapter use `tieaudit merge`")
+        if ckpt.index_file is None and len(ckpt.weight_files) > 1:
+            raise InputError("several weight files and no shard index: transformers cannot load this layout")
+        before, graph = audit_open(
+            ckpt, display, None, rules, fail_level, exit_zero, probe_tokens, progress, False, stack, started
+        )
+        assert graph is not None
+        if progress:
+            progress("planning the fix", 0, 0)
+        request = FixRequest(mode=mode, unsafe=unsafe_fixes, sources=tuple(sources))
+        _check_sources(request, graph.disk_names)
+        from tieaudit.auditing import _load_dtype
+        from tieaudit.repair.oracle import LibraryOracle
+
+        try:
+            plan = plan_fix(
+                graph, before.findings, ckpt.config, ckpt.index_mismatches, request, LibraryOracle(ckpt, _load_dtype(ckpt))
+            )
+        except FixRefused as exc:
+            raise InputError(f"cannot fix {display}: {exc}") from None
+        weights = layout_weights(ckpt, plan)
+        config_text = new_config_text(ckpt, plan)
+        index_text = new_index_text(ckpt, plan, weights)
+        changes = _changes(ckpt, plan, weights, config_text is not None, index_text is not None)
+        diffs = _diffs(ckpt, config_text, index_text) if diff else ()
+        if dry or not changes:
+            outcomes = tuple(
+                FixOutcome(
+                    f.code,
+                    f.fingerprint,
+                    f.location.tensor,
+                    ("would-fix" if dry else "fixed") if plan.outcomes[f.fingerprint].fixable else "not-fixed",
+                    plan.outcomes[f.fingerprint].action,
+                    plan.outcomes[f.fingerprint].applicability,
+                )
+                for f in before.findings
+            )
+            run = FixRun(
+                mode=mode,
+                dry_run=dry,
+                source_path=display,
+                written_to=None,
+                changes=tuple(changes),
+                fixed=0,
+                total=len(before.findings),
+                seconds=round(time.perf_counter() - started, 3),
+                notes=plan.notes,
+                diffs=diffs,
+            )
+            return replace(before, fixes=outcomes, fix_run=run)
+
+        assert dest is not None
+        final = dest if output_dir is not None else Path(ckpt.root)
+        after, written = _write(
+            ckpt, plan, weights, config_text, index_text, final, in_place, fail_level, exit_zero, before.findings
+        )
+    after = replace(after, target=replace(after.target, path=os.fspath(output_dir) if output_dir else display))
+    outcomes = _outcomes(before.findings, after.findings, plan)
+    run = FixRun(
+        mode=mode,
+        dry_run=False,
+        source_path=display,
+        written_to=after.target.path,
+        changes=tuple(changes),
+        fixed=sum(1 for o in outcomes if o.status == "fixed"),
+        total=len(before.findings),
+        bytes_written=written,
+        seconds=round(time.perf_counter() - started, 3),
+        notes=plan.notes,
+        diffs=diffs,
+    )
+    return replace(after, fixes=outcomes, fix_run=run)
+
+
+def _check_destination(display: str, output_dir: str | os.PathLike[str] | None, in_place: bool) -> Path:
+    root = Path(display).resolve()
+    if in_place:
+        if root.parent.name == "snapshots" and root.parent.parent.joinpath("blobs").is_dir():
+            raise UsageError(
+                f"{display} is a Hugging Face cache snapshot; fix a copy with --output-dir instead of editing the cache"
+            )
+        if not os.access(root, os.W_OK) or not os.access(root.parent, os.W_OK):
+            raise WriteError(
+                f"cannot fix {display} in place: no write permission on it or its parent directory "
+                "(an in-place fix swaps the directory atomically); use --output-dir"
+            )
+        return root
+    assert output_dir is not None
+    dest = Path(output_dir).absolute()
+    if dest.resolve() == root or dest.resolve().is_relative_to(root):
+        raise UsageError("--output-dir must be outside the checkpoint directory (use --in-place to fix it in place)")
+    if os.path.lexists(dest):
+        if not dest.is_dir() or dest.is_symlink():
+            raise UsageError(f"--output-dir {output_dir} exists and is not a directory")
+        if any(os.scandir(dest)):
+            raise UsageError(f"--output-dir {output_dir} is not empty; refusing to write into it")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WriteError(f"cannot create {dest.parent}: {exc.strerror or exc}") from None
+    if not os.access(dest.parent, os.W_OK):
+        raise WriteError(f"cannot write to {dest.parent}: permission denied")
+    return dest
+
+
+def _check_sources(request: FixRequest, disk_names: dict[str, str]) -> None:
+    known = set(disk_names) | set(disk_names.values())
+    for name in request.sources:
+        if name not in known:
+            raise UsageError(f"--source {name}: no such stored tensor in this checkpoint")
+
+
+def _write(
+    ckpt: Checkpoint,
+    plan: FixPlan,
+    weights: WeightOutput,
+    config_text: tuple[str, str] | None,
+    index_text: tuple[str, str] | None,
+    final: Path,
+    in_place: bool,
+    fail_level: Severity,
+    exit_zero: bool,
+    before_findings: Sequence[Finding],
+) -> tuple[Report, int]:
+    from tieaudit.auditing import audit
+
+    clean_stale_staging(final)
+    staging = make_staging(final)
+    committed = False
+    try:
+        skip = set(weights.files_written)
+        if index_text is not None and ckpt.index_file:
+            skip.add(ckpt.index_file)
+        if config_text is not None and ckpt.config is not None:
+            skip.add(ckpt.config.rel)
+        populate(Path(ckpt.root), staging, skip, link=in_place)
+        fault("staged")
+        written = write_weight_files(ckpt, weights, staging)
+        fault("weights")
+        if index_text is not None and ckpt.index_file:
+            written += write_text(staging / ckpt.index_file, index_text[1])
+        fault("index")
+        if config_text is not None and ckpt.config is not None:
+            written += write_text(staging / ckpt.config.rel, config_text[1])
+        fault("config")
+        fsync_tree(staging)
+        after = audit(staging, fail_on=fail_level, exit_zero=exit_zero)
+        _refuse_regressions(before_findings, after.findings)
+        fault("verified")
+        if in_place:
+            order = [*weights.new_files, *weights.rewritten]
+            order += [rel for rel in (ckpt.index_file, ckpt.config.rel if ckpt.config else None) if rel in skip]
+            commit_in_place(staging, final, [r for r in order if r is not None])
+        else:
+            os.chmod(staging, 0o777 & ~_umask())
+            commit_output_dir(staging, final)
+        committed = True
+        return after, written
+    except OSError as exc:
+        where = exc.filename or final
+        raise WriteError(f"cannot write the fixed checkpoint ({where}): {exc.strerror or exc}; {_intact(in_place)}") from None
+    finally:
+        if not committed:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _intact(in_place: bool) -> str:
+    return "the checkpoint is unchanged" if in_place else "nothing was written to the output directory"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _refuse_regressions(before: Sequence[Finding], after: Sequence[Finding]) -> None:
+    """A fix must never add a problem: if the staged copy has an error the original did not, stop."""
+    known = {(f.code, f.location.tensor) for f in before}
+    new = [f for f in after if f.severity is Severity.ERROR and (f.code, f.location.tensor) not in known]
+    if new:
+        raise WriteError(
+            f"internal check failed: the fixed copy would have {new[0].code} ({new[0].message}); nothing was changed"
+        )
+
+
+def _outcomes(before: Sequence[Finding], after: Sequence[Finding], plan: FixPlan) -> tuple[FixOutcome, ...]:
+    remaining = {(f.code, f.location.tensor, f.location.config_key) for f in after}
+    out = []
+    for f in before:
+        planned = plan.outcomes[f.fingerprint]
+        gone = (f.code, f.location.tensor, f.location.config_key) not in remaining
+        status = "fixed" if gone else ("remains" if planned.fixable else "not-fixed")
+        out.append(FixOutcome(f.code, f.fingerprint, f.location.tensor, status, planned.action, planned.applicability))
+    return tuple(out)
+
+
+def _changes(
+    ckpt: Checkpoint, plan: FixPlan, weights: WeightOutput, config: bool, index: bool
+) -> list[FileChange]:
+    changes: list[FileChange] = []
+    where = {name: file for name, (file, _, _) in weights.final.items()}
+    for s in plan.stores:
+        changes.append(
+            FileChange(
+                "store-tensor",
+                where[s.name],
+                tensor=s.name,
+                shape=tuple(s.info.shape),
+                dtype=s.info.dtype,
+                nbytes=s.info.nbytes,
+                detail=s.why,
+            )
+        )
+    for d in plan.drops:
+        changes.append(
+            FileChange(
+                "drop-tensor",
+                d.info.file,
+                tensor=d.name,
+                shape=tuple(d.info.shape),
+                dtype=d.info.dtype,
+                nbytes=-d.info.nbytes,
+                detail=d.why,
+            )
+        )
+    for rel in weights.new_files:
+        changes.append(FileChange("new-file", rel, nbytes=_size(weights, rel), detail="new shard"))
+    for rel in weights.rewritten:
+        changes.append(FileChange("rewrite-file", rel, nbytes=_size(weights, rel), detail="rewritten"))
+    if index and ckpt.index_file:
+        changes.append(
+            FileChange(
+                "rewrite-index",
+                ckpt.index_file,
+                detail="regenerated from the shards" if plan.rebuild_index else "updated for the changed tensors",
+            )
+        )
+    if config:
+        for pointer, value in plan.config.items():
+            changes.append(
+                FileChange("set-config", "config.json", pointer=pointer, old=plan.config_old.get(pointer), new=value)
+            )
+    return changes
+
+
+def _size(weights: WeightOutput, rel: str) -> int:
+    entries = weights.new_files.get(rel) or weights.rewritten.get(rel) or []
+    return sum(info.nbytes for _, info, _ in entries)
+
+
+def _diffs(
+    ckpt: Checkpoint, config_text: tuple[str, str] | None, index_text: tuple[str, str] | None
+) -> tuple[str, ...]:
+    out = []
+    for rel, texts in ((ckpt.config.rel if ckpt.config else "config.json", config_text), (ckpt.index_file, index_text)):
+        if texts is None or rel is None:
+            continue
+        old, new = texts
+        out.append(
+            "".join(
+                difflib.unified_diff(
+                    old.splitlines(keepends=True), new.splitlines(keepends=True), f"a/{rel}", f"b/{rel}"
+                )
+            )
+        )
+    return tuple(out)

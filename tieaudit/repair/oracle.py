@@ -1,0 +1,86 @@
+"""The planner's questions, answered by transformers and the weight files (see `plan.Oracle`)."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tieaudit.checkpoint.types import ConfigFile
+from tieaudit.graph import PairState
+
+if TYPE_CHECKING:
+    from tieaudit.checkpoint import Checkpoint
+
+_IGNORED_KEYS = frozenset({"tie_word_embeddings", "transformers_version", "_name_or_path"})
+
+
+class LibraryOracle:
+    def __init__(self, ckpt: Checkpoint, load_dtype: str | None) -> None:
+        self.ckpt = ckpt
+        self.load_dtype = load_dtype
+
+    def active_ties(self, config_data: dict[str, Any]) -> dict[str, str]:
+        from tieaudit.declared import declared_ties
+
+        with tempfile.TemporaryDirectory(prefix="tieaudit-config-") as tmp:
+            text = json.dumps(config_data, indent=2)
+            (Path(tmp) / "config.json").write_text(text, encoding="utf-8")
+            return dict(declared_ties(Path(tmp), ConfigFile("config.json", config_data)).active)
+
+    def config_drift(self, old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+        before, after = _effective(old), _effective(new)
+        drift: dict[str, Any] = {}
+        _diff(before, after, "", drift)
+        return drift
+
+    def pairs_equal(self, pair: PairState) -> bool:
+        import torch
+
+        from tieaudit.checkpoint.pickled import torch_dtype
+
+        s, t = pair.source_info, pair.target_info
+        if s is None or t is None or s.shape != t.shape:
+            return False
+        floating = {"F64", "F32", "F16", "BF16"}
+        cast = self.load_dtype if (self.load_dtype in floating and {s.dtype, t.dtype} <= floating) else None
+        if cast is None and s.dtype != t.dtype:
+            cast = "F32" if {s.dtype, t.dtype} <= floating else None
+            if cast is None:
+                return False
+        rows = self.ckpt.row_count(s.name)
+        step = max(1, (32 * 2**20) // max(1, self.ckpt.row_bytes(s.name)))
+        for start in range(0, rows, step):
+            a = self.ckpt.read_rows(s.name, start, min(rows, start + step))
+            b = self.ckpt.read_rows(t.name, start, min(rows, start + step))
+            if cast is not None:
+                a, b = a.to(torch_dtype(cast)), b.to(torch_dtype(cast))
+            if not torch.equal(a, b):
+                return False
+        return True
+
+
+def _effective(data: dict[str, Any]) -> dict[str, Any]:
+    """The config as transformers reads it (defaults and derived values applied)."""
+    import transformers
+
+    from tieaudit.declared import quiet_libraries
+
+    with tempfile.TemporaryDirectory(prefix="tieaudit-config-") as tmp, quiet_libraries():
+        (Path(tmp) / "config.json").write_text(json.dumps(data), encoding="utf-8")
+        cfg = transformers.AutoConfig.from_pretrained(tmp, local_files_only=True, trust_remote_code=False)
+        result: dict[str, Any] = cfg.to_dict()
+        return result
+
+
+def _diff(before: Any, after: Any, pointer: str, out: dict[str, Any]) -> None:
+    if isinstance(before, dict) and isinstance(after, dict):
+        for key in before.keys() | after.keys():
+            if key in _IGNORED_KEYS:
+                continue
+            token = str(key).replace("~", "~0").replace("/", "~1")
+            _diff(before.get(key), after.get(key), f"{pointer}/{token}", out)
+        return
+    if before != after:
+        out[pointer] = before
