@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from tieaudit.cli.check import check
+from tieaudit.cli.fix_cmd import fix
 from tieaudit.cli.graph_cmd import graph
 from tieaudit.cli.rules_cmd import explain, rules
 
@@ -44,6 +45,7 @@ def _root(
 
 
 app.command("check")(check)
+app.command("fix")(fix)
 app.command("graph")(graph)
 app.command("rules")(rules)
 app.command("explain")(explain)

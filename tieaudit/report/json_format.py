@@ -6,7 +6,7 @@ import json
 import math
 from typing import TYPE_CHECKING, Any
 
-from tieaudit.model import SCHEMA_VERSION, Comparison, Finding, Report, TieGroup
+from tieaudit.model import SCHEMA_VERSION, Comparison, FileChange, Finding, FixOutcome, FixRun, Report, TieGroup
 
 if TYPE_CHECKING:
     from tieaudit.report import RenderOptions
@@ -79,6 +79,48 @@ def finding_dict(f: Finding) -> dict[str, Any]:
     }
 
 
+def outcome_dict(o: FixOutcome) -> dict[str, Any]:
+    return {
+        "code": o.code,
+        "fingerprint": o.fingerprint,
+        "tensor": o.tensor,
+        "status": o.status,
+        "action": o.action,
+        "applicability": o.applicability,
+    }
+
+
+def change_dict(c: FileChange) -> dict[str, Any]:
+    return {
+        "kind": c.kind,
+        "file": c.file,
+        "tensor": c.tensor,
+        "shape": None if c.shape is None else list(c.shape),
+        "dtype": c.dtype,
+        "bytes": c.nbytes,
+        "pointer": c.pointer,
+        "old": c.old,
+        "new": c.new,
+        "detail": c.detail,
+    }
+
+
+def fix_run_dict(run: FixRun) -> dict[str, Any]:
+    return {
+        "mode": run.mode,
+        "dry_run": run.dry_run,
+        "source_path": run.source_path,
+        "written_to": run.written_to,
+        "fixed": run.fixed,
+        "total": run.total,
+        "bytes_written": run.bytes_written,
+        "seconds": run.seconds,
+        "changes": [change_dict(c) for c in run.changes],
+        "notes": list(run.notes),
+        "diffs": list(run.diffs),
+    }
+
+
 def report_dict(r: Report) -> dict[str, Any]:
     return {
         "schema_version": SCHEMA_VERSION,
@@ -95,7 +137,8 @@ def report_dict(r: Report) -> dict[str, Any]:
         "comparisons": [comparison_dict(c) for c in r.comparisons],
         "findings": [finding_dict(f) for f in r.findings],
         "skipped": [{"check": s.check, "reason": s.reason} for s in r.skipped],
-        "fixes": [_clean(dict(x)) for x in r.fixes],
+        "fixes": [outcome_dict(x) for x in r.fixes],
+        "fix_run": None if r.fix_run is None else fix_run_dict(r.fix_run),
         "stats": {
             "header_bytes_read": r.stats.header_bytes_read,
             "tensor_bytes_read": r.stats.tensor_bytes_read,

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import io
+import json
 import math
 from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
 
-from tieaudit.model import Finding, Report, Severity, TieGroup, TieStatus
+from tieaudit.model import FileChange, Finding, Report, Severity, TieGroup, TieStatus
 
 if TYPE_CHECKING:
     from tieaudit.report import RenderOptions
@@ -126,12 +127,72 @@ def render(report: Report, options: RenderOptions) -> str:
             console.print(f"[yellow]skipped[/] {escape(s.check)}: {escape(s.reason)}")
         if report.skipped:
             console.print()
+    if report.fix_run is not None:
+        _print_fix(console, report)
     if not report.findings and options.verbosity >= 0:
         if report.skipped:
             console.print("[green]No tie problems found[/] in what could be checked (see skipped above).")
         else:
             console.print("[green]No tie problems found.[/]")
     return buf.getvalue()
+
+
+_OUTCOME_STYLE = {"fixed": "green", "would-fix": "green", "remains": "yellow", "not-fixed": "yellow"}
+
+
+def _print_fix(console: Console, report: Report) -> None:
+    run = report.fix_run
+    assert run is not None
+    title = f"fix --{run.mode}" + (" (dry run: nothing written)" if run.dry_run else "")
+    console.print(f"[bold]{escape(title)}[/]")
+    for o in report.fixes:
+        style = _OUTCOME_STYLE.get(o.status, "yellow")
+        tensor = f" {escape(o.tensor)}" if o.tensor else ""
+        console.print(f"  [{style}]{o.status:<9}[/] {o.code}{tensor}: {escape(o.action)}")
+    if not report.fixes:
+        console.print("  [dim]no findings to fix[/]")
+    for note in run.notes:
+        console.print(f"  [dim]note:[/] {escape(note)}")
+    console.print()
+    if run.changes:
+        console.print("[bold]changes[/]" + (" (planned)" if run.dry_run or not run.written_to else ""))
+        for c in run.changes:
+            console.print(f"  {escape(_change_text(c))}")
+        console.print()
+    for diff in run.diffs:
+        console.print(escape(diff.rstrip("\n")))
+        console.print()
+
+
+def _change_text(c: FileChange) -> str:
+    if c.kind == "set-config":
+        old = "absent" if c.old is None else json.dumps(c.old)
+        return f"{c.file}: {c.pointer}: {old} -> {json.dumps(c.new)}"
+    if c.kind in ("store-tensor", "drop-tensor"):
+        sign = "+" if c.kind == "store-tensor" else "-"
+        size = abs(c.nbytes or 0)
+        return f"{sign} {c.tensor}  {list(c.shape or ())} {c.dtype}  {size:,} bytes  in {c.file}  ({c.detail})"
+    if c.kind in ("new-file", "rewrite-file"):
+        verb = "new file" if c.kind == "new-file" else "rewritten"
+        return f"{c.file}: {verb}, {c.nbytes or 0:,} bytes of tensors"
+    return f"{c.file}: {c.detail}"
+
+
+def fix_summary_line(report: Report) -> str:
+    """One line for stderr after `tieaudit fix`: what was (or would be) fixed."""
+    run = report.fix_run
+    if run is None:
+        return summary_line(report)
+    if run.dry_run:
+        would = sum(1 for o in report.fixes if o.status == "would-fix")
+        state = f"{len(run.changes)} change{'s' if len(run.changes) != 1 else ''} planned" if run.changes else "nothing to change"
+        return f"tieaudit: would fix {would} of {run.total} (--{run.mode}): {state}; nothing written (exit {report.exit_code})"
+    if run.written_to is None:
+        return f"tieaudit: fixed 0 of {run.total} (--{run.mode}): nothing this strategy can change; nothing written"
+    return (
+        f"tieaudit: fixed {run.fixed} of {run.total} (--{run.mode}), wrote {run.written_to} "
+        f"({run.bytes_written:,} bytes written)"
+    )
 
 
 def summary_line(report: Report) -> str:
