@@ -74,6 +74,8 @@ def fix(
     display = os.fspath(path)
     dest = _check_destination(display, output_dir, in_place) if not dry else None
     rules = selected(None, None)
+    if dest is not None:
+        clean_stale_staging(dest)  # a run killed mid-write left its staging directory next to the destination
 
     with contextlib.ExitStack() as stack:
         ckpt = stack.enter_context(open_checkpoint(display))
@@ -94,7 +96,12 @@ def fix(
 
         try:
             plan = plan_fix(
-                graph, before.findings, ckpt.config, ckpt.index_mismatches, request, LibraryOracle(ckpt, _load_dtype(ckpt))
+                graph,
+                before.findings,
+                ckpt.config,
+                ckpt.index_mismatches,
+                request,
+                LibraryOracle(ckpt, _load_dtype(ckpt)),
             )
         except FixRefused as exc:
             raise InputError(f"cannot fix {display}: {exc}") from None
@@ -204,7 +211,6 @@ def _write(
 ) -> tuple[Report, int]:
     from tieaudit.auditing import audit
 
-    clean_stale_staging(final)
     staging = make_staging(final)
     committed = False
     try:
@@ -238,7 +244,9 @@ def _write(
         return after, written
     except OSError as exc:
         where = exc.filename or final
-        raise WriteError(f"cannot write the fixed checkpoint ({where}): {exc.strerror or exc}; {_intact(in_place)}") from None
+        raise WriteError(
+            f"cannot write the fixed checkpoint ({where}): {exc.strerror or exc}; {_intact(in_place)}"
+        ) from None
     finally:
         if not committed:
             shutil.rmtree(staging, ignore_errors=True)
@@ -275,9 +283,7 @@ def _outcomes(before: Sequence[Finding], after: Sequence[Finding], plan: FixPlan
     return tuple(out)
 
 
-def _changes(
-    ckpt: Checkpoint, plan: FixPlan, weights: WeightOutput, config: bool, index: bool
-) -> list[FileChange]:
+def _changes(ckpt: Checkpoint, plan: FixPlan, weights: WeightOutput, config: bool, index: bool) -> list[FileChange]:
     changes: list[FileChange] = []
     where = {name: file for name, (file, _, _) in weights.final.items()}
     for s in plan.stores:

@@ -408,7 +408,9 @@ def _outcome(f: Finding, planner: _Planner, request: FixRequest) -> Outcome:
     key = (str(ev.get("target")), str(ev.get("source")))
     if f.code in ("TIE001", "TIE002", "TIE006"):
         if key in planner.blocked:
-            return Outcome(planner.blocked[key], False, "unsafe" if "--unsafe-fixes" in planner.blocked[key] else "manual")
+            return Outcome(
+                planner.blocked[key], False, "unsafe" if "--unsafe-fixes" in planner.blocked[key] else "manual"
+            )
         if key in planner.done:
             unsafe = f.code == "TIE001" and request.mode == "retie"
             return Outcome(planner.done[key], True, "unsafe" if unsafe else "safe")

@@ -332,7 +332,7 @@ def _write_bin(ckpt: Checkpoint, rel: str, entries: list[tuple[str, TensorInfo, 
 
     state = ckpt.bin_state(rel) if rel in ckpt.weight_files else {}
     out: dict[str, Any] = {}
-    for name, info, data_from in entries:
+    for name, _, data_from in entries:
         if data_from == name and name in state:
             out[name] = state[name]
         else:

@@ -185,8 +185,15 @@ def fix_summary_line(report: Report) -> str:
         return summary_line(report)
     if run.dry_run:
         would = sum(1 for o in report.fixes if o.status == "would-fix")
-        state = f"{len(run.changes)} change{'s' if len(run.changes) != 1 else ''} planned" if run.changes else "nothing to change"
-        return f"tieaudit: would fix {would} of {run.total} (--{run.mode}): {state}; nothing written (exit {report.exit_code})"
+        state = (
+            f"{len(run.changes)} change{'s' if len(run.changes) != 1 else ''} planned"
+            if run.changes
+            else "nothing to change"
+        )
+        return (
+            f"tieaudit: would fix {would} of {run.total} (--{run.mode}): {state}; "
+            f"nothing written (exit {report.exit_code})"
+        )
     if run.written_to is None:
         return f"tieaudit: fixed 0 of {run.total} (--{run.mode}): nothing this strategy can change; nothing written"
     return (
