@@ -356,3 +356,25 @@ def test_json_edit_is_minimal() -> None:
     assert out.count("\n") == text.count("\n") + 1  # one inserted line, one edited in place
     minified = '{"a":1,"tie_word_embeddings":true}'
     assert json.loads(set_json_values(minified, {"/tie_word_embeddings": False}))["tie_word_embeddings"] is False
+
+
+@pytest.mark.parametrize(
+    ("arch", "variant"),
+    [("llama", "diverged"), ("gpt2", "untied_missing"), ("gemma3", "untied_missing"), ("bert", "redundant"),
+     ("t5", "untied_missing"), ("t5", "diverged")],
+)  # fmt: skip
+def test_every_fix_hint_command_fixes_its_finding(arch: str, variant: str, checkpoint, tmp_path: Path) -> None:
+    """The commands `tieaudit check` prints as fixes are real: run as printed, they remove the finding."""
+    import shlex
+
+    src = checkpoint(arch, variant, "safetensors")
+    report = audit(src)
+    assert report.findings
+    for n, finding in enumerate(report.findings):
+        assert finding.fix is not None and finding.fix.command, finding
+        argv = shlex.split(finding.fix.command.replace("FIXED_DIR", str(tmp_path / f"out{n}")))
+        assert argv[:3] == ["tieaudit", "fix", str(src)]
+        result = runner.invoke(app, argv[1:])
+        assert result.exit_code in (0, 1), result.stderr
+        remaining = {(f.code, f.location.tensor) for f in audit(tmp_path / f"out{n}").findings}
+        assert (finding.code, finding.location.tensor) not in remaining

@@ -31,6 +31,7 @@ class Flag:
     pointer: str  # JSON pointer in config.json, e.g. "/tie_word_embeddings" or "/text_config/tie_word_embeddings"
     value: bool  # the value transformers uses (after defaults and forced values)
     raw: Any  # the value written in config.json (None when the key is absent)
+    forced: bool = False  # the config class ties whatever config.json says (T5Config)
 
     @property
     def ref(self) -> str:
@@ -247,7 +248,16 @@ def _flag_for(sub_config: Any, top_config: Any, config: ConfigFile) -> Flag:
                 pointer = f"/{_escape(name)}/{TIE_FLAG}"
                 break
     raw = _raw_at(config.data, pointer)
-    return Flag(pointer=pointer, value=bool(getattr(sub_config, TIE_FLAG, False)), raw=raw)
+    value = bool(getattr(sub_config, TIE_FLAG, False))
+    return Flag(pointer=pointer, value=value, raw=raw, forced=value and _forces_tie(type(sub_config)))
+
+
+def _forces_tie(config_class: type) -> bool:
+    """Whether a config class ties even when told not to (T5Config sets the flag to true in __post_init__)."""
+    try:
+        return bool(getattr(config_class(**{TIE_FLAG: False}), TIE_FLAG, False))
+    except Exception:  # a config class that cannot be built from defaults: assume it obeys the flag
+        return False
 
 
 def _raw_at(data: dict[str, Any], pointer: str) -> Any:

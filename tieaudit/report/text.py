@@ -62,6 +62,8 @@ def _finding_lines(f: Finding) -> list[str]:
     if f.fix is not None:
         how = f.fix.command or f.fix.description or ""
         lines.append(f"  [green]fix ({f.fix.applicability}):[/] {escape(how)}")
+        if f.fix.command and f.fix.description:
+            lines.append(f"  [dim]{escape(f.fix.description)}[/]")
     return lines
 
 

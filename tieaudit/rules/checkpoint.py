@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Iterator
 
 from tieaudit.graph import OBSERVED_METADATA, OBSERVED_STORAGE, PairState
@@ -23,6 +24,27 @@ def _as_loaded(pair: PairState) -> str:
     s, t = pair.source_info, pair.target_info
     stored = f"stored as {s.dtype} and {t.dtype}, " if (s and t and s.dtype != t.dtype) else ""
     return f"; {stored}compared in {pair.compared_as} as transformers loads them"
+
+
+def _fix_command(ctx: RuleContext, mode: str, extra: str = "") -> str:
+    return f"tieaudit fix {shlex.quote(ctx.path)} --{mode}{extra} --output-dir FIXED_DIR"
+
+
+def _diverged_fix(ctx: RuleContext, pair: PairState) -> FixHint:
+    pick = f" --unsafe-fixes --source {pair.target}"
+    if pair.flag is not None and pair.flag.forced:
+        return FixHint(
+            "unsafe",
+            _fix_command(ctx, "retie", pick),
+            f"the config class forces the tie, so no config edit unties it: keep one tensor with --retie "
+            f"--unsafe-fixes --source {pair.source} or {pair.target} (the other's values are discarded)",
+        )
+    return FixHint(
+        "safe",
+        _fix_command(ctx, "untie"),
+        f"keep both trained tensors: untie the config ({pair.flag.pointer if pair.flag else 'tie_word_embeddings'} "
+        f"false); or keep one with --retie{pick} (discards {pair.source})",
+    )
 
 
 def _stored_in(pair: PairState) -> dict[str, str | None]:
@@ -85,12 +107,7 @@ def tied_weights_diverge(ctx: RuleContext) -> Iterator[Finding]:
                 pair.source: pair.source_info.dtype if pair.source_info else None,
                 pair.target: pair.target_info.dtype if pair.target_info else None,
             },
-            fix=FixHint(
-                "manual",
-                None,
-                f"keep both: set {pair.flag.pointer if pair.flag else 'tie_word_embeddings'} to false in config.json; "
-                f"or keep only {pair.source} (discards the stored {pair.target})",
-            ),
+            fix=_diverged_fix(ctx, pair),
         )
 
 
@@ -155,7 +172,9 @@ def untied_weight_missing(ctx: RuleContext) -> Iterator[Finding]:
             initializer_range=init_range,
             observed=list(pair.observed),
             saved_tied=bool(saved_tied) or bool(pair.source_info and not pair.target_info),
-            fix=FixHint("manual", None, hint),
+            fix=FixHint("safe", _fix_command(ctx, "untie"), hint)
+            if pair.source_info
+            else FixHint("manual", None, hint),
         )
 
 
@@ -309,7 +328,7 @@ def tie_flag_conflict(ctx: RuleContext) -> Iterator[Finding]:
             tensor=mm.tensor,
             indexed_file=mm.indexed_file,
             actual_file=mm.actual_file,
-            fix=FixHint("manual", None, "regenerate the index from the shards"),
+            fix=FixHint("safe", _fix_command(ctx, "untie"), "regenerate the index from the shards"),
         )
 
 
@@ -334,7 +353,11 @@ def _flag_conflicts(ctx: RuleContext) -> Iterator[Finding]:
                 pointer=flag.pointer,
                 raw=flag.raw,
                 effective=flag.value,
-                fix=FixHint("safe", None, f"write {str(flag.value).lower()} at {flag.pointer}"),
+                fix=FixHint(
+                    "safe",
+                    _fix_command(ctx, "retie" if flag.value else "untie"),
+                    f"write {str(flag.value).lower()} at {flag.pointer}, keeping what transformers computes",
+                ),
             )
         for pointer, raw in _other_flags(ctx.config.data, flag.pointer):
             if raw == flag.value:
@@ -353,7 +376,11 @@ def _flag_conflicts(ctx: RuleContext) -> Iterator[Finding]:
                 value=raw,
                 governing_pointer=flag.pointer,
                 governing_value=flag.value,
-                fix=FixHint("safe", None, f"write {str(flag.value).lower()} at {pointer} and {flag.pointer}"),
+                fix=FixHint(
+                    "safe",
+                    _fix_command(ctx, "retie" if flag.value else "untie"),
+                    f"write {str(flag.value).lower()} at {pointer} and {flag.pointer}",
+                ),
             )
 
 
@@ -400,5 +427,5 @@ def redundant_tied_copy(ctx: RuleContext) -> Iterator[Finding]:
             target=pair.target,
             redundant_bytes=t.nbytes,
             stored=_stored_in(pair),
-            fix=FixHint("safe", None, f"drop {pair.target} from the weights"),
+            fix=FixHint("safe", _fix_command(ctx, "retie"), f"drop {pair.target} from the weights"),
         )
