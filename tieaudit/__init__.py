@@ -4,6 +4,7 @@
     >>> report = tieaudit.audit("./checkpoint")      # a directory: reads headers, and tensors only when needed
     >>> report.exit_code, [f.code for f in report.findings]
     >>> tieaudit.audit_model(model)                   # a live model, e.g. in a training loop
+    >>> tieaudit.fix("./checkpoint", mode="untie", output_dir="./fixed")  # repair, atomically; re-audited
 
 Imports are lazy: `import tieaudit` does not import torch or transformers.
 """
@@ -14,15 +15,30 @@ from typing import TYPE_CHECKING, Any
 
 from tieaudit._version import __version__
 from tieaudit.errors import InputError, NothingToAudit, TieauditError, UsageError
-from tieaudit.model import Comparison, Finding, Location, Report, Severity, TieGroup, TieStatus
+from tieaudit.model import (
+    Comparison,
+    FileChange,
+    Finding,
+    FixOutcome,
+    FixRun,
+    Location,
+    Report,
+    Severity,
+    TieGroup,
+    TieStatus,
+)
 
 if TYPE_CHECKING:
     from tieaudit.auditing import audit
     from tieaudit.live import audit_model
+    from tieaudit.repair import fix
 
 __all__ = [
     "Comparison",
+    "FileChange",
     "Finding",
+    "FixOutcome",
+    "FixRun",
     "InputError",
     "Location",
     "NothingToAudit",
@@ -35,6 +51,7 @@ __all__ = [
     "__version__",
     "audit",
     "audit_model",
+    "fix",
     "report_to_dict",
 ]
 
@@ -48,6 +65,10 @@ def __getattr__(name: str) -> Any:
         from tieaudit.live import audit_model
 
         return audit_model
+    if name == "fix":
+        from tieaudit.repair import fix
+
+        return fix
     if name == "report_to_dict":
         from tieaudit.report.json_format import report_dict
 
