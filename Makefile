@@ -38,6 +38,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_check.py
 	$(BIN)/python benchmarks/bench_adapter.py
+	$(BIN)/python benchmarks/bench_fix.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

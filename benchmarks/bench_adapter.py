@@ -651,11 +651,14 @@ Command lines:
 
 
 def write_readme(section: str) -> None:
-    """Replace the "## Adapter check" section (it runs to the end of the file) or append it."""
+    """Replace the "## Adapter check" section (up to the next "## " heading, e.g. bench_fix.py's) or append it."""
     text = README.read_text()
     at = text.find(f"\n{SECTION}\n")
-    head = text[: at + 1] if at >= 0 else text.rstrip("\n") + "\n\n"
-    README.write_text(head + section)
+    if at < 0:
+        README.write_text(text.rstrip("\n") + "\n\n" + section)
+        return
+    end = text.find("\n## ", at + 1)
+    README.write_text(text[: at + 1] + section + (text[end + 1 :] if end >= 0 else ""))
 
 
 def machine_info() -> dict[str, str]:

@@ -378,3 +378,22 @@ def test_every_fix_hint_command_fixes_its_finding(arch: str, variant: str, check
         assert result.exit_code in (0, 1), result.stderr
         remaining = {(f.code, f.location.tensor) for f in audit(tmp_path / f"out{n}").findings}
         assert (finding.code, finding.location.tensor) not in remaining
+
+
+def test_index_that_disagrees_with_the_shards_is_regenerated(checkpoint, tmp_path: Path) -> None:
+    src = copy_of(checkpoint("llama", "clean", "safetensors-sharded"), tmp_path / "ckpt")
+    index_path = src / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    wm = index["weight_map"]
+    wm["lm_head.weight"] = wm["model.embed_tokens.weight"]  # listed, but no shard holds it
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    assert [f.code for f in audit(src).findings] == ["TIE005"]
+    report = fix(src, mode="untie", in_place=True)
+    assert [(o.code, o.status) for o in report.fixes] == [("TIE005", "fixed")]
+    assert "lm_head.weight" not in json.loads(index_path.read_text())["weight_map"]
+    assert audit(src).exit_code == 0
+
+
+def test_missing_path_is_an_input_error(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["fix", str(tmp_path / "nope"), "--untie", "--in-place", "-y"])
+    assert result.exit_code == 2 and "does not exist" in result.stderr

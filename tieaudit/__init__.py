@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from tieaudit._version import __version__
-from tieaudit.errors import InputError, NothingToAudit, TieauditError, UsageError
+from tieaudit.errors import InputError, NothingToAudit, TieauditError, UsageError, WriteError
 from tieaudit.model import (
     Comparison,
     FileChange,
@@ -48,6 +48,7 @@ __all__ = [
     "TieStatus",
     "TieauditError",
     "UsageError",
+    "WriteError",
     "__version__",
     "audit",
     "audit_model",

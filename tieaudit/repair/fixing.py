@@ -72,13 +72,13 @@ def fix(
         raise UsageError("--source chooses which tensor wins an unsafe retie: it needs --unsafe-fixes")
     fail_level = severity(fail_on)
     display = os.fspath(path)
-    dest = _check_destination(display, output_dir, in_place) if not dry else None
     rules = selected(None, None)
-    if dest is not None:
-        clean_stale_staging(dest)  # a run killed mid-write left its staging directory next to the destination
 
     with contextlib.ExitStack() as stack:
         ckpt = stack.enter_context(open_checkpoint(display))
+        dest = _check_destination(display, output_dir, in_place) if not dry else None
+        if dest is not None:
+            clean_stale_staging(dest)  # a run killed mid-write left its staging directory next to the destination
         if ckpt.kind != "model":
             raise UsageError("tieaudit fix repairs model checkpoints; for an adapter use `tieaudit merge`")
         if ckpt.index_file is None and len(ckpt.weight_files) > 1:

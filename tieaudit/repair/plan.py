@@ -424,7 +424,7 @@ def _outcome(f: Finding, planner: _Planner, request: FixRequest) -> Outcome:
         return Outcome("make both tensors and vocab_size agree (resize_token_embeddings), then save", False, "manual")
     if f.code == "TIE005":
         pointer = f.location.config_key
-        if ev.get("indexed_file") is not None or ev.get("actual_file") is not None or "indexed_file" in ev:
+        if "indexed_file" in ev:
             return Outcome("regenerate the index from the shards", True)
         if pointer in planner.pointer_done:
             return Outcome(planner.pointer_done[pointer], False, "manual")
