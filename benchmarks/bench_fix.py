@@ -211,7 +211,7 @@ def render_section(rows: Sequence[Row], info: dict[str, str], repeats: int) -> s
         SECTION,
         "",
         "`tieaudit fix --untie` on the Llama-3.2-1B-shaped TIE002 checkpoint (`tie_word_embeddings: false`, no",
-        "`lm_head.weight`), single file and sharded (3 shards of ≤ 1 GB), beside `cp -r` of the same checkpoint in",
+        "`lm_head.weight`), single file and sharded (3 shards of ≤ 1 GB), beside `cp -r` of the same checkpoint",
         "(with and without `sync`: `fix` fsyncs everything it writes before the atomic switch), in",
         f"the same run (median of {repeats} after one warm-up run; page cache warm). Produced by",
         "`.venv/bin/python benchmarks/bench_fix.py`.",
@@ -227,6 +227,9 @@ def render_section(rows: Sequence[Row], info: dict[str, str], repeats: int) -> s
         )
     emb = EMBED_BYTES / bc.MIB
     lines += [
+        "",
+        "`bytes written` counts the bytes tieaudit generated (new and rewritten files, index, config); with",
+        "`--output-dir` the other files are copied on top of that (like `cp`).",
         "",
         f"One embedding matrix is {emb:,.0f} MiB. The sharded in-place fix writes that tensor in a new shard plus",
         "the index and links every other file; the single-file fix rewrites `model.safetensors` (streamed with",
