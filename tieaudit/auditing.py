@@ -178,7 +178,7 @@ def _analyse(
                     "safetensors metadata) were checked, and missing-tensor rules could not be applied",
                 )
             )
-    graph = build_graph(ckpt, declared, probes=probes, progress=progress, load_dtype=_load_dtype(ckpt))
+    graph = build_graph(ckpt, declared, probes=probes, progress=progress, load_dtype=load_dtype(ckpt))
     context = RuleContext(
         path=path,
         graph=graph,
@@ -190,7 +190,7 @@ def _analyse(
     return graph, context
 
 
-def _load_dtype(ckpt: Checkpoint) -> str | None:
+def load_dtype(ckpt: Checkpoint) -> str | None:
     """The dtype from_pretrained loads in by default: the config's `dtype` (`torch_dtype` before v5),
     as a safetensors code of a floating type."""
     from tieaudit.checkpoint.pickled import TORCH_DTYPE_NAMES

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tieaudit.checkpoint.config import escape_pointer_token, get_pointer
 from tieaudit.checkpoint.types import ConfigFile
 from tieaudit.errors import InputError
 
@@ -81,11 +82,7 @@ def _iter_flag_values(data: dict[str, Any], prefix: str = "") -> Iterator[tuple[
         yield f"{prefix}/{TIE_FLAG}", data[TIE_FLAG]
     for key, value in data.items():
         if isinstance(value, dict) and TIE_FLAG in value:
-            yield f"{prefix}/{_escape(key)}/{TIE_FLAG}", value[TIE_FLAG]
-
-
-def _escape(key: str) -> str:
-    return key.replace("~", "~0").replace("/", "~1")
+            yield f"{prefix}/{escape_pointer_token(key)}/{TIE_FLAG}", value[TIE_FLAG]
 
 
 def architecture_of(config: ConfigFile) -> str | None:
@@ -245,9 +242,9 @@ def _flag_for(sub_config: Any, top_config: Any, config: ConfigFile) -> Flag:
     if sub_config is not top_config:
         for name in getattr(top_config, "sub_configs", {}) or {}:
             if getattr(top_config, name, None) is sub_config:
-                pointer = f"/{_escape(name)}/{TIE_FLAG}"
+                pointer = f"/{escape_pointer_token(name)}/{TIE_FLAG}"
                 break
-    raw = _raw_at(config.data, pointer)
+    raw = get_pointer(config.data, pointer)
     value = bool(getattr(sub_config, TIE_FLAG, False))
     return Flag(pointer=pointer, value=value, raw=raw, forced=value and _forces_tie(type(sub_config)))
 
@@ -258,16 +255,6 @@ def _forces_tie(config_class: type) -> bool:
         return bool(getattr(config_class(**{TIE_FLAG: False}), TIE_FLAG, False))
     except Exception:  # a config class that cannot be built from defaults: assume it obeys the flag
         return False
-
-
-def _raw_at(data: dict[str, Any], pointer: str) -> Any:
-    node: Any = data
-    for part in pointer.strip("/").split("/"):
-        part = part.replace("~1", "/").replace("~0", "~")
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
 
 
 def _renamer(model: Any, meta_state: dict[str, Any]) -> Callable[[str], str]:

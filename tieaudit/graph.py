@@ -165,6 +165,29 @@ def _both(c: _Candidate, mem_to_disk: dict[str, str]) -> bool:
     return c.target in mem_to_disk and c.source in mem_to_disk
 
 
+_FLOATING = frozenset({"F64", "F32", "F16", "BF16"})
+
+
+def compare_dtype(load_dtype: str | None, src: TensorInfo, tgt: TensorInfo) -> str | None:
+    """The dtype a loader compares a pair in: the load dtype, else float32 when the stored dtypes differ
+    (None: as stored)."""
+    if load_dtype in _FLOATING and {src.dtype, tgt.dtype} <= _FLOATING:
+        return load_dtype
+    if src.dtype != tgt.dtype and {src.dtype, tgt.dtype} <= _FLOATING:
+        return "F32"
+    return None
+
+
+def cast_reader(ckpt: TensorSource, name: str, cast: str | None) -> Callable[[int, int], torch.Tensor]:
+    """Row reader of a stored tensor, cast to the safetensors dtype `cast` (None: as stored)."""
+    if cast is None:
+        return lambda a, b: ckpt.read_rows(name, a, b)
+    from tieaudit.checkpoint.pickled import torch_dtype
+
+    dtype = torch_dtype(cast)
+    return lambda a, b: ckpt.read_rows(name, a, b).to(dtype)
+
+
 class _Comparer:
     """Measures stored pairs once each, in row chunks, and records the on-disk comparisons."""
 
@@ -181,13 +204,7 @@ class _Comparer:
         self.comparisons: list[Comparison] = []
 
     def compare_dtype(self, src: TensorInfo, tgt: TensorInfo) -> str | None:
-        """The dtype the loader compares the pair in: the load dtype, else float32 when the stored dtypes differ."""
-        floating = {"F64", "F32", "F16", "BF16"}
-        if self.load_dtype in floating and {src.dtype, tgt.dtype} <= floating:
-            return self.load_dtype
-        if src.dtype != tgt.dtype and {src.dtype, tgt.dtype} <= floating:
-            return "F32"
-        return None
+        return compare_dtype(self.load_dtype, src, tgt)
 
     def compare(self, source: str, target: str, src: TensorInfo, tgt: TensorInfo) -> TensorDiff | None:
         key = (src.name, tgt.name)
@@ -203,7 +220,10 @@ class _Comparer:
                 result = TensorDiff(True, 0.0, 0.0, 0.0 if self.probes else None, 1.0 if self.probes else None)
             else:
                 result = diff_tensors(
-                    self._reader(src.name, cast), self._reader(tgt.name, cast), src.shape, probes=self.probes
+                    cast_reader(self.ckpt, src.name, cast),
+                    cast_reader(self.ckpt, tgt.name, cast),
+                    src.shape,
+                    probes=self.probes,
                 )
         self.done += 1
         if result is not None:
@@ -222,14 +242,6 @@ class _Comparer:
             )
         )
         return result
-
-    def _reader(self, name: str, cast: str | None) -> Callable[[int, int], torch.Tensor]:
-        if cast is None:
-            return lambda a, b: self.ckpt.read_rows(name, a, b)
-        from tieaudit.checkpoint.pickled import torch_dtype
-
-        dtype = torch_dtype(cast)
-        return lambda a, b: self.ckpt.read_rows(name, a, b).to(dtype)
 
 
 def _pair_state(

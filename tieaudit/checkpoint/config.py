@@ -69,6 +69,27 @@ def escape_pointer_token(key: str) -> str:
     return key.replace("~", "~0").replace("/", "~1")
 
 
+def pointer_parts(pointer: str) -> list[str]:
+    """The unescaped reference tokens of a JSON pointer (``""`` is the root: no tokens)."""
+    tokens = pointer.strip("/")
+    return [t.replace("~1", "/").replace("~0", "~") for t in tokens.split("/")] if tokens else []
+
+
+def join_pointer(parts: list[str]) -> str:
+    """The JSON pointer of unescaped reference tokens (the inverse of :func:`pointer_parts`)."""
+    return "".join(f"/{escape_pointer_token(p)}" for p in parts)
+
+
+def get_pointer(data: Any, pointer: str) -> Any:
+    """The value at ``pointer`` (None when any part is absent)."""
+    node = data
+    for part in pointer_parts(pointer):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
 @dataclass
 class _Container:
     """An object or array the scanner is inside of."""

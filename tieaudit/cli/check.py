@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
 from tieaudit.cli import options as o
-from tieaudit.cli.console import err, guarded, progress_reporter, use_color
-from tieaudit.cli.output import COLOR_MODES, FORMATS, check_choice, emit
+from tieaudit.cli.console import err, guarded, progress_reporter
+from tieaudit.cli.output import COLOR_MODES, check_choice, emit_report, report_format
 
 
 @guarded
@@ -31,10 +28,9 @@ def check(
     import typer
 
     from tieaudit.auditing import audit
-    from tieaudit.report import RenderOptions, render
     from tieaudit.report.text import summary_line
 
-    fmt = check_choice(os.environ.get("TIEAUDIT_FORMAT", format) if format == "text" else format, FORMATS, "--format")
+    fmt = report_format(format)
     check_choice(color, COLOR_MODES, "--color")
     with progress_reporter(progress) as callback:
         report = audit(
@@ -48,12 +44,7 @@ def check(
             progress=callback,
             deep=deep,
         )
-    stream = sys.stdout if output is None else None
-    opts = RenderOptions(
-        color=fmt == "text" and use_color(color, stream),
-        verbosity=-1 if quiet else (1 if verbose else 0),
-    )
-    emit(render(report, fmt, opts), output)
+    emit_report(report, fmt, output, color, quiet, verbose)
     if not quiet:
         err(summary_line(report))
     raise typer.Exit(report.exit_code)

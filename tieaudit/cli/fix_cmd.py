@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -10,8 +9,8 @@ from typing import Annotated
 import typer
 
 from tieaudit.cli import options as o
-from tieaudit.cli.console import err, guarded, progress_reporter, use_color
-from tieaudit.cli.output import COLOR_MODES, FORMATS, check_choice, emit
+from tieaudit.cli.console import err, guarded, progress_reporter
+from tieaudit.cli.output import COLOR_MODES, check_choice, emit_report, report_format
 from tieaudit.errors import UsageError
 
 UntieOpt = Annotated[bool, typer.Option("--untie", help="Untie broken pairs: store both tensors, flag false.")]
@@ -61,10 +60,9 @@ def fix(
     Exit codes: 0 nothing left at or above --fail-on, 1 findings remain (with --dry-run/--diff: something
     would change), 2 bad input or a failed write (the original is intact), 3 nothing to fix at PATH.
     """
-    from tieaudit.report import RenderOptions, render
     from tieaudit.report.text import fix_summary_line, summary_line
 
-    fmt = check_choice(os.environ.get("TIEAUDIT_FORMAT", format) if format == "text" else format, FORMATS, "--format")
+    fmt = report_format(format)
     check_choice(color, COLOR_MODES, "--color")
     if untie == retie:
         raise UsageError("choose one strategy: --untie or --retie")
@@ -94,12 +92,7 @@ def fix(
             probe_tokens=probe_tokens,
             progress=callback,
         )
-    stream = sys.stdout if output is None else None
-    opts = RenderOptions(
-        color=fmt == "text" and use_color(color, stream),
-        verbosity=-1 if quiet else (1 if verbose else 0),
-    )
-    emit(render(report, fmt, opts), output)
+    emit_report(report, fmt, output, color, quiet, verbose)
     if not quiet:
         err(fix_summary_line(report))
         if not preview and report.fix_run and report.fix_run.written_to:

@@ -6,8 +6,12 @@ import contextlib
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tieaudit.errors import UsageError, WriteError
+
+if TYPE_CHECKING:
+    from tieaudit.model import Report
 
 FORMATS = ("text", "json")
 COLOR_MODES = ("auto", "always", "never")
@@ -17,6 +21,23 @@ def check_choice(value: str, choices: tuple[str, ...], option: str) -> str:
     if value not in choices:
         raise UsageError(f"invalid value for {option}: {value!r} (choose from {', '.join(choices)})")
     return value
+
+
+def report_format(value: str) -> str:
+    """`--format`, with TIEAUDIT_FORMAT as the default when the flag was left at text."""
+    return check_choice(os.environ.get("TIEAUDIT_FORMAT", value) if value == "text" else value, FORMATS, "--format")
+
+
+def emit_report(report: Report, fmt: str, output: Path | None, color: str, quiet: bool, verbose: bool) -> None:
+    """Render `report` in `fmt` and write it to stdout or `output` (colour only for text on a terminal)."""
+    from tieaudit.cli.console import use_color
+    from tieaudit.report import RenderOptions, render
+
+    opts = RenderOptions(
+        color=fmt == "text" and use_color(color, sys.stdout if output is None else None),
+        verbosity=-1 if quiet else (1 if verbose else 0),
+    )
+    emit(render(report, fmt, opts), output)
 
 
 def emit(document: str, output: Path | None) -> None:

@@ -91,7 +91,7 @@ def fix(
             progress("planning the fix", 0, 0)
         request = FixRequest(mode=mode, unsafe=unsafe_fixes, sources=tuple(sources))
         _check_sources(request, graph.disk_names)
-        from tieaudit.auditing import _load_dtype
+        from tieaudit.auditing import load_dtype
         from tieaudit.repair.oracle import LibraryOracle
 
         try:
@@ -101,7 +101,7 @@ def fix(
                 ckpt.config,
                 ckpt.index_mismatches,
                 request,
-                LibraryOracle(ckpt, _load_dtype(ckpt)),
+                LibraryOracle(ckpt, load_dtype(ckpt)),
             )
         except FixRefused as exc:
             raise InputError(f"cannot fix {display}: {exc}") from None
@@ -111,17 +111,7 @@ def fix(
         changes = _changes(ckpt, plan, weights, config_text is not None, index_text is not None)
         diffs = _diffs(ckpt, config_text, index_text) if diff else ()
         if dry or not changes:
-            outcomes = tuple(
-                FixOutcome(
-                    f.code,
-                    f.fingerprint,
-                    f.location.tensor,
-                    ("would-fix" if dry else "fixed") if plan.outcomes[f.fingerprint].fixable else "not-fixed",
-                    plan.outcomes[f.fingerprint].action,
-                    plan.outcomes[f.fingerprint].applicability,
-                )
-                for f in before.findings
-            )
+            outcomes = _outcomes(before.findings, plan, None, dry)
             run = FixRun(
                 mode=mode,
                 dry_run=dry,
@@ -142,7 +132,7 @@ def fix(
             ckpt, plan, weights, config_text, index_text, final, in_place, fail_level, exit_zero, before.findings
         )
     after = replace(after, target=replace(after.target, path=os.fspath(output_dir) if output_dir else display))
-    outcomes = _outcomes(before.findings, after.findings, plan)
+    outcomes = _outcomes(before.findings, plan, after.findings, False)
     run = FixRun(
         mode=mode,
         dry_run=False,
@@ -272,13 +262,20 @@ def _refuse_regressions(before: Sequence[Finding], after: Sequence[Finding]) -> 
         )
 
 
-def _outcomes(before: Sequence[Finding], after: Sequence[Finding], plan: FixPlan) -> tuple[FixOutcome, ...]:
-    remaining = {(f.code, f.location.tensor, f.location.config_key) for f in after}
+def _outcomes(
+    before: Sequence[Finding], plan: FixPlan, after: Sequence[Finding] | None, dry: bool
+) -> tuple[FixOutcome, ...]:
+    """What became of each finding: judged by the re-audit `after` when the fix was written, else by the plan."""
+    remaining = {(f.code, f.location.tensor, f.location.config_key) for f in after or ()}
     out = []
     for f in before:
         planned = plan.outcomes[f.fingerprint]
-        gone = (f.code, f.location.tensor, f.location.config_key) not in remaining
-        status = "fixed" if gone else ("remains" if planned.fixable else "not-fixed")
+        if after is None:
+            status = ("would-fix" if dry else "fixed") if planned.fixable else "not-fixed"
+        elif (f.code, f.location.tensor, f.location.config_key) not in remaining:
+            status = "fixed"
+        else:
+            status = "remains" if planned.fixable else "not-fixed"
         out.append(FixOutcome(f.code, f.fingerprint, f.location.tensor, status, planned.action, planned.applicability))
     return tuple(out)
 

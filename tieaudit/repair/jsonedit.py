@@ -14,25 +14,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from tieaudit.checkpoint.config import line_map
-
-
-def unescape_token(token: str) -> str:
-    return token.replace("~1", "/").replace("~0", "~")
-
-
-def pointer_parts(pointer: str) -> list[str]:
-    return [unescape_token(p) for p in pointer.strip("/").split("/")] if pointer.strip("/") else []
-
-
-def get_pointer(data: Any, pointer: str) -> Any:
-    """The value at ``pointer`` (None when any part is absent)."""
-    node = data
-    for part in pointer_parts(pointer):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
+from tieaudit.checkpoint.config import join_pointer, line_map, pointer_parts
 
 
 def set_pointer(data: dict[str, Any], pointer: str, value: Any) -> None:
@@ -90,7 +72,7 @@ def _edit_line(text: str, pointer: str, value: Any) -> str | None:
             return None
         rows[lines[pointer] - 1] = pattern.sub(lambda m: key_json + m.group(1) + literal, row, count=1)
         return "\n".join(rows)
-    parent = "/" + "/".join(p.replace("~", "~0").replace("/", "~1") for p in parts[:-1]) if parts[:-1] else ""
+    parent = join_pointer(parts[:-1])
     parent_line = lines.get(parent)
     if parent_line is None:
         return None

@@ -7,8 +7,9 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tieaudit.checkpoint.config import escape_pointer_token
 from tieaudit.checkpoint.types import ConfigFile
-from tieaudit.graph import PairState
+from tieaudit.graph import PairState, cast_reader, compare_dtype
 
 if TYPE_CHECKING:
     from tieaudit.checkpoint import Checkpoint
@@ -36,29 +37,17 @@ class LibraryOracle:
         return drift
 
     def pairs_equal(self, pair: PairState) -> bool:
-        import torch
-
-        from tieaudit.checkpoint.pickled import torch_dtype
+        from tieaudit.compare import diff_tensors
 
         s, t = pair.source_info, pair.target_info
         if s is None or t is None or s.shape != t.shape:
             return False
-        floating = {"F64", "F32", "F16", "BF16"}
-        cast = self.load_dtype if (self.load_dtype in floating and {s.dtype, t.dtype} <= floating) else None
+        cast = compare_dtype(self.load_dtype, s, t)
         if cast is None and s.dtype != t.dtype:
-            cast = "F32" if {s.dtype, t.dtype} <= floating else None
-            if cast is None:
-                return False
-        rows = self.ckpt.row_count(s.name)
-        step = max(1, (32 * 2**20) // max(1, self.ckpt.row_bytes(s.name)))
-        for start in range(0, rows, step):
-            a = self.ckpt.read_rows(s.name, start, min(rows, start + step))
-            b = self.ckpt.read_rows(t.name, start, min(rows, start + step))
-            if cast is not None:
-                a, b = a.to(torch_dtype(cast)), b.to(torch_dtype(cast))
-            if not torch.equal(a, b):
-                return False
-        return True
+            return False
+        return diff_tensors(
+            cast_reader(self.ckpt, s.name, cast), cast_reader(self.ckpt, t.name, cast), s.shape
+        ).bitwise_equal
 
 
 def _effective(data: dict[str, Any]) -> dict[str, Any]:
@@ -79,8 +68,7 @@ def _diff(before: Any, after: Any, pointer: str, out: dict[str, Any]) -> None:
         for key in before.keys() | after.keys():
             if key in _IGNORED_KEYS:
                 continue
-            token = str(key).replace("~", "~0").replace("/", "~1")
-            _diff(before.get(key), after.get(key), f"{pointer}/{token}", out)
+            _diff(before.get(key), after.get(key), f"{pointer}/{escape_pointer_token(str(key))}", out)
         return
     if before != after:
         out[pointer] = before

@@ -19,13 +19,18 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from tieaudit.checkpoint.config import escape_pointer_token, get_pointer, pointer_parts
 from tieaudit.checkpoint.types import ConfigFile, IndexMismatch, TensorInfo
+from tieaudit.declared import TIE_FLAG
 from tieaudit.graph import PairState, TieGraph
 from tieaudit.model import Finding, TieStatus
-from tieaudit.repair.jsonedit import get_pointer, pointer_parts, set_pointer
+from tieaudit.repair.jsonedit import set_pointer
 
-TIE_FLAG = "tie_word_embeddings"
 MODES = ("untie", "retie")
+
+
+class FixRefused(Exception):
+    """The planned config edit cannot be made without changing the model's computation."""
 
 
 class Oracle(Protocol):
@@ -348,15 +353,7 @@ class _Planner:
                     f"config.json:{pointer} written as {_lit(old)}: transformers derives it from the flag, and the "
                     "model must compute what it computed before"
                 )
-        raise _Refused("the config edit changes other settings transformers reads, even after pinning them")
-
-
-class _Refused(Exception):
-    pass
-
-
-class FixRefused(Exception):
-    """The planned config edit cannot be made without changing the model's computation."""
+        raise FixRefused("the config edit changes other settings transformers reads, even after pinning them")
 
 
 def plan_fix(
@@ -386,10 +383,7 @@ def plan_fix(
             planner.done.setdefault(
                 (p.target, p.source), f"set {pointer} to {_lit(value)} (and every other reader's copy of it)"
             )
-    try:
-        planner.config_readers()
-    except _Refused as exc:
-        raise FixRefused(str(exc)) from None
+    planner.config_readers()
     outcomes = {f.fingerprint: _outcome(f, planner, request) for f in findings}
     return FixPlan(
         request=request,
@@ -471,7 +465,7 @@ def _reader_pointers(data: Mapping[str, Any], governing: str) -> list[str]:
     if governing != f"/{TIE_FLAG}":
         found.append(f"/{TIE_FLAG}")
     for key, value in data.items():
-        pointer = f"/{key.replace('~', '~0').replace('/', '~1')}/{TIE_FLAG}"
+        pointer = f"/{escape_pointer_token(key)}/{TIE_FLAG}"
         if isinstance(value, dict) and (TIE_FLAG in value or key == "text_config") and pointer != governing:
             found.append(pointer)
     return [p for p in found if len(pointer_parts(p)) == 1 or isinstance(data.get(pointer_parts(p)[0]), dict)]
