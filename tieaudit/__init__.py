@@ -66,6 +66,10 @@ def __getattr__(name: str) -> Any:
         from tieaudit.live import audit_model
 
         return audit_model
+    if name == "merge":
+        from tieaudit.repair.merging import merge
+
+        return merge
     if name == "fix":
         from tieaudit.repair import fix
 

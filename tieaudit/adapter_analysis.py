@@ -93,11 +93,11 @@ def analyse_adapter(
         from tieaudit.errors import InputError
 
         raise InputError(f"base {base_path} is itself an adapter; pass the base model directory")
-    graph, arch = _base_graph(base_ckpt, skipped)
+    graph, arch = base_graph(base_ckpt, skipped)
     members = {n for g in graph.groups for n in g.members}
     edits = module_edits(adapter.tensors, settings, members)
     mismatches = _shape_mismatches(adapter, base_ckpt, graph, edits)
-    mismatches += _base_copy_mismatches(adapter, base_ckpt, graph, edits, {m.param for m in mismatches})
+    mismatches += base_copy_mismatches(adapter, base_ckpt, graph, edits, {m.param for m in mismatches})
     if settings.use_dora or any(e.lora and e.lora.dora for e in edits.values()):
         skipped.append(
             Skipped(
@@ -107,12 +107,12 @@ def analyse_adapter(
             )
         )
 
-    applied, ignored = _applied_edits(graph, edits, settings)
-    forecasts, comparisons = _forecasts(adapter, base_ckpt, graph, applied, settings, probes, mismatches, skipped)
+    applied, ignored = applied_edits(graph, edits, settings)
+    forecasts, comparisons = forecast_groups(adapter, base_ckpt, graph, applied, settings, probes, mismatches, skipped)
     return result(graph, edits, forecasts, mismatches, comparisons, arch, ignored)
 
 
-def _applied_edits(
+def applied_edits(
     graph: TieGraph, edits: dict[str, ModuleEdit], settings: AdapterSettings
 ) -> tuple[dict[str, ModuleEdit], list[tuple[str, str]]]:
     """The edits peft really applies when loading onto this base. Weights the file holds for a layer the
@@ -137,7 +137,7 @@ def _applied_edits(
     return applied, ignored
 
 
-def _base_graph(base_ckpt: Checkpoint, skipped: list[Skipped]) -> tuple[TieGraph, str | None]:
+def base_graph(base_ckpt: Checkpoint, skipped: list[Skipped]) -> tuple[TieGraph, str | None]:
     from tieaudit.declared import DeclaredTiesUnavailable, declared_ties, validate_flag_types
     from tieaudit.graph import build_graph
 
@@ -208,7 +208,7 @@ def _shape_mismatches(
     return out
 
 
-def _base_copy_mismatches(
+def base_copy_mismatches(
     adapter: Checkpoint, base_ckpt: Checkpoint, graph: TieGraph, edits: dict[str, ModuleEdit], skip: set[str]
 ) -> list[BaseMismatch]:
     from tieaudit.compare import diff_tensors
@@ -244,7 +244,7 @@ def _base_copy_mismatches(
     return out
 
 
-def _forecasts(
+def forecast_groups(
     adapter: Checkpoint,
     base_ckpt: Checkpoint,
     graph: TieGraph,
@@ -290,6 +290,7 @@ def _forecasts(
             probes=probes,
             probe_rows=probe_rows,
             embed_scale=_embed_scale(base_ckpt),
+            transposed=graph.declared.transposed if graph.declared else frozenset(),
         )
         forecasts.append(fc)
         for target, d in fc.adapter_diffs.items():

@@ -53,6 +53,9 @@ class DeclaredTies:
     rename: Callable[[str], str] = field(repr=False, compare=False)  # on-disk name -> in-memory name
     # in-memory name -> the on-disk name save_pretrained writes (legacy names for some classes)
     to_disk: Callable[[str], str] = field(repr=False, compare=False, default=lambda name: name)
+    # in-memory weight names stored [in_features, out_features] (transformers' Conv1D, e.g. GPT-2's attention):
+    # peft's LoRA delta on them is transposed (it forces fan_in_fan_out=True for these layers)
+    transposed: frozenset[str] = frozenset()
 
 
 class DeclaredTiesUnavailable(Exception):
@@ -207,6 +210,11 @@ def ties_of_model(
     expected = {name: tuple(t.shape) for name, t in state.items()}
     rename = _renamer(model, state)
     to_disk = _reverse_renamer(model)
+    from transformers.pytorch_utils import Conv1D
+
+    transposed = frozenset(
+        f"{name}.weight" if name else "weight" for name, sub in model.named_modules() if isinstance(sub, Conv1D)
+    )
     return DeclaredTies(
         architecture=arch,
         transformers_version=version,
@@ -217,6 +225,7 @@ def ties_of_model(
         model_keys=frozenset(state),
         rename=rename,
         to_disk=to_disk,
+        transposed=transposed,
     )
 
 

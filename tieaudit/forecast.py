@@ -16,11 +16,11 @@ Nothing here builds a model: the base and adapter tensors are read through row r
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from tieaudit.adapters import AdapterSettings, ModuleEdit
+from tieaudit.adapters import AdapterSettings, LoraPart, ModuleEdit
 from tieaudit.compare import LogitCache, StreamingDiff, TensorDiff, probe_hidden_states, rows_per_chunk
 
 if TYPE_CHECKING:
@@ -99,25 +99,21 @@ def forecast_group(
     probes: int,
     probe_rows: list[int],
     embed_scale: float = 1.0,
+    transposed: frozenset[str] = frozenset(),
 ) -> GroupForecast:
     """Run-time and merge-reload weights of one tied group, compared chunk by chunk."""
 
     vocab, hidden = shape
-    deltas = {m: _delta_reader(e, adapter) for m, e in edits.items() if e.lora and not e.full_copy}
+    deltas = {
+        m: delta_reader(e.lora, adapter, transposed=m in transposed)
+        for m, e in edits.items()
+        if e.lora and not e.full_copy
+    }
     copies = {m: adapter.rows(e.full_copy) for m, e in edits.items() if e.full_copy}
-    token_edit = next((e for e in edits.values() if e.tokens), None)
-    tokens = None
-    if token_edit is not None and token_edit.tokens is not None:
-        idx, key = token_edit.tokens
-        tokens = (list(idx), adapter.full(key))
+    tokens = token_rows(edits.values(), adapter)
 
     def with_tokens(rows: torch.Tensor, a: int, b: int) -> torch.Tensor:
-        if tokens is None:
-            return rows
-        for i, t in enumerate(tokens[0]):
-            if a <= t < b:
-                rows[t - a] = tokens[1][i]
-        return rows
+        return apply_tokens(rows, a, b, tokens)
 
     # storage classes after merge_and_unload: every layer still on the shared Parameter, and each copy
     # (with ensure_weight_tying peft keeps the copies tied to each other: one storage)
@@ -192,23 +188,46 @@ def forecast_group(
     return GroupForecast(source, members, adapter_diffs, per_member, not untied_after, tuple(mechanisms))
 
 
-def _delta_reader(edit: ModuleEdit, adapter: TensorReader) -> RowReader:
-    """Rows of the LoRA delta, shaped like the weight ([vocab, hidden] for both layer kinds)."""
+def delta_reader(lora: LoraPart, adapter: TensorReader, *, transposed: bool = False) -> RowReader:
+    """Rows of a LoRA delta, shaped like the stored weight.
 
-    lora = edit.lora
-    assert lora is not None
+    Embedding (A [r, vocab], B [hidden, r]) and a Linear stored [in, out] (transformers' Conv1D, where peft
+    forces fan_in_fan_out): delta = (B @ A).T * s, so rows a..b are A[:, a:b].T @ B.T * s. A plain Linear
+    (A [r, in], B [out, r]): delta = B @ A * s, rows a..b are B[a:b] @ A * s.
+    """
     a = adapter.full(lora.a)
     b = adapter.full(lora.b)
     s = lora.scaling
-    if lora.kind == "embedding":
-        # A [r, vocab], B [hidden, r]: delta = (B @ A).T * s, rows a..b = A[:, a:b].T @ B.T
-        def embed_rows(start: int, stop: int) -> torch.Tensor:
+    if lora.kind == "embedding" or transposed:
+
+        def transposed_rows(start: int, stop: int) -> torch.Tensor:
             return (a[:, start:stop].T @ b.T) * s
 
-        return embed_rows
+        return transposed_rows
 
-    # Linear: A [r, in], B [out, r]: delta = B @ A * s
     def linear_rows(start: int, stop: int) -> torch.Tensor:
         return (b[start:stop] @ a) * s
 
     return linear_rows
+
+
+TokenRows = tuple[list[int], "torch.Tensor"]  # trainable-token indices and their trained rows
+
+
+def token_rows(edits: Iterable[ModuleEdit], adapter: TensorReader) -> TokenRows | None:
+    """The trainable-token rows among ``edits`` (peft applies them to every layer of a tied group)."""
+    for e in edits:
+        if e.tokens is not None:
+            idx, key = e.tokens
+            return list(idx), adapter.full(key)
+    return None
+
+
+def apply_tokens(rows: torch.Tensor, start: int, stop: int, tokens: TokenRows | None) -> torch.Tensor:
+    """Replace (in place) the rows of ``rows`` (rows start..stop of a weight) that trainable tokens own."""
+    if tokens is None:
+        return rows
+    for i, t in enumerate(tokens[0]):
+        if start <= t < stop:
+            rows[t - start] = tokens[1][i]
+    return rows

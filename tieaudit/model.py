@@ -95,7 +95,7 @@ class TieGroup:
 class Comparison:
     """A measured difference between two tensors of a tie group (weights in float32)."""
 
-    stage: str  # "on-disk" | "adapter" | "merge-reload"
+    stage: str  # "on-disk" | "adapter" | "merge-reload" | "merged"
     source: str
     target: str
     tensor: str | None
@@ -176,6 +176,36 @@ class FixRun:
 
 
 @dataclass(frozen=True)
+class MergeGroup:
+    """What `tieaudit merge` did with one tied group of the base that the adapter touches."""
+
+    source: str
+    members: tuple[str, ...]
+    result: str  # "tied" (one stored tensor, flag true) | "untied" (every member stored, flag false)
+    why: str
+    # what PEFT's merge_and_unload -> save_pretrained -> from_pretrained would give instead (forecast):
+    # the worst max |logit difference| over the members against the unmerged adapter, None when not computed
+    peft_max_abs_logit_diff: float | None = None
+    peft_mechanisms: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class MergeRun:
+    """A `tieaudit merge` run: inputs, decisions, and what was written."""
+
+    adapter_path: str
+    base_path: str
+    written_to: str
+    groups: tuple[MergeGroup, ...]
+    merged: tuple[str, ...]  # in-memory names of the weights that received a LoRA delta
+    replaced: tuple[str, ...]  # in-memory names replaced by a trained copy (modules_to_save) or trained token rows
+    changes: tuple[FileChange, ...]
+    bytes_written: int = 0
+    seconds: float = 0.0
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Report:
     tool_version: str
     target: Target
@@ -188,6 +218,7 @@ class Report:
     stats: Stats = field(default_factory=Stats)
     fixes: tuple[FixOutcome, ...] = ()
     fix_run: FixRun | None = None
+    merge_run: MergeRun | None = None
 
     def counts(self) -> dict[str, int]:
         return count_findings(self.findings)

@@ -17,9 +17,11 @@ from tieaudit.model import FileChange, Finding, FixOutcome, FixRun, Report, Seve
 from tieaudit.repair.plan import MODES, FixPlan, FixRefused, FixRequest, plan_fix
 from tieaudit.repair.write import (
     WeightOutput,
+    check_output_dir,
     clean_stale_staging,
     commit_in_place,
     commit_output_dir,
+    current_umask,
     fault,
     fsync_tree,
     layout_weights,
@@ -163,21 +165,7 @@ def _check_destination(display: str, output_dir: str | os.PathLike[str] | None, 
             )
         return root
     assert output_dir is not None
-    dest = Path(output_dir).absolute()
-    if dest.resolve() == root or dest.resolve().is_relative_to(root):
-        raise UsageError("--output-dir must be outside the checkpoint directory (use --in-place to fix it in place)")
-    if os.path.lexists(dest):
-        if not dest.is_dir() or dest.is_symlink():
-            raise UsageError(f"--output-dir {output_dir} exists and is not a directory")
-        if any(os.scandir(dest)):
-            raise UsageError(f"--output-dir {output_dir} is not empty; refusing to write into it")
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise WriteError(f"cannot create {dest.parent}: {exc.strerror or exc}") from None
-    if not os.access(dest.parent, os.W_OK):
-        raise WriteError(f"cannot write to {dest.parent}: permission denied")
-    return dest
+    return check_output_dir(output_dir, [root], "the checkpoint directory (use --in-place to fix it in place)")
 
 
 def _check_sources(request: FixRequest, disk_names: dict[str, str]) -> None:
@@ -228,7 +216,7 @@ def _write(
             order += [rel for rel in (ckpt.index_file, ckpt.config.rel if ckpt.config else None) if rel in skip]
             commit_in_place(staging, final, [r for r in order if r is not None])
         else:
-            os.chmod(staging, 0o777 & ~_umask())
+            os.chmod(staging, 0o777 & ~current_umask())
             commit_output_dir(staging, final)
         committed = True
         return after, written
@@ -244,12 +232,6 @@ def _write(
 
 def _intact(in_place: bool) -> str:
     return "the checkpoint is unchanged" if in_place else "nothing was written to the output directory"
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _refuse_regressions(before: Sequence[Finding], after: Sequence[Finding]) -> None:

@@ -397,6 +397,37 @@ def plan_fix(
     )
 
 
+@dataclass(frozen=True)
+class UntieConfig:
+    """The config edits that untie the pairs of some flags, and what transformers ties after them."""
+
+    changes: Mapping[str, Any]  # JSON pointer -> new value (every reader's copy of each flag; pinned settings)
+    old: Mapping[str, Any]  # JSON pointer -> previous raw value (None: absent)
+    active: Mapping[str, str]  # {target: source} transformers still ties with the edited config
+    notes: tuple[str, ...]
+
+
+def untie_config(graph: TieGraph, config: ConfigFile, pointers: Iterable[str], oracle: Oracle) -> UntieConfig:
+    """Set each governing flag of ``pointers`` to false wherever readers look, keeping every other setting
+    transformers reads as it was. Raises FixRefused when no config edit unties them (a forced flag)."""
+    planner = _Planner(graph, config, (), FixRequest("untie"), oracle)
+    planner.flags = dict.fromkeys(pointers, False)
+    active = oracle.active_ties(planner.candidate()) if planner.flags else dict(graph.declared.active)  # type: ignore[union-attr]
+    for pointer in planner.flags:
+        why = planner.flag_problem(pointer, active)
+        if why:
+            raise FixRefused(why)
+    for pointer, value in planner.flag_writes().items():
+        if get_pointer(config.data, pointer) != value:
+            planner.config_changes[pointer] = value
+    if planner.config_changes:
+        planner.pin_drift()
+    changes = dict(planner.config_changes)
+    return UntieConfig(
+        changes, {k: get_pointer(config.data, k) for k in changes}, active, tuple(dict.fromkeys(planner.notes))
+    )
+
+
 def _outcome(f: Finding, planner: _Planner, request: FixRequest) -> Outcome:
     ev = f.evidence
     key = (str(ev.get("target")), str(ev.get("source")))

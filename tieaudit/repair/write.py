@@ -54,12 +54,19 @@ def fault(point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+# Where a written tensor's bytes come from: the name of a stored tensor of the checkpoint (copied file to file),
+# or a producer of its rows, in order, already in the dtype of its TensorInfo (a merged weight).
+Chunks = Callable[[], Iterable[Any]]
+DataFrom = str | Chunks
+Entry = tuple[str, TensorInfo, DataFrom]
+
+
 @dataclass
 class WeightOutput:
     """The weight files of the fixed checkpoint: what is rewritten, what is new, and the final tensor map."""
 
-    rewritten: dict[str, list[tuple[str, TensorInfo, str]]] = field(default_factory=dict)  # file -> entries
-    new_files: dict[str, list[tuple[str, TensorInfo, str]]] = field(default_factory=dict)
+    rewritten: dict[str, list[Entry]] = field(default_factory=dict)  # file -> entries
+    new_files: dict[str, list[Entry]] = field(default_factory=dict)
     final: dict[str, tuple[str, int, int]] = field(default_factory=dict)  # tensor -> (file, nbytes, elements)
 
     @property
@@ -85,7 +92,7 @@ def layout_weights(ckpt: Checkpoint, plan: FixPlan) -> WeightOutput:
                 (s.name, s.info, s.data_from) for s in added
             ]
     for rel in sorted(touched):
-        entries = []
+        entries: list[Entry] = []
         for info in ckpt.file_tensors(rel):
             if info.name in dropped:
                 continue
@@ -179,6 +186,36 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def check_output_dir(output_dir: str | os.PathLike[str], inputs: Iterable[Path], what: str) -> Path:
+    """The absolute destination of ``--output-dir``: absent or an empty directory, outside every input directory
+    (``what`` names them in the error), its parent created and writable. Raises UsageError / WriteError."""
+    from tieaudit.errors import UsageError
+
+    dest = Path(output_dir).absolute()
+    for root in inputs:
+        real = root.resolve()
+        if dest.resolve() == real or dest.resolve().is_relative_to(real):
+            raise UsageError(f"--output-dir must be outside {what}")
+    if os.path.lexists(dest):
+        if not dest.is_dir() or dest.is_symlink():
+            raise UsageError(f"--output-dir {output_dir} exists and is not a directory")
+        if any(os.scandir(dest)):
+            raise UsageError(f"--output-dir {output_dir} is not empty; refusing to write into it")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WriteError(f"cannot create {dest.parent}: {exc.strerror or exc}") from None
+    if not os.access(dest.parent, os.W_OK):
+        raise WriteError(f"cannot write to {dest.parent}: permission denied")
+    return dest
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def make_staging(final: Path) -> Path:
     path = final.parent / f".{final.name}{STAGING_INFIX}{os.getpid()}-{secrets.token_hex(4)}"
     try:
@@ -261,10 +298,9 @@ def write_weight_files(ckpt: Checkpoint, weights: WeightOutput, staging: Path) -
     return total
 
 
-def write_safetensors(
-    ckpt: Checkpoint, entries: Iterable[tuple[str, TensorInfo, str]], dest: Path, metadata: dict[str, str]
-) -> int:
-    """Stream a safetensors file: each entry's bytes come from stored tensor ``data_from`` of ``ckpt``.
+def write_safetensors(ckpt: Checkpoint, entries: Iterable[Entry], dest: Path, metadata: dict[str, str]) -> int:
+    """Stream a safetensors file: each entry's bytes come from stored tensor ``data_from`` of ``ckpt``, or from
+    the chunks a producer yields (checked against the size the header announced).
 
     Tensors are laid out by element size (largest first), as safetensors does, so every tensor stays aligned.
     """
@@ -279,8 +315,17 @@ def write_safetensors(
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         _write_all(fd, struct.pack("<Q", len(raw)) + raw)
-        for _, _, data_from in ordered:
-            _copy_tensor(ckpt, data_from, fd)
+        for name, info, data_from in ordered:
+            if isinstance(data_from, str):
+                _copy_tensor(ckpt, data_from, fd)
+                continue
+            produced = 0
+            for chunk in data_from():
+                data = _tensor_bytes(chunk)
+                produced += len(data)
+                _write_all(fd, data)
+            if produced != info.nbytes:
+                raise WriteError(f"internal error: {name} produced {produced} bytes, its header says {info.nbytes}")
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -326,13 +371,14 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[n:]
 
 
-def _write_bin(ckpt: Checkpoint, rel: str, entries: list[tuple[str, TensorInfo, str]], dest: Path) -> int:
+def _write_bin(ckpt: Checkpoint, rel: str, entries: list[Entry], dest: Path) -> int:
     """Write a .bin file with torch.save; kept names keep their shared storages, copies get their own."""
     import torch
 
     state = ckpt.bin_state(rel) if rel in ckpt.weight_files else {}
     out: dict[str, Any] = {}
     for name, _, data_from in entries:
+        assert isinstance(data_from, str), "computed tensors are written as safetensors"
         if data_from == name and name in state:
             out[name] = state[name]
         else:

@@ -1,0 +1,296 @@
+"""Merge planning: what the merged model stores, how each stored tensor is made, and the config edits. Pure.
+
+The merged model must compute what the unmerged PeftModel computes. For every weight the adapter edits, the
+stored value is its run-time value (LoRA: ``W0 + delta``; modules_to_save: the trained copy; trainable tokens:
+``W0`` with the trained rows). A tied group of the base that the adapter touches stays tied when the adapter
+keeps its members equal at run time (the caller measures that): one stored tensor, the flag untouched, the shared
+delta applied once. Otherwise it is untied: every member stored with its own run-time value, and the governing
+flag false wherever readers look (the caller plans those edits with the fix planner's oracle).
+
+Adapter keys are accounted for one by one: a key that names a module the base does not have, a layer kind tieaudit
+does not merge exactly (DoRA, LoRA bias), or shapes that do not fit the base refuse the merge (``MergeRefused``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from tieaudit.adapters import PREFIX, AdapterSettings, ModuleEdit, module_edits
+from tieaudit.checkpoint.types import TensorInfo
+from tieaudit.graph import TieGraph
+from tieaudit.model import TieStatus
+
+SAFETENSORS_SINGLE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+_LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B")
+_BASE_COPY = ".base_layer.weight"
+_TOKENS = ".token_adapter.trainable_tokens_delta"
+
+
+class MergeRefused(Exception):
+    """The adapter cannot be merged exactly onto this base; the message says why (exit 2)."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one stored tensor of the merged model is computed.
+
+    ``loads_as`` are the in-memory parameters that load these values: the stored one first, then the tied targets
+    that transformers fills from it. Each member's run-time value uses its own edit (``edits``) on the base values
+    ``w0`` (an on-disk name of the base); trainable ``tokens`` apply to every member, as peft applies them to a
+    tied group.
+    """
+
+    w0: str
+    loads_as: tuple[str, ...]
+    edits: Mapping[str, ModuleEdit]
+    tokens: tuple[tuple[int, ...], str] | None = None
+    transposed: frozenset[str] = frozenset()  # members stored [in, out] (Conv1D): their LoRA delta is transposed
+    group: str | None = None  # the tied group's source, for the report
+
+    @property
+    def stored(self) -> str:
+        return self.loads_as[0]
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    name: str  # on-disk name in the merged model
+    info: TensorInfo  # dtype and shape written (the base's); ``file`` is the output file
+    data: str | Recipe  # a base tensor copied as is, or computed
+
+
+@dataclass(frozen=True)
+class MergeLayout:
+    """The merged model's weight files."""
+
+    files: Mapping[str, tuple[OutTensor, ...]]  # output weight file -> its tensors, in the base's order
+    index_file: str | None  # the shard index to write (None: a single file)
+    merged: tuple[str, ...]  # in-memory names that receive a LoRA delta
+    replaced: tuple[str, ...]  # in-memory names replaced by trained copies or token rows
+    dropped: tuple[str, ...]  # on-disk names of the base not stored in the merged model (tied targets)
+
+
+# -- reading the adapter against the base -----------------------------------------------------------------
+
+
+def adapter_edits(
+    adapter_tensors: Mapping[str, TensorInfo],
+    settings: AdapterSettings,
+    base_params: Mapping[str, TensorInfo],
+    transposed: frozenset[str],
+) -> dict[str, ModuleEdit]:
+    """Every edit the adapter file makes, by in-memory parameter name; refuses what cannot be merged exactly.
+
+    ``base_params`` maps the base's in-memory parameter names to the stored tensor holding their values (see
+    `base_values`).
+    """
+    if settings.use_dora or any(k.endswith(".lora_magnitude_vector") for k in adapter_tensors):
+        raise MergeRefused(
+            "DoRA adapters (use_dora) are not merged by tieaudit: their weight-norm rescaling is not modelled; "
+            "merge with peft's merge_and_unload, then run `tieaudit check` on the result"
+        )
+    if any(k.endswith(".lora_B.bias") for k in adapter_tensors):
+        raise MergeRefused("LoRA bias terms (lora_bias) are not merged by tieaudit")
+    params: set[str] = set()
+    copies: dict[str, str] = {}  # in-memory param -> adapter key of a modules_to_save copy that is not a `.weight`
+    for key in adapter_tensors:
+        if not key.startswith(PREFIX):
+            raise MergeRefused(f"adapter tensor {key!r} is not a peft key (no {PREFIX!r} prefix)")
+        rest = key[len(PREFIX) :]
+        module = _module_of(rest)
+        if module is not None:
+            params.add(f"{module}.weight")
+            continue
+        params.add(rest)
+        if not rest.endswith(".weight"):
+            copies[rest] = key
+    missing = sorted(p for p in params if p not in base_params)
+    if missing:
+        raise MergeRefused(
+            f"the adapter edits {missing[0].removesuffix('.weight')}, which the base does not have "
+            f"({len(missing)} such module{'s' if len(missing) > 1 else ''}): is this the base it was trained on?"
+        )
+    edits = module_edits(dict(adapter_tensors), settings, sorted(params))
+    for param, key in copies.items():
+        module = param.rpartition(".")[0]
+        edits[param] = ModuleEdit(param, module, full_copy=key)
+    for key in _unused_keys(adapter_tensors, edits):
+        raise MergeRefused(f"adapter tensor {key!r} is not a LoRA, modules_to_save or trainable-token tensor")
+    for param, edit in edits.items():
+        _check_fit(param, edit, adapter_tensors, base_params[param], param in transposed)
+    return edits
+
+
+def _module_of(rest: str) -> str | None:
+    """The module a LoRA / base-copy / token key belongs to (None: a modules_to_save copy of a parameter)."""
+    for suffix in (*_LORA_SUFFIXES, _BASE_COPY, _TOKENS):
+        if rest.endswith(suffix):
+            return rest[: -len(suffix)]
+    return None
+
+
+def _unused_keys(adapter_tensors: Mapping[str, TensorInfo], edits: Mapping[str, ModuleEdit]) -> list[str]:
+    used: set[str] = set()
+    for e in edits.values():
+        used.update(k for k in (e.full_copy, e.base_copy) if k)
+        if e.lora:
+            used.update((e.lora.a, e.lora.b))
+        if e.tokens:
+            used.add(e.tokens[1])
+    return sorted(k for k in adapter_tensors if k not in used)
+
+
+def _check_fit(param: str, edit: ModuleEdit, tensors: Mapping[str, TensorInfo], base: TensorInfo, trans: bool) -> None:
+    shape = tuple(base.shape)
+    where = f"{param} {list(shape)}"
+    for key in (edit.full_copy, edit.base_copy):
+        if key and tuple(tensors[key].shape) != shape:
+            raise MergeRefused(f"adapter tensor {key} has shape {list(tensors[key].shape)}, the base's {where}")
+    if edit.lora:
+        if len(shape) != 2:
+            raise MergeRefused(f"LoRA on {param}, a {len(shape)}-D weight: only Linear/Embedding layers are merged")
+        a, b = tuple(tensors[edit.lora.a].shape), tuple(tensors[edit.lora.b].shape)
+        rows, cols = shape
+        r = edit.lora.r
+        # Embedding [vocab, hidden], Conv1D [in, out]: A [r, rows], B [cols, r]. Linear [out, in]: A [r, in], B [out, r]
+        transposed = edit.lora.kind == "embedding" or trans
+        want = ((r, rows), (cols, r)) if transposed else ((r, cols), (rows, r))
+        if (a, b) != want:
+            raise MergeRefused(f"LoRA factors {list(a)} and {list(b)} of {edit.module} do not fit the base's {where}")
+    if edit.tokens:
+        idx, key = edit.tokens
+        got = tuple(tensors[key].shape)
+        if len(shape) != 2 or got != (len(idx), shape[1]) or any(i < 0 or i >= shape[0] for i in idx):
+            raise MergeRefused(f"trainable tokens {list(got)} at indices {list(idx)} do not fit the base's {where}")
+
+
+def base_values(graph: TieGraph, base_tensors: Mapping[str, TensorInfo]) -> dict[str, TensorInfo]:
+    """Every parameter of the base by in-memory name, with the stored tensor it loads from (a tied target that
+    is not stored loads its group's stored tensor)."""
+    out = {mem: base_tensors[disk] for mem, disk in graph.disk_names.items()}
+    for _, members, data in tied_groups(graph):
+        for m in members:
+            out.setdefault(m, base_tensors[data])
+    return out
+
+
+def tied_groups(graph: TieGraph) -> list[tuple[str, tuple[str, ...], str]]:
+    """The base's tied groups as (source, members, on-disk name of the stored data)."""
+    out = []
+    for g in graph.groups:
+        if not g.tied_by_config:
+            continue
+        data = next((graph.disk_names[m] for m in g.members if m in graph.disk_names), None)
+        if data is not None:
+            out.append((g.source, g.members, data))
+    return out
+
+
+def broken_base(graph: TieGraph) -> str | None:
+    """Why the base's own tying is broken (the merge would inherit it), or None."""
+    for g in graph.groups:
+        if g.status in (TieStatus.DIVERGED, TieStatus.MISSING):
+            return f"{g.source} / {', '.join(g.targets)} is {g.status.value} in the base"
+    return None
+
+
+# -- the plan ----------------------------------------------------------------------------------------------
+
+
+def plan_merge(
+    graph: TieGraph,
+    base_tensors: Mapping[str, TensorInfo],
+    base_files: list[str],
+    base_index: str | None,
+    edits: Mapping[str, ModuleEdit],
+    keep_tied: Mapping[str, bool],
+    untied_active: Mapping[str, str] | None,
+) -> MergeLayout:
+    """Lay out the merged model's tensors.
+
+    ``keep_tied`` says, for each tied group the adapter touches (by source), whether it stays tied; ``untied_active``
+    is the {target: source} map transformers ties after the config edits (None: no edit).
+    """
+    declared = graph.declared
+    transposed = declared.transposed if declared else frozenset()
+    disk = graph.disk_names
+    rename_to_disk = declared.to_disk if declared else (lambda n: n)
+    out_name = {rel: _output_file(rel) for rel in base_files}
+    recipes: dict[str, Recipe] = {}  # on-disk output name -> recipe
+    added: dict[str, tuple[str, TensorInfo, str | Recipe]] = {}  # new on-disk name -> (base file, info, data)
+    dropped: set[str] = set()
+    handled: set[str] = set()
+
+    for source, members, data in tied_groups(graph):
+        touched = [m for m in members if m in edits]
+        handled.update(members)
+        group_tokens = next((e.tokens for e in (edits.get(m) for m in members) if e and e.tokens), None)
+        group_edits = {m: edits[m] for m in members if m in edits}
+        # a group stays tied when the adapter keeps its members equal and no untie of a shared flag reaches it
+        still_tied = untied_active is None or all(t in untied_active for t in members[1:])
+        if touched and keep_tied.get(source, True) and still_tied:
+            stored = next(m for m in members if disk.get(m) == data)
+            order = (stored, *(m for m in members if m != stored))
+            recipes[data] = Recipe(data, order, group_edits, group_tokens, transposed, source)
+            dropped.update(disk[m] for m in members if m in disk and disk[m] != data)
+            continue
+        if not touched and still_tied:
+            continue  # untouched and still tied: stored as the base stores it
+        for m in members:
+            recipe = Recipe(data, (m,), {m: edits[m]} if m in edits else {}, group_tokens, transposed, source)
+            if m in disk:
+                if touched:
+                    recipes[disk[m]] = recipe
+            else:  # absent in the base: stored now, next to the group's data
+                info = base_tensors[data]
+                added[rename_to_disk(m)] = (info.file, info, recipe if touched else data)
+
+    merged: list[str] = []
+    replaced: list[str] = []
+    for param, edit in edits.items():
+        if param in handled:
+            (merged if edit.lora else replaced).append(param)
+            continue
+        name = disk[param]
+        recipes[name] = Recipe(name, (param,), {param: edit}, edit.tokens, transposed)
+        (merged if edit.lora else replaced).append(param)
+
+    files: dict[str, list[OutTensor]] = {}
+    for rel in base_files:
+        entries = files.setdefault(out_name[rel], [])
+        for info in _stored_in(base_tensors, rel):
+            if info.name in dropped:
+                continue
+            out_info = TensorInfo(info.name, out_name[rel], info.dtype, tuple(info.shape), info.nbytes)
+            found = recipes.get(info.name)
+            entries.append(OutTensor(info.name, out_info, found if found is not None else info.name))
+    for name, (rel, info, data_from) in added.items():
+        out_info = TensorInfo(name, out_name[rel], info.dtype, tuple(info.shape), info.nbytes)
+        files[out_name[rel]].append(OutTensor(name, out_info, data_from))
+    return MergeLayout(
+        {rel: tuple(entries) for rel, entries in files.items()},
+        None if base_index is None else SAFETENSORS_INDEX,
+        tuple(sorted(merged)),
+        tuple(sorted(replaced)),
+        tuple(sorted(dropped)),
+    )
+
+
+def _stored_in(tensors: Mapping[str, TensorInfo], rel: str) -> Iterable[TensorInfo]:
+    return [i for i in tensors.values() if i.file == rel]
+
+
+def _output_file(rel: str) -> str:
+    """The merged model's file for a base weight file: safetensors names kept, ``.bin`` names converted as
+    ``save_pretrained`` names safetensors shards."""
+    if rel.endswith(".safetensors"):
+        return rel
+    name = rel.rsplit("/", 1)[-1]
+    if name == "pytorch_model.bin":
+        return SAFETENSORS_SINGLE
+    if name.startswith("pytorch_model-") and name.endswith(".bin"):
+        return "model-" + name[len("pytorch_model-") : -len(".bin")] + ".safetensors"
+    return name.removesuffix(".bin") + ".safetensors"

@@ -1,0 +1,487 @@
+"""`tieaudit merge`: merge a LoRA adapter into its base so that the merged model computes what the adapter did.
+
+1. Read the adapter against the base: every adapter tensor must belong to a module of the base and fit its shape
+   (`merge_plan.adapter_edits`); the base's own tying must be sound.
+2. For every tied group of the base that the adapter touches, measure (in one pass over the rows, the same
+   forecast `tieaudit check` makes) whether the unmerged adapter keeps the members equal at run time: then the
+   group stays tied, else it is untied (config edits from the fix planner, checked with transformers).
+3. Stream the merged model into a staging directory next to the destination, tensor by tensor and row chunk by
+   row chunk: untouched tensors are copied file to file, edited ones computed in float32 from the base (read
+   with ``pread``, never the whole model) and cast to the base's dtype. Each written chunk is compared with the
+   run-time weight of every parameter that loads it: the report's ``merged`` comparisons.
+4. Carry the base's other files (tokenizer, generation config; the adapter's tokenizer when it has one), write
+   the index and ``config.json``, fsync, re-audit the staged model, and move it into place with one rename.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tieaudit.errors import InputError, UsageError, WriteError
+from tieaudit.model import Comparison, FileChange, MergeGroup, MergeRun, Report, Severity
+from tieaudit.repair.merge_plan import (
+    MergeLayout,
+    MergeRefused,
+    OutTensor,
+    Recipe,
+    adapter_edits,
+    base_values,
+    broken_base,
+    plan_merge,
+    tied_groups,
+)
+from tieaudit.repair.write import (
+    Entry,
+    check_output_dir,
+    clean_stale_staging,
+    commit_output_dir,
+    current_umask,
+    fault,
+    fsync_tree,
+    make_staging,
+    write_safetensors,
+    write_text,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+    from tieaudit.adapters import AdapterSettings
+    from tieaudit.checkpoint import Checkpoint
+    from tieaudit.compare import StreamingDiff
+    from tieaudit.forecast import GroupForecast, TensorReader
+    from tieaudit.graph import TieGraph
+
+Progress = Callable[[str, int, int], None]
+
+SUPPORTED = ("LORA",)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npz")
+TOKENIZER_FILES = frozenset(
+    {
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "tokenizer.model",
+        "spiece.model",
+        "sentencepiece.bpe.model",
+        "vocab.json",
+        "vocab.txt",
+        "merges.txt",
+        "chat_template.jinja",
+        "chat_template.json",
+    }
+)
+_NOT_CARRIED = frozenset({"config.json", "adapter_config.json", "model.safetensors.index.json"})
+
+
+def merge(
+    adapter: str | os.PathLike[str],
+    *,
+    output_dir: str | os.PathLike[str],
+    base: str | os.PathLike[str] | None = None,
+    fail_on: str | Severity = Severity.WARNING,
+    exit_zero: bool = False,
+    probe_tokens: int = 64,
+    progress: Progress | None = None,
+) -> Report:
+    """Merge the LoRA adapter at ``adapter`` into its base and write the merged model to ``output_dir``.
+
+    Returns the audit report of the merged model; ``report.merge_run`` says what was decided and written, and
+    ``report.comparisons`` (stage ``merged``) how far each written weight is from the one the unmerged adapter
+    uses. Raises `TieauditError` subclasses (exit 2) for bad input or a failed write; nothing is written then.
+    """
+    from tieaudit.adapters import read_settings, resolve_base
+    from tieaudit.auditing import severity
+    from tieaudit.checkpoint import open_checkpoint
+
+    started = time.perf_counter()
+    fail_level = severity(fail_on)
+    if probe_tokens < 0:
+        raise UsageError("--probe-tokens must be >= 0")
+    display = os.fspath(adapter)
+    with contextlib.ExitStack() as stack:
+        ad = stack.enter_context(open_checkpoint(display))
+        if ad.kind != "adapter" or ad.adapter_config is None:
+            raise UsageError(f"{display} is not a PEFT adapter (no adapter_config.json); `tieaudit fix` repairs models")
+        settings = read_settings(ad.adapter_config)
+        if settings.peft_type not in SUPPORTED:
+            raise InputError(
+                f"adapter_config.json:/peft_type is {settings.peft_type}: tieaudit merge merges LoRA adapters only"
+            )
+        base_path, how = resolve_base(None if base is None else os.fspath(base), settings, Path(ad.root))
+        if base_path is None:
+            raise UsageError(f"cannot merge without the base: {how}")
+        dest = check_output_dir(output_dir, [Path(ad.root), base_path], "the adapter and base directories")
+        clean_stale_staging(dest)
+        base_ckpt = stack.enter_context(open_checkpoint(base_path))
+        if base_ckpt.kind != "model":
+            raise InputError(f"base {base_path} is itself an adapter; pass the base model directory")
+        if base_ckpt.config is None:
+            raise InputError(f"base {base_path} has no config.json")
+        if base_ckpt.index_file is None and len(base_ckpt.weight_files) > 1:
+            raise InputError(f"base {base_path}: several weight files and no shard index")
+        if progress:
+            progress("reading the base's tie graph", 0, 0)
+        try:
+            job = _prepare(ad, base_ckpt, settings, probe_tokens)
+        except MergeRefused as exc:
+            raise InputError(f"cannot merge {display}: {exc}") from None
+        after, written, comparisons = _write(ad, base_ckpt, job, dest, fail_level, exit_zero, probe_tokens, progress)
+    run = MergeRun(
+        adapter_path=display,
+        base_path=os.fspath(base_path),
+        written_to=os.fspath(output_dir),
+        groups=job.groups,
+        merged=job.layout.merged,
+        replaced=job.layout.replaced,
+        changes=tuple(job.changes),
+        bytes_written=written,
+        seconds=round(time.perf_counter() - started, 3),
+        notes=job.notes,
+    )
+    target = replace(after.target, path=os.fspath(output_dir), base=os.fspath(base_path))
+    return replace(after, target=target, comparisons=(*after.comparisons, *comparisons), merge_run=run)
+
+
+class _Job:
+    """Everything decided before writing."""
+
+    def __init__(
+        self,
+        graph: TieGraph,
+        layout: MergeLayout,
+        config: Mapping[str, Any],
+        groups: tuple[MergeGroup, ...],
+        changes: list[FileChange],
+        notes: tuple[str, ...],
+        logit_params: frozenset[str],
+    ) -> None:
+        self.graph = graph
+        self.layout = layout
+        self.config = config
+        self.groups = groups
+        self.changes = changes
+        self.notes = notes
+        self.logit_params = logit_params
+
+
+def _prepare(ad: Checkpoint, base_ckpt: Checkpoint, settings: AdapterSettings, probes: int) -> _Job:
+    from tieaudit.adapter_analysis import applied_edits, base_copy_mismatches, base_graph, forecast_groups
+    from tieaudit.auditing import load_dtype
+    from tieaudit.model import Skipped
+    from tieaudit.repair.oracle import LibraryOracle
+    from tieaudit.repair.plan import FixRefused, untie_config
+
+    skipped: list[Skipped] = []
+    graph, _ = base_graph(base_ckpt, skipped)
+    if graph.declared is None:
+        why = skipped[0].reason if skipped else "unknown model class"
+        raise MergeRefused(f"the base's declared ties are unknown ({why}): tieaudit merges only ties it can check")
+    broken = broken_base(graph)
+    if broken:
+        raise MergeRefused(f"{broken}: the base's own tying is broken; run `tieaudit check` on it and fix it first")
+    edits = adapter_edits(ad.tensors, settings, base_values(graph, base_ckpt.tensors), graph.declared.transposed)
+    mismatches = base_copy_mismatches(ad, base_ckpt, graph, edits, set())
+    if mismatches:
+        m = mismatches[0]
+        raise MergeRefused(f"{m.detail} (max |diff| {m.max_abs_diff:.3g}): the adapter was trained on another base")
+    applied, ignored = applied_edits(graph, edits, settings)
+    applied = {k: v for k, v in applied.items() if v.changes_weight}
+    notes = [f"adapter weights for {name} are not merged: {why} (peft ignores them too)" for name, why in ignored]
+
+    forecasts, _ = forecast_groups(ad, base_ckpt, graph, applied, settings, probes, [], skipped)
+    by_source = {fc.source: fc for fc in forecasts}
+    keep: dict[str, bool] = {}
+    groups: list[MergeGroup] = []
+    pointers: set[str] = set()
+    for source, members, _ in tied_groups(graph):
+        if not any(m in applied for m in members):
+            continue
+        fc = by_source.get(source)
+        if fc is None:
+            raise MergeRefused(f"the tied group of {source} could not be measured")
+        apart = fc.runtime_untied()
+        keep[source] = not apart
+        peft = _peft_worst(fc)
+        if apart:
+            worst = max(fc.adapter_diffs[t].max_abs_diff for t in apart)
+            why = (
+                f"the adapter uses different weights for {source} and {', '.join(apart)} at run time "
+                f"(max |diff| {worst:.3g}): stored separately, tie flag false"
+            )
+            pointers.update(p.flag.pointer for p in graph.pairs if p.source == source and p.flag is not None)
+        else:
+            why = "the adapter keeps the members equal at run time: one stored tensor, the shared edit applied once"
+        groups.append(MergeGroup(source, members, "untied" if apart else "tied", why, peft, fc.mechanisms))
+
+    untied_active = None
+    config: dict[str, Any] = {}
+    config_old: dict[str, Any] = {}
+    if pointers:
+        assert base_ckpt.config is not None
+        try:
+            oracle = LibraryOracle(base_ckpt, load_dtype(base_ckpt))
+            uc = untie_config(graph, base_ckpt.config, sorted(pointers), oracle)
+        except FixRefused as exc:
+            raise MergeRefused(f"the adapter unties a tied pair, but {exc}") from None
+        untied_active, config, config_old = uc.active, dict(uc.changes), dict(uc.old)
+        notes.extend(uc.notes)
+    layout = plan_merge(
+        graph, base_ckpt.tensors, list(base_ckpt.weight_files), base_ckpt.index_file, applied, keep, untied_active
+    )
+    changes = _changes(layout, config, config_old, graph)
+    in_groups = frozenset(m for g in graph.groups for m in g.members)
+    return _Job(graph, layout, config, tuple(groups), changes, tuple(notes), in_groups)
+
+
+def _peft_worst(fc: GroupForecast) -> float | None:
+    """The worst logit difference PEFT's own merge -> save -> reload would give (inf: a member loads random)."""
+    worst: float | None = None
+    for f in fc.members_forecast.values():
+        if f.dropped:
+            return float("inf")
+        if f.merge_diff is not None and f.merge_diff.max_abs_logit_diff is not None:
+            worst = max(worst or 0.0, f.merge_diff.max_abs_logit_diff)
+    return worst
+
+
+def _changes(
+    layout: MergeLayout, config: Mapping[str, Any], config_old: Mapping[str, Any], graph: TieGraph
+) -> list[FileChange]:
+    out: list[FileChange] = []
+    for rel, tensors in layout.files.items():
+        for t in tensors:
+            if isinstance(t.data, str) and t.data == t.name:
+                continue
+            detail = _recipe_detail(t.data) if isinstance(t.data, Recipe) else f"copy of {t.data}"
+            out.append(
+                FileChange("store-tensor", rel, t.name, tuple(t.info.shape), t.info.dtype, t.info.nbytes, detail=detail)
+            )
+    for name in layout.dropped:
+        out.append(FileChange("drop-tensor", "", name, detail="tied: transformers fills it from its source on load"))
+    for pointer, value in config.items():
+        out.append(FileChange("set-config", "config.json", pointer=pointer, old=config_old.get(pointer), new=value))
+    return out
+
+
+def _recipe_detail(r: Recipe) -> str:
+    parts = []
+    for m in r.loads_as:
+        e = r.edits.get(m)
+        if e is None:
+            parts.append(f"{m}: base values" + (" + trainable tokens" if r.tokens else ""))
+        elif e.full_copy:
+            parts.append(f"{m}: trained copy {e.full_copy}")
+        elif e.lora:
+            parts.append(f"{m}: base + LoRA (r={e.lora.r}, scaling {e.lora.scaling:.4g})")
+        else:
+            parts.append(f"{m}: base + trainable tokens")
+    head = "merged, tied" if len(r.loads_as) > 1 else "merged"
+    return f"{head}: " + "; ".join(parts)
+
+
+# -- writing -----------------------------------------------------------------------------------------------
+
+
+def _write(
+    ad: Checkpoint,
+    base_ckpt: Checkpoint,
+    job: _Job,
+    dest: Path,
+    fail_level: Severity,
+    exit_zero: bool,
+    probes: int,
+    progress: Progress | None,
+) -> tuple[Report, int, list[Comparison]]:
+    from tieaudit.auditing import audit
+    from tieaudit.forecast import TensorReader
+
+    staging = make_staging(dest)
+    committed = False
+    comparisons: list[Comparison] = []
+    try:
+        written = _carry_files(Path(base_ckpt.root), Path(ad.root), staging, base_ckpt)
+        fault("staged")
+        adapter_rows = TensorReader(ad)
+        total = sum(len(v) for v in job.layout.files.values())
+        done = 0
+        for rel, tensors in job.layout.files.items():
+            entries: list[Entry] = []
+            for t in tensors:
+                if isinstance(t.data, Recipe):
+                    producer = _Producer(t, base_ckpt, adapter_rows, probes if t.data.stored in job.logit_params else 0)
+                    entries.append((t.name, t.info, producer))
+                else:
+                    entries.append((t.name, t.info, t.data))
+            if progress:
+                progress(f"writing {rel}", done, total)
+            written += write_safetensors(base_ckpt, entries, staging / rel, {"format": "pt"})
+            done += len(tensors)
+            for _, _, data in entries:
+                if isinstance(data, _Producer):
+                    comparisons.extend(data.comparisons())
+        fault("weights")
+        if job.layout.index_file is not None:
+            written += write_text(staging / job.layout.index_file, _index_text(base_ckpt, job.layout))
+        fault("index")
+        written += write_text(staging / "config.json", _config_text(base_ckpt, job.config))
+        fault("config")
+        fsync_tree(staging)
+        if progress:
+            progress("re-auditing the merged model", 0, 0)
+        after = audit(staging, fail_on=fail_level, exit_zero=exit_zero)
+        errors = [f for f in after.findings if f.severity is Severity.ERROR]
+        if errors:
+            first = errors[0]
+            raise WriteError(f"internal check failed: the merged model would have {first.code} ({first.message})")
+        fault("verified")
+        os.chmod(staging, 0o777 & ~current_umask())
+        commit_output_dir(staging, dest)
+        committed = True
+        return after, written, comparisons
+    except OSError as exc:
+        raise WriteError(
+            f"cannot write the merged model ({exc.filename or dest}): {exc.strerror or exc}; nothing was written"
+        ) from None
+    finally:
+        if not committed:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+class _Producer:
+    """The rows of one merged tensor, in order and in the base's dtype, compared on the way with the run-time
+    weight of every parameter that loads it."""
+
+    def __init__(self, out: OutTensor, base_ckpt: Checkpoint, adapter: TensorReader, probes: int) -> None:
+        assert isinstance(out.data, Recipe)
+        self.out = out
+        self.recipe = out.data
+        self.base = base_ckpt
+        self.adapter = adapter
+        self.probes = probes if len(out.info.shape) == 2 else 0
+        self.accs: dict[str, StreamingDiff] = {}
+
+    def __call__(self) -> Iterator[torch.Tensor]:
+        import torch
+
+        from tieaudit.checkpoint.pickled import torch_dtype
+        from tieaudit.compare import LogitCache, StreamingDiff, probe_hidden_states, rows_per_chunk
+        from tieaudit.forecast import TensorReader, apply_tokens, delta_reader
+
+        r = self.recipe
+        shape = tuple(self.out.info.shape)
+        dtype = torch_dtype(self.out.info.dtype)
+        w0 = TensorReader(self.base).rows(r.w0)
+        deltas = {
+            m: delta_reader(e.lora, self.adapter, transposed=m in r.transposed)
+            for m, e in r.edits.items()
+            if e.lora is not None and not e.full_copy
+        }
+        copies = {m: self.adapter.rows(e.full_copy) for m, e in r.edits.items() if e.full_copy}
+        tokens = None
+        if r.tokens is not None:
+            tokens = (list(r.tokens[0]), self.adapter.full(r.tokens[1]))
+        hidden = shape[1] if len(shape) == 2 else None
+        self.accs = {m: StreamingDiff(self.probes, hidden) for m in r.loads_as}
+        h = probe_hidden_states(self.probes, hidden) if self.probes and hidden else None
+        rows = shape[0] if shape else 1
+        step = rows_per_chunk(shape)
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            w = w0(start, stop)
+            runtime: dict[str, torch.Tensor] = {}
+            for m in r.loads_as:
+                if m in copies:
+                    runtime[m] = copies[m](start, stop)
+                else:
+                    value = w + deltas[m](start, stop) if m in deltas else w.clone()
+                    runtime[m] = apply_tokens(value, start, stop, tokens)
+            stored = runtime[r.stored].to(dtype)
+            back = stored.to(torch.float32)
+            logits = LogitCache(h) if h is not None else None
+            for m in r.loads_as:
+                self.accs[m].update(start, back, runtime[m], logits)
+            yield stored
+            del w, runtime, back
+
+    def comparisons(self) -> list[Comparison]:
+        out = []
+        for m, acc in self.accs.items():
+            d = acc.result()
+            out.append(
+                Comparison(
+                    "merged",
+                    self.recipe.group or m,
+                    m,
+                    m,
+                    d.max_abs_diff,
+                    d.rel_diff,
+                    d.max_abs_logit_diff,
+                    d.top1_agreement,
+                    d.bitwise_equal,
+                )
+            )
+        return out
+
+
+def _carry_files(base_root: Path, adapter_root: Path, staging: Path, base_ckpt: Checkpoint) -> int:
+    """Copy the base's top-level non-weight files (tokenizer, generation config, model card) into ``staging``;
+    the adapter's tokenizer files replace the base's when the adapter has a tokenizer_config.json."""
+    skip = {*base_ckpt.weight_files, *(f for f in (base_ckpt.index_file,) if f)}
+    adapter_tokenizer = (adapter_root / "tokenizer_config.json").is_file()
+    copied = 0
+    for entry in sorted(os.scandir(base_root), key=lambda e: e.name):
+        name = entry.name
+        if name in skip or name in _NOT_CARRIED or name.startswith(".") or name.endswith(WEIGHT_SUFFIXES):
+            continue
+        if name.endswith(".index.json") or (adapter_tokenizer and name in TOKENIZER_FILES):
+            continue
+        if not entry.is_file():  # directories (e.g. original/ weights) and special files are not carried
+            continue
+        shutil.copyfile(entry.path, staging / name)
+        copied += os.path.getsize(staging / name)
+    if adapter_tokenizer:
+        for name in sorted(TOKENIZER_FILES):
+            src = adapter_root / name
+            if src.is_file():
+                shutil.copyfile(src, staging / name)
+                copied += os.path.getsize(staging / name)
+    return copied
+
+
+def _index_text(base_ckpt: Checkpoint, layout: MergeLayout) -> str:
+    from tieaudit.repair.jsonedit import dump_like
+
+    weight_map = {t.name: rel for rel, tensors in layout.files.items() for t in tensors}
+    total = sum(t.info.nbytes for tensors in layout.files.values() for t in tensors)
+    meta: dict[str, Any] = {"total_size": total}
+    old_text = None
+    if base_ckpt.index_file is not None:
+        old_text = (Path(base_ckpt.root) / base_ckpt.index_file).read_text(encoding="utf-8").removeprefix("\ufeff")
+        old = json.loads(old_text)
+        old_meta = old.get("metadata") if isinstance(old, dict) else None
+        if isinstance(old_meta, dict) and "total_parameters" in old_meta:
+            import math
+
+            meta["total_parameters"] = sum(math.prod(t.info.shape) for ts in layout.files.values() for t in ts)
+    data = {"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}
+    if old_text is not None and base_ckpt.index_file == layout.index_file:
+        return dump_like(old_text, data)
+    return json.dumps(data, indent=2) + "\n"
+
+
+def _config_text(base_ckpt: Checkpoint, changes: Mapping[str, Any]) -> str:
+    from tieaudit.repair.jsonedit import set_json_values
+
+    assert base_ckpt.config is not None
+    text = (Path(base_ckpt.root) / base_ckpt.config.rel).read_text(encoding="utf-8").removeprefix("\ufeff")
+    return set_json_values(text, dict(changes)) if changes else text
