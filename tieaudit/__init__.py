@@ -5,6 +5,7 @@
     >>> report.exit_code, [f.code for f in report.findings]
     >>> tieaudit.audit_model(model)                   # a live model, e.g. in a training loop
     >>> tieaudit.fix("./checkpoint", mode="untie", output_dir="./fixed")  # repair, atomically; re-audited
+    >>> tieaudit.merge("./adapter", base="./base", output_dir="./merged")  # exact merge, also on tied weights
 
 Imports are lazy: `import tieaudit` does not import torch or transformers.
 """
@@ -22,6 +23,8 @@ from tieaudit.model import (
     FixOutcome,
     FixRun,
     Location,
+    MergeGroup,
+    MergeRun,
     Report,
     Severity,
     TieGroup,
@@ -31,7 +34,7 @@ from tieaudit.model import (
 if TYPE_CHECKING:
     from tieaudit.auditing import audit
     from tieaudit.live import audit_model
-    from tieaudit.repair import fix
+    from tieaudit.repair import fix, merge
 
 __all__ = [
     "Comparison",
@@ -41,6 +44,8 @@ __all__ = [
     "FixRun",
     "InputError",
     "Location",
+    "MergeGroup",
+    "MergeRun",
     "NothingToAudit",
     "Report",
     "Severity",
@@ -53,6 +58,7 @@ __all__ = [
     "audit",
     "audit_model",
     "fix",
+    "merge",
     "report_to_dict",
 ]
 
@@ -67,11 +73,11 @@ def __getattr__(name: str) -> Any:
 
         return audit_model
     if name == "merge":
-        from tieaudit.repair.merging import merge
+        from tieaudit.repair import merge
 
         return merge
     if name == "fix":
-        from tieaudit.repair import fix
+        from tieaudit.repair import fix, merge
 
         return fix
     if name == "report_to_dict":

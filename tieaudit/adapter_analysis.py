@@ -212,11 +212,11 @@ def base_copy_mismatches(
     adapter: Checkpoint, base_ckpt: Checkpoint, graph: TieGraph, edits: dict[str, ModuleEdit], skip: set[str]
 ) -> list[BaseMismatch]:
     from tieaudit.compare import diff_tensors
-    from tieaudit.forecast import TensorReader, differs
+    from tieaudit.forecast import differs
+    from tieaudit.graph import cast_reader
     from tieaudit.rules.context import BaseMismatch
 
     out = []
-    adapter_rows, base_rows = TensorReader(adapter), TensorReader(base_ckpt)
     for g in graph.groups:
         found = _group_shape(base_ckpt, graph, g.members)
         if found is None:
@@ -230,7 +230,10 @@ def base_copy_mismatches(
             disk = own if own in base_ckpt.tensors else found[0]
             if own not in base_ckpt.tensors and not g.tied_by_config:
                 continue
-            d = diff_tensors(adapter_rows.rows(e.base_copy), base_rows.rows(disk), found[1])
+            # a base saved in another precision (bf16 weights, an adapter trained on float32) is the same base:
+            # both are compared in the narrower dtype, so only differences beyond its rounding count
+            narrow = _narrower(adapter.tensors[e.base_copy].dtype, base_ckpt.tensors[disk].dtype)
+            d = diff_tensors(cast_reader(adapter, e.base_copy, narrow), cast_reader(base_ckpt, disk, narrow), found[1])
             if differs(d):
                 out.append(
                     BaseMismatch(
@@ -242,6 +245,18 @@ def base_copy_mismatches(
                     )
                 )
     return out
+
+
+def _narrower(a: str, b: str) -> str | None:
+    """The floating dtype of lower precision of two (None: the same dtype, or not both floating)."""
+    from tieaudit.checkpoint.types import DTYPE_SIZES
+
+    floating = ("F64", "F32", "F16", "BF16")
+    if a == b or a not in floating or b not in floating:
+        return None
+    if DTYPE_SIZES[a] == DTYPE_SIZES[b]:
+        return "F32"
+    return a if DTYPE_SIZES[a] < DTYPE_SIZES[b] else b
 
 
 def forecast_groups(

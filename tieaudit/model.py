@@ -201,6 +201,7 @@ class MergeRun:
     replaced: tuple[str, ...]  # in-memory names replaced by a trained copy (modules_to_save) or trained token rows
     changes: tuple[FileChange, ...]
     bytes_written: int = 0
+    base_bytes_read: int = 0  # tensor bytes read from the base (copies included)
     seconds: float = 0.0
     notes: tuple[str, ...] = ()
 

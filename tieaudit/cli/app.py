@@ -12,6 +12,7 @@ import typer
 from tieaudit.cli.check import check
 from tieaudit.cli.fix_cmd import fix
 from tieaudit.cli.graph_cmd import graph
+from tieaudit.cli.merge_cmd import merge
 from tieaudit.cli.rules_cmd import explain, rules
 
 app = typer.Typer(
@@ -46,6 +47,7 @@ def _root(
 
 app.command("check")(check)
 app.command("fix")(fix)
+app.command("merge")(merge)
 app.command("graph")(graph)
 app.command("rules")(rules)
 app.command("explain")(explain)

@@ -240,13 +240,14 @@ def plan_merge(
         if not touched and still_tied:
             continue  # untouched and still tied: stored as the base stores it
         for m in members:
+            edited = m in edits or group_tokens is not None
             recipe = Recipe(data, (m,), {m: edits[m]} if m in edits else {}, group_tokens, transposed, source)
             if m in disk:
-                if touched:
+                if edited:
                     recipes[disk[m]] = recipe
-            else:  # absent in the base: stored now, next to the group's data
+            else:  # absent in the base: stored now, next to the group's data (a plain copy when not edited)
                 info = base_tensors[data]
-                added[rename_to_disk(m)] = (info.file, info, recipe if touched else data)
+                added[rename_to_disk(m)] = (info.file, info, recipe if edited else data)
 
     merged: list[str] = []
     replaced: list[str] = []

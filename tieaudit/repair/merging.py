@@ -136,6 +136,7 @@ def merge(
         except MergeRefused as exc:
             raise InputError(f"cannot merge {display}: {exc}") from None
         after, written, comparisons = _write(ad, base_ckpt, job, dest, fail_level, exit_zero, probe_tokens, progress)
+        base_read = base_ckpt.stats.tensor_bytes
     run = MergeRun(
         adapter_path=display,
         base_path=os.fspath(base_path),
@@ -145,6 +146,7 @@ def merge(
         replaced=job.layout.replaced,
         changes=tuple(job.changes),
         bytes_written=written,
+        base_bytes_read=base_read,
         seconds=round(time.perf_counter() - started, 3),
         notes=job.notes,
     )
@@ -274,19 +276,20 @@ def _changes(
 
 
 def _recipe_detail(r: Recipe) -> str:
-    parts = []
-    for m in r.loads_as:
+    def one(m: str) -> str:
         e = r.edits.get(m)
+        tokens = " + trainable tokens" if r.tokens else ""
         if e is None:
-            parts.append(f"{m}: base values" + (" + trainable tokens" if r.tokens else ""))
-        elif e.full_copy:
-            parts.append(f"{m}: trained copy {e.full_copy}")
-        elif e.lora:
-            parts.append(f"{m}: base + LoRA (r={e.lora.r}, scaling {e.lora.scaling:.4g})")
-        else:
-            parts.append(f"{m}: base + trainable tokens")
-    head = "merged, tied" if len(r.loads_as) > 1 else "merged"
-    return f"{head}: " + "; ".join(parts)
+            return "base values" + tokens
+        if e.full_copy:
+            return f"trained copy {e.full_copy}"
+        if e.lora:
+            return f"base + LoRA (r={e.lora.r}, scaling {e.lora.scaling:.4g}){tokens}"
+        return "base" + tokens
+
+    if len(r.loads_as) == 1:
+        return "merged: " + one(r.stored)
+    return "merged, tied: " + "; ".join(f"{m} uses {one(m)}" for m in r.loads_as)
 
 
 # -- writing -----------------------------------------------------------------------------------------------

@@ -6,7 +6,17 @@ import json
 import math
 from typing import TYPE_CHECKING, Any
 
-from tieaudit.model import SCHEMA_VERSION, Comparison, FileChange, Finding, FixOutcome, FixRun, Report, TieGroup
+from tieaudit.model import (
+    SCHEMA_VERSION,
+    Comparison,
+    FileChange,
+    Finding,
+    FixOutcome,
+    FixRun,
+    MergeRun,
+    Report,
+    TieGroup,
+)
 
 if TYPE_CHECKING:
     from tieaudit.report import RenderOptions
@@ -121,6 +131,35 @@ def fix_run_dict(run: FixRun) -> dict[str, Any]:
     }
 
 
+def merge_run_dict(run: MergeRun) -> dict[str, Any]:
+    return {
+        "adapter_path": run.adapter_path,
+        "base_path": run.base_path,
+        "written_to": run.written_to,
+        "groups": [
+            {
+                "source": g.source,
+                "members": list(g.members),
+                "result": g.result,
+                "why": g.why,
+                # what peft's merge_and_unload -> save -> reload would give instead (null: not computed, or a
+                # member that peft's save drops and transformers initialises randomly)
+                "peft_max_abs_logit_diff": _num(g.peft_max_abs_logit_diff),
+                "peft_drops_a_member": g.peft_max_abs_logit_diff is not None and math.isinf(g.peft_max_abs_logit_diff),
+                "peft_mechanisms": list(g.peft_mechanisms),
+            }
+            for g in run.groups
+        ],
+        "merged": list(run.merged),
+        "replaced": list(run.replaced),
+        "bytes_written": run.bytes_written,
+        "base_bytes_read": run.base_bytes_read,
+        "seconds": run.seconds,
+        "changes": [change_dict(c) for c in run.changes],
+        "notes": list(run.notes),
+    }
+
+
 def report_dict(r: Report) -> dict[str, Any]:
     return {
         "schema_version": SCHEMA_VERSION,
@@ -139,6 +178,7 @@ def report_dict(r: Report) -> dict[str, Any]:
         "skipped": [{"check": s.check, "reason": s.reason} for s in r.skipped],
         "fixes": [outcome_dict(x) for x in r.fixes],
         "fix_run": None if r.fix_run is None else fix_run_dict(r.fix_run),
+        "merge_run": None if r.merge_run is None else merge_run_dict(r.merge_run),
         "stats": {
             "header_bytes_read": r.stats.header_bytes_read,
             "tensor_bytes_read": r.stats.tensor_bytes_read,

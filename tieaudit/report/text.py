@@ -114,11 +114,12 @@ def render(report: Report, options: RenderOptions) -> str:
     if options.verbosity >= 1 and report.comparisons:
         console.print("[bold]comparisons[/] (float32)")
         for c in report.comparisons:
-            what = (
-                f"{escape(c.tensor)} merged and reloaded vs as the adapter uses it"
-                if c.stage == "merge-reload" and c.tensor
-                else f"{escape(c.target)} vs {escape(c.source)}"
-            )
+            if c.stage == "merge-reload" and c.tensor:
+                what = f"{escape(c.tensor)} merged and reloaded vs as the adapter uses it"
+            elif c.stage == "merged" and c.tensor:
+                what = f"{escape(c.tensor)} as written vs as the adapter uses it"
+            else:
+                what = f"{escape(c.target)} vs {escape(c.source)}"
             console.print(
                 f"  {c.stage}: {what}: max|Δ| {_fmt(c.max_abs_diff)}, "
                 f"rel {_fmt(c.rel_diff)}, logits max|Δ| {_fmt(c.max_abs_logit_diff)}, top-1 {_fmt(c.top1_agreement)}"
@@ -131,6 +132,8 @@ def render(report: Report, options: RenderOptions) -> str:
             console.print()
     if report.fix_run is not None:
         _print_fix(console, report)
+    if report.merge_run is not None:
+        _print_merge(console, report, options.verbosity)
     if not report.findings and options.verbosity >= 0:
         if report.skipped:
             console.print("[green]No tie problems found[/] in what could be checked (see skipped above).")
@@ -166,10 +169,59 @@ def _print_fix(console: Console, report: Report) -> None:
         console.print()
 
 
+def _print_merge(console: Console, report: Report, verbosity: int) -> None:
+    run = report.merge_run
+    assert run is not None
+    console.print(f"[bold]merge[/] {escape(run.adapter_path)} onto {escape(run.base_path)}")
+    for g in run.groups:
+        style = "green" if g.result == "tied" else "blue"
+        console.print(f"  [{style}]{g.result:<6}[/] {escape(' / '.join(g.members))}: {escape(g.why)}")
+        if g.peft_max_abs_logit_diff is not None and g.peft_max_abs_logit_diff > 0:
+            how = f" ({', '.join(g.peft_mechanisms)})" if g.peft_mechanisms else ""
+            console.print(
+                f"         [dim]peft's merge_and_unload would be off by up to {_fmt(g.peft_max_abs_logit_diff)} "
+                f"in probe logits{escape(how)}[/]"
+            )
+    console.print(
+        f"  LoRA merged into {len(run.merged)} weight{'s' if len(run.merged) != 1 else ''}; "
+        f"{len(run.replaced)} replaced by trained copies or token rows"
+    )
+    measured = [c for c in report.comparisons if c.stage == "merged"]
+    if measured:
+        worst = max(measured, key=lambda c: c.max_abs_diff or 0.0)
+        logits = [c.max_abs_logit_diff for c in measured if c.max_abs_logit_diff is not None]
+        console.print(
+            f"  measured, as written vs as the unmerged adapter uses it ({len(measured)} weights): "
+            f"worst max|Δ| {_fmt(worst.max_abs_diff)} ({escape(worst.tensor or worst.target)})"
+            + (f", probe logits max|Δ| {_fmt(max(logits))}" if logits else "")
+        )
+    for note in run.notes:
+        console.print(f"  [dim]note:[/] {escape(note)}")
+    console.print()
+    if verbosity >= 1 and run.changes:
+        console.print("[bold]changes[/] (against the base)")
+        for c in run.changes:
+            console.print(f"  {escape(_change_text(c))}")
+        console.print()
+
+
+def merge_summary_line(report: Report) -> str:
+    """One line for stderr after `tieaudit merge`."""
+    run = report.merge_run
+    if run is None:
+        return summary_line(report)
+    return (
+        f"tieaudit: merged {run.adapter_path} into {run.written_to} "
+        f"({run.bytes_written:,} bytes written, {run.seconds:.1f} s)"
+    )
+
+
 def _change_text(c: FileChange) -> str:
     if c.kind == "set-config":
         old = "absent" if c.old is None else json.dumps(c.old)
         return f"{c.file}: {c.pointer}: {old} -> {json.dumps(c.new)}"
+    if c.kind == "drop-tensor" and c.shape is None:
+        return f"- {c.tensor}  ({c.detail})"
     if c.kind in ("store-tensor", "drop-tensor"):
         sign = "+" if c.kind == "store-tensor" else "-"
         size = abs(c.nbytes or 0)
