@@ -377,16 +377,13 @@ def test_base_bytes_read_are_bounded(adapter_case, tmp_path: Path) -> None:
     """What merge reads of the base, exactly: every tensor once to write it (the untied head is written from the
     embedding, a second read), the tied group once for the run-time comparison that decides tied or untied, and
     once per `base_layer` copy the adapter carries (checked against the base). Never the model a second time."""
-    from safetensors import safe_open as st_open
-
     from tieaudit.checkpoint import open_checkpoint
 
     base, adapter, _ = adapter_case("llama", "lora_both")
     with open_checkpoint(base) as ckpt:
         total = sum(i.nbytes for i in ckpt.tensors.values())
         embed = ckpt.tensors["model.embed_tokens.weight"].nbytes
-    with st_open(adapter / "adapter_model.safetensors", "pt") as fh:
-        copies = sum(1 for k in fh.keys() if k.endswith("base_layer.weight"))
+    copies = sum(1 for k in load_file(adapter / "adapter_model.safetensors") if k.endswith("base_layer.weight"))
     assert copies == 2
     report = merge(adapter, base=base, output_dir=tmp_path / "m")
     assert report.merge_run is not None
