@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -230,6 +231,8 @@ def base_copy_mismatches(
             disk = own if own in base_ckpt.tensors else found[0]
             if own not in base_ckpt.tensors and not g.tied_by_config:
                 continue
+            if _same_bytes(adapter, e.base_copy, base_ckpt, disk):
+                continue  # the common case, settled by comparing the stored bytes (no float conversion)
             # a base saved in another precision (bf16 weights, an adapter trained on float32) is the same base:
             # both are compared in the narrower dtype, so only differences beyond its rounding count
             narrow = _narrower(adapter.tensors[e.base_copy].dtype, base_ckpt.tensors[disk].dtype)
@@ -245,6 +248,21 @@ def base_copy_mismatches(
                     )
                 )
     return out
+
+
+def _same_bytes(a: Checkpoint, name_a: str, b: Checkpoint, name_b: str, chunk: int = 32 * 2**20) -> bool:
+    """Whether two stored safetensors tensors have identical dtype, shape and bytes (False when unknown)."""
+    ia, ib = a.tensors[name_a], b.tensors[name_b]
+    ra, rb = a.byte_range(name_a), b.byte_range(name_b)
+    if ia.dtype != ib.dtype or tuple(ia.shape) != tuple(ib.shape) or ra is None or rb is None or ra[2] != rb[2]:
+        return False
+    for done in range(0, ra[2], chunk):
+        n = min(chunk, ra[2] - done)
+        a.stats.tensor_bytes += n
+        b.stats.tensor_bytes += n
+        if os.pread(ra[0], n, ra[1] + done) != os.pread(rb[0], n, rb[1] + done):
+            return False
+    return True
 
 
 def _narrower(a: str, b: str) -> str | None:

@@ -115,37 +115,8 @@ def forecast_group(
     def with_tokens(rows: torch.Tensor, a: int, b: int) -> torch.Tensor:
         return apply_tokens(rows, a, b, tokens)
 
-    # storage classes after merge_and_unload: every layer still on the shared Parameter, and each copy
-    # (with ensure_weight_tying peft keeps the copies tied to each other: one storage)
-    classes: dict[str, list[str]] = {}
-    for m in members:
-        cls = ("copy" if settings.ensure_weight_tying else f"copy:{m}") if m in copies else "shared"
-        classes.setdefault(cls, []).append(m)
-    untied_after = len(classes) > 1  # PEFT's post-merge check: the data pointers differ
-    # what each member holds after merge -> save -> reload: "shared" (the merged shared weight), the member
-    # whose copy it gets, or None (dropped by the save under an untied config: random init)
-    reload: dict[str, str | None] = {}
-    if not untied_after:
-        kept = members[0]
-        for m in members:
-            reload[m] = kept if kept in copies else "shared"
-    else:
-        for names in classes.values():
-            # save_pretrained keeps one name per storage; the config is untied, so the others load random
-            for i, m in enumerate(names):
-                reload[m] = (m if m in copies else "shared") if i == 0 else None
-
-    mechanisms = []
-    lora_members = [m for m in members if m in deltas]
-    if lora_members and not untied_after:
-        if len(lora_members) > 1 and settings.ensure_weight_tying:
-            mechanisms.append(MECH_DOUBLE)
-        elif len(lora_members) < len(members):
-            mechanisms.append(MECH_SHARED)
-        else:
-            mechanisms.append(MECH_SUM)
-    if any(v is None for v in reload.values()):
-        mechanisms.append(MECH_DROPPED)
+    structure = peft_merge_structure(members, edits, settings)
+    reload, untied_after, mechanisms = structure.reload, structure.untied_after, structure.mechanisms
 
     # one pass over the rows: W0 and each delta are read once per chunk, and the probe logits of every
     # distinct tensor are computed once per chunk, whatever the number of comparisons that use it
@@ -185,7 +156,55 @@ def forecast_group(
             continue
         rows_diff = rows_worst[m] * embed_scale if probe_rows else None
         per_member[m] = MemberForecast(m, edits.get(m), merge_acc[m].result(), embedding_rows_diff=rows_diff)
-    return GroupForecast(source, members, adapter_diffs, per_member, not untied_after, tuple(mechanisms))
+    return GroupForecast(source, members, adapter_diffs, per_member, not untied_after, mechanisms)
+
+
+@dataclass(frozen=True)
+class MergeStructure:
+    """What PEFT's merge_and_unload -> save_pretrained -> from_pretrained does to a tied group, from the edits
+    alone: which weight each member reloads with ("shared": the one merged shared weight; a member name: that
+    member's trained copy; None: dropped by the save, random init), whether PEFT unties the config, and why the
+    result differs from the adapter (mechanisms)."""
+
+    reload: dict[str, str | None]
+    untied_after: bool
+    mechanisms: tuple[str, ...]
+
+
+def peft_merge_structure(
+    members: tuple[str, ...], edits: dict[str, ModuleEdit], settings: AdapterSettings
+) -> MergeStructure:
+    copies = {m for m, e in edits.items() if e.full_copy}
+    lora = {m for m, e in edits.items() if e.lora and not e.full_copy}
+    # storage classes after merge_and_unload: every layer still on the shared Parameter, and each copy
+    # (with ensure_weight_tying peft keeps the copies tied to each other: one storage)
+    classes: dict[str, list[str]] = {}
+    for m in members:
+        cls = ("copy" if settings.ensure_weight_tying else f"copy:{m}") if m in copies else "shared"
+        classes.setdefault(cls, []).append(m)
+    untied_after = len(classes) > 1  # PEFT's post-merge check: the data pointers differ
+    reload: dict[str, str | None] = {}
+    if not untied_after:
+        kept = members[0]
+        for m in members:
+            reload[m] = kept if kept in copies else "shared"
+    else:
+        for names in classes.values():
+            # save_pretrained keeps one name per storage; the config is untied, so the others load random
+            for i, m in enumerate(names):
+                reload[m] = (m if m in copies else "shared") if i == 0 else None
+    mechanisms = []
+    lora_members = [m for m in members if m in lora]
+    if lora_members and not untied_after:
+        if len(lora_members) > 1 and settings.ensure_weight_tying:
+            mechanisms.append(MECH_DOUBLE)
+        elif len(lora_members) < len(members):
+            mechanisms.append(MECH_SHARED)
+        else:
+            mechanisms.append(MECH_SUM)
+    if any(v is None for v in reload.values()):
+        mechanisms.append(MECH_DROPPED)
+    return MergeStructure(reload, untied_after, tuple(mechanisms))
 
 
 def delta_reader(lora: LoraPart, adapter: TensorReader, *, transposed: bool = False) -> RowReader:

@@ -183,10 +183,10 @@ class MergeGroup:
     members: tuple[str, ...]
     result: str  # "tied" (one stored tensor, flag true) | "untied" (every member stored, flag false)
     why: str
-    # what PEFT's merge_and_unload -> save_pretrained -> from_pretrained would give instead (forecast):
-    # the worst max |logit difference| over the members against the unmerged adapter, None when not computed
-    peft_max_abs_logit_diff: float | None = None
+    # how PEFT's own merge_and_unload -> save_pretrained -> from_pretrained would break this group (the TIE102
+    # mechanisms; empty when PEFT's merge is right), and the same in words
     peft_mechanisms: tuple[str, ...] = ()
+    peft_problem: str | None = None
 
 
 @dataclass(frozen=True)

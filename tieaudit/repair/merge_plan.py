@@ -13,10 +13,10 @@ does not merge exactly (DoRA, LoRA bias), or shapes that do not fit the base ref
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from tieaudit.adapters import PREFIX, AdapterSettings, ModuleEdit, module_edits
+from tieaudit.adapters import PREFIX, AdapterSettings, LoraPart, ModuleEdit, module_edits
 from tieaudit.checkpoint.types import TensorInfo
 from tieaudit.graph import TieGraph
 from tieaudit.model import TieStatus
@@ -165,6 +165,50 @@ def _check_fit(param: str, edit: ModuleEdit, tensors: Mapping[str, TensorInfo], 
         got = tuple(tensors[key].shape)
         if len(shape) != 2 or got != (len(idx), shape[1]) or any(i < 0 or i >= shape[0] for i in idx):
             raise MergeRefused(f"trainable tokens {list(got)} at indices {list(idx)} do not fit the base's {where}")
+
+
+# whether two adapter tensors are equal; with the flag, the second compared transposed (a [r, n] vs a [n, r])
+TensorsEqual = Callable[[str, str, bool], bool]
+
+
+def runtime_equal(
+    members: tuple[str, ...], edits: Mapping[str, ModuleEdit], transposed: frozenset[str], same: TensorsEqual
+) -> bool:
+    """Whether the unmerged adapter provably gives every member of a tied group the same weight, from the
+    adapter's own tensors: no member edited (trainable tokens apply to the whole group), the same trained copy on
+    each (tied modules_to_save), or LoRA factors that make the same delta (ensure_weight_tying saves the head's
+    factors as the embedding's, transposed). Anything else is treated as different and the group is untied, which
+    also reproduces the adapter exactly (a zero delta on one side only costs the tie)."""
+    core = [e if e is not None and (e.lora or e.full_copy) else None for e in (edits.get(m) for m in members)]
+    if all(e is None for e in core):
+        return True
+    if any(e is None for e in core):
+        return False
+    ref, ref_member = core[0], members[0]
+    assert ref is not None
+    for e, m in zip(core[1:], members[1:], strict=True):
+        assert e is not None
+        if ref.full_copy and e.full_copy:
+            if ref.full_copy != e.full_copy and not same(ref.full_copy, e.full_copy, False):
+                return False
+        elif ref.lora and e.lora and not ref.full_copy and not e.full_copy:
+            if not _same_delta(ref.lora, ref_member in transposed, e.lora, m in transposed, same):
+                return False
+        else:
+            return False
+    return True
+
+
+def _same_delta(x: LoraPart, x_t: bool, y: LoraPart, y_t: bool, same: TensorsEqual) -> bool:
+    """LoRA deltas, each shaped like its weight: (B @ A).T * s for an embedding or a Conv1D weight, B @ A * s for a
+    Linear. Same orientation: the same factors; opposite: each factor is the other's transposed counterpart."""
+    if x.scaling != y.scaling or x.r != y.r:
+        return False
+    x_flip = x.kind == "embedding" or x_t
+    y_flip = y.kind == "embedding" or y_t
+    if x_flip == y_flip:
+        return same(x.a, y.a, False) and same(x.b, y.b, False)
+    return same(x.a, y.b, True) and same(x.b, y.a, True)
 
 
 def base_values(graph: TieGraph, base_tensors: Mapping[str, TensorInfo]) -> dict[str, TensorInfo]:

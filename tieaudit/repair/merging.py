@@ -36,6 +36,7 @@ from tieaudit.repair.merge_plan import (
     base_values,
     broken_base,
     plan_merge,
+    runtime_equal,
     tied_groups,
 )
 from tieaudit.repair.write import (
@@ -57,7 +58,7 @@ if TYPE_CHECKING:
     from tieaudit.adapters import AdapterSettings
     from tieaudit.checkpoint import Checkpoint
     from tieaudit.compare import StreamingDiff
-    from tieaudit.forecast import GroupForecast, TensorReader
+    from tieaudit.forecast import TensorReader
     from tieaudit.graph import TieGraph
 
 Progress = Callable[[str, int, int], None]
@@ -80,6 +81,8 @@ TOKENIZER_FILES = frozenset(
         "chat_template.json",
     }
 )
+# the largest relative (Frobenius) difference that rounding a float32 merge to the stored dtype explains
+ROUNDING = {"F64": 1e-6, "F32": 1e-6, "F16": 2.0**-10, "BF16": 2.0**-7}
 _NOT_CARRIED = frozenset({"config.json", "adapter_config.json", "model.safetensors.index.json"})
 
 
@@ -132,7 +135,7 @@ def merge(
         if progress:
             progress("reading the base's tie graph", 0, 0)
         try:
-            job = _prepare(ad, base_ckpt, settings, probe_tokens)
+            job = _prepare(ad, base_ckpt, settings)
         except MergeRefused as exc:
             raise InputError(f"cannot merge {display}: {exc}") from None
         after, written, comparisons = _write(ad, base_ckpt, job, dest, fail_level, exit_zero, probe_tokens, progress)
@@ -176,12 +179,14 @@ class _Job:
         self.logit_params = logit_params
 
 
-def _prepare(ad: Checkpoint, base_ckpt: Checkpoint, settings: AdapterSettings, probes: int) -> _Job:
-    from tieaudit.adapter_analysis import applied_edits, base_copy_mismatches, base_graph, forecast_groups
+def _prepare(ad: Checkpoint, base_ckpt: Checkpoint, settings: AdapterSettings) -> _Job:
+    from tieaudit.adapter_analysis import applied_edits, base_copy_mismatches, base_graph
     from tieaudit.auditing import load_dtype
+    from tieaudit.forecast import peft_merge_structure
     from tieaudit.model import Skipped
     from tieaudit.repair.oracle import LibraryOracle
     from tieaudit.repair.plan import FixRefused, untie_config
+    from tieaudit.rules.adapter import MECHANISM_TEXT
 
     skipped: list[Skipped] = []
     graph, _ = base_graph(base_ckpt, skipped)
@@ -200,30 +205,26 @@ def _prepare(ad: Checkpoint, base_ckpt: Checkpoint, settings: AdapterSettings, p
     applied = {k: v for k, v in applied.items() if v.changes_weight}
     notes = [f"adapter weights for {name} are not merged: {why} (peft ignores them too)" for name, why in ignored]
 
-    forecasts, _ = forecast_groups(ad, base_ckpt, graph, applied, settings, probes, [], skipped)
-    by_source = {fc.source: fc for fc in forecasts}
+    same = _AdapterTensorsEqual(ad)
+    transposed = graph.declared.transposed
     keep: dict[str, bool] = {}
     groups: list[MergeGroup] = []
     pointers: set[str] = set()
     for source, members, _ in tied_groups(graph):
-        if not any(m in applied for m in members):
+        group_edits = {m: applied[m] for m in members if m in applied}
+        if not group_edits:
             continue
-        fc = by_source.get(source)
-        if fc is None:
-            raise MergeRefused(f"the tied group of {source} could not be measured")
-        apart = fc.runtime_untied()
-        keep[source] = not apart
-        peft = _peft_worst(fc)
-        if apart:
-            worst = max(fc.adapter_diffs[t].max_abs_diff for t in apart)
-            why = (
-                f"the adapter uses different weights for {source} and {', '.join(apart)} at run time "
-                f"(max |diff| {worst:.3g}): stored separately, tie flag false"
-            )
-            pointers.update(p.flag.pointer for p in graph.pairs if p.source == source and p.flag is not None)
+        equal = runtime_equal(members, group_edits, transposed, same)
+        keep[source] = equal
+        if equal:
+            why = "the adapter gives every member the same weight: one stored tensor, the shared edit applied once"
         else:
-            why = "the adapter keeps the members equal at run time: one stored tensor, the shared edit applied once"
-        groups.append(MergeGroup(source, members, "untied" if apart else "tied", why, peft, fc.mechanisms))
+            edited = ", ".join(m for m in members if m in group_edits and group_edits[m].changes_weight)
+            why = f"the adapter edits {edited} differently from the rest of the group: each stored, tie flag false"
+            pointers.update(p.flag.pointer for p in graph.pairs if p.source == source and p.flag is not None)
+        structure = peft_merge_structure(members, group_edits, settings)
+        problem = "; ".join(MECHANISM_TEXT[m] for m in structure.mechanisms) or None
+        groups.append(MergeGroup(source, members, "tied" if equal else "untied", why, structure.mechanisms, problem))
 
     untied_active = None
     config: dict[str, Any] = {}
@@ -243,17 +244,6 @@ def _prepare(ad: Checkpoint, base_ckpt: Checkpoint, settings: AdapterSettings, p
     changes = _changes(layout, config, config_old, graph)
     in_groups = frozenset(m for g in graph.groups for m in g.members)
     return _Job(graph, layout, config, tuple(groups), changes, tuple(notes), in_groups)
-
-
-def _peft_worst(fc: GroupForecast) -> float | None:
-    """The worst logit difference PEFT's own merge -> save -> reload would give (inf: a member loads random)."""
-    worst: float | None = None
-    for f in fc.members_forecast.values():
-        if f.dropped:
-            return float("inf")
-        if f.merge_diff is not None and f.merge_diff.max_abs_logit_diff is not None:
-            worst = max(worst or 0.0, f.merge_diff.max_abs_logit_diff)
-    return worst
 
 
 def _changes(
@@ -290,6 +280,30 @@ def _recipe_detail(r: Recipe) -> str:
     if len(r.loads_as) == 1:
         return "merged: " + one(r.stored)
     return "merged, tied: " + "; ".join(f"{m} uses {one(m)}" for m in r.loads_as)
+
+
+class _AdapterTensorsEqual:
+    """Bitwise equality of two adapter tensors (the second optionally transposed), read in row chunks."""
+
+    def __init__(self, ad: Checkpoint) -> None:
+        self.ad = ad
+
+    def __call__(self, a: str, b: str, transposed: bool) -> bool:
+        import torch
+
+        ia, ib = self.ad.tensors[a], self.ad.tensors[b]
+        if ia.dtype != ib.dtype:
+            return False
+        if transposed:
+            if len(ia.shape) != 2 or tuple(ia.shape) != tuple(reversed(ib.shape)):
+                return False
+            rows_b = self.ad.read_rows(b, 0, ib.shape[0])  # LoRA factors: [r, n] or [n, r], small
+            return bool(torch.equal(self.ad.read_rows(a, 0, ia.shape[0]), rows_b.T))
+        if tuple(ia.shape) != tuple(ib.shape):
+            return False
+        return all(
+            torch.equal(chunk, self.ad.read_rows(b, start, start + len(chunk))) for start, chunk in self.ad.iter_rows(a)
+        )
 
 
 # -- writing -----------------------------------------------------------------------------------------------
@@ -331,7 +345,7 @@ def _write(
             done += len(tensors)
             for _, _, data in entries:
                 if isinstance(data, _Producer):
-                    comparisons.extend(data.comparisons())
+                    comparisons.extend(data.checked_comparisons())
         fault("weights")
         if job.layout.index_file is not None:
             written += write_text(staging / job.layout.index_file, _index_text(base_ckpt, job.layout))
@@ -405,9 +419,10 @@ class _Producer:
             for m in r.loads_as:
                 if m in copies:
                     runtime[m] = copies[m](start, stop)
+                elif m in deltas:
+                    runtime[m] = apply_tokens(w + deltas[m](start, stop), start, stop, tokens)
                 else:
-                    value = w + deltas[m](start, stop) if m in deltas else w.clone()
-                    runtime[m] = apply_tokens(value, start, stop, tokens)
+                    runtime[m] = w if tokens is None else apply_tokens(w.clone(), start, stop, tokens)
             stored = runtime[r.stored].to(dtype)
             back = stored.to(torch.float32)
             logits = LogitCache(h) if h is not None else None
@@ -415,6 +430,19 @@ class _Producer:
                 self.accs[m].update(start, back, runtime[m], logits)
             yield stored
             del w, runtime, back
+
+    def checked_comparisons(self) -> list[Comparison]:
+        """The measured comparisons; raises WriteError when a written weight is further from the adapter's
+        run-time weight than rounding to the stored dtype explains (a tied group whose members were not equal)."""
+        out = self.comparisons()
+        bound = ROUNDING.get(self.out.info.dtype, 0.0)
+        for c in out:
+            if c.rel_diff is None or c.rel_diff > bound:
+                raise WriteError(
+                    f"internal check failed: the merged {self.out.name} is {c.rel_diff:.3g} (relative) away from "
+                    f"{c.tensor} as the adapter uses it, beyond {self.out.info.dtype} rounding; nothing was written"
+                )
+        return out
 
     def comparisons(self) -> list[Comparison]:
         out = []

@@ -313,45 +313,94 @@ def write_safetensors(ckpt: Checkpoint, entries: Iterable[Entry], dest: Path, me
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    writer = _FileWriter(fd)
     try:
-        _write_all(fd, struct.pack("<Q", len(raw)) + raw)
+        writer.put(struct.pack("<Q", len(raw)) + raw)
         for name, info, data_from in ordered:
             if isinstance(data_from, str):
-                _copy_tensor(ckpt, data_from, fd)
-                continue
+                rng = ckpt.byte_range(data_from)
+                if rng is not None:  # copied file to file by the writer thread
+                    ckpt.stats.tensor_bytes += rng[2]
+                    writer.put((*rng, f"{ckpt.tensors[data_from].file}: ended while copying {data_from}"))
+                    continue
+                chunks: Iterable[Any] = (chunk for _, chunk in ckpt.iter_rows(data_from, COPY_CHUNK))
+            else:
+                chunks = data_from()
             produced = 0
-            for chunk in data_from():
+            for chunk in chunks:  # computed here while the writer thread writes the previous chunks
                 data = _tensor_bytes(chunk)
                 produced += len(data)
-                _write_all(fd, data)
+                writer.put(data)
             if produced != info.nbytes:
                 raise WriteError(f"internal error: {name} produced {produced} bytes, its header says {info.nbytes}")
+        writer.close()
         os.fsync(fd)
     finally:
+        writer.close(raise_error=False)
         os.close(fd)
     return 8 + len(raw) + offset
 
 
-def _copy_tensor(ckpt: Checkpoint, name: str, out_fd: int) -> None:
-    rng = ckpt.byte_range(name)
-    if rng is None:
-        for _, chunk in ckpt.iter_rows(name, COPY_CHUNK):
-            _write_all(out_fd, _tensor_bytes(chunk))
-        return
-    fd, offset, length = rng
-    ckpt.stats.tensor_bytes += length
+class _FileWriter:
+    """Writes to one descriptor from a background thread, in order, so that computing the next chunk (on the
+    calling thread) overlaps with writing the previous one. At most ``depth`` items wait (bounded memory).
+    Items: bytes-like data, or ``(source fd, offset, length, message)`` to copy file to file."""
+
+    def __init__(self, fd: int, depth: int = 3) -> None:
+        import queue
+        import threading
+
+        self.fd = fd
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.closed = False
+        self.thread = threading.Thread(target=self._run, name="tieaudit-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue  # drain after a failure; the caller raises it
+            try:
+                if isinstance(item, tuple):
+                    src_fd, offset, length, message = item
+                    _copy_range(src_fd, offset, length, message, self.fd)
+                else:
+                    _write_all(self.fd, item)
+            except BaseException as exc:  # reported to the calling thread
+                self.error = exc
+
+    def put(self, item: Any) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(item)
+
+    def close(self, raise_error: bool = True) -> None:
+        if not self.closed:
+            self.closed = True
+            self.queue.put(None)
+            self.thread.join()
+        if raise_error and self.error is not None:
+            raise self.error
+
+
+def _copy_range(src_fd: int, offset: int, length: int, message: str, out_fd: int) -> None:
+    """Copy ``length`` bytes at ``offset`` of ``src_fd`` to the end of ``out_fd`` (in-kernel when possible)."""
     done = 0
     while done < length:
         try:
-            n = os.copy_file_range(fd, out_fd, length - done, offset + done)  # one call per tensor: fastest
+            n = os.copy_file_range(src_fd, out_fd, length - done, offset + done)  # one call per tensor: fastest
         except OSError as exc:
             if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
                 raise
             n = 0
         if n == 0:  # no copy_file_range here (or a short source): plain reads and writes
-            data = os.pread(fd, min(length - done, COPY_CHUNK), offset + done)
+            data = os.pread(src_fd, min(length - done, COPY_CHUNK), offset + done)
             if not data:
-                raise WriteError(f"{ckpt.tensors[name].file}: ended while copying {name}")
+                raise WriteError(message)
             _write_all(out_fd, data)
             n = len(data)
         done += n

@@ -142,11 +142,8 @@ def merge_run_dict(run: MergeRun) -> dict[str, Any]:
                 "members": list(g.members),
                 "result": g.result,
                 "why": g.why,
-                # what peft's merge_and_unload -> save -> reload would give instead (null: not computed, or a
-                # member that peft's save drops and transformers initialises randomly)
-                "peft_max_abs_logit_diff": _num(g.peft_max_abs_logit_diff),
-                "peft_drops_a_member": g.peft_max_abs_logit_diff is not None and math.isinf(g.peft_max_abs_logit_diff),
                 "peft_mechanisms": list(g.peft_mechanisms),
+                "peft_problem": g.peft_problem,
             }
             for g in run.groups
         ],

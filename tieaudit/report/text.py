@@ -132,7 +132,7 @@ def render(report: Report, options: RenderOptions) -> str:
             console.print()
     if report.fix_run is not None:
         _print_fix(console, report)
-    if report.merge_run is not None:
+    if report.merge_run is not None and options.verbosity >= 0:
         _print_merge(console, report, options.verbosity)
     if not report.findings and options.verbosity >= 0:
         if report.skipped:
@@ -176,12 +176,8 @@ def _print_merge(console: Console, report: Report, verbosity: int) -> None:
     for g in run.groups:
         style = "green" if g.result == "tied" else "blue"
         console.print(f"  [{style}]{g.result:<6}[/] {escape(' / '.join(g.members))}: {escape(g.why)}")
-        if g.peft_max_abs_logit_diff is not None and g.peft_max_abs_logit_diff > 0:
-            how = f" ({', '.join(g.peft_mechanisms)})" if g.peft_mechanisms else ""
-            console.print(
-                f"         [dim]peft's merge_and_unload would be off by up to {_fmt(g.peft_max_abs_logit_diff)} "
-                f"in probe logits{escape(how)}[/]"
-            )
+        if g.peft_problem:
+            console.print(f"         [dim]peft's merge_and_unload would get this wrong: {escape(g.peft_problem)}[/]")
     console.print(
         f"  LoRA merged into {len(run.merged)} weight{'s' if len(run.merged) != 1 else ''}; "
         f"{len(run.replaced)} replaced by trained copies or token rows"

@@ -94,7 +94,7 @@ def adapter_unties_weights(ctx: AdapterContext) -> Iterator[Finding]:
             )
 
 
-_MECHANISM_TEXT = {
+MECHANISM_TEXT = {
     MECH_SHARED: "PEFT merges the LoRA delta in place into the one weight the tied layers share, so the layer "
     "that was not adapted changes too",
     MECH_DOUBLE: "the tied LoRA factors (ensure_weight_tying) are merged once per tied layer into the one shared "
@@ -157,7 +157,7 @@ def merge_corrupts_tied_weights(ctx: AdapterContext) -> Iterator[Finding]:
                     "embedding_rows_max_abs_diff": f.embedding_rows_diff,
                 }
             )
-        mechanisms = "; ".join(_MECHANISM_TEXT[m] for m in fc.mechanisms) or "the merged weights differ"
+        mechanisms = "; ".join(MECHANISM_TEXT[m] for m in fc.mechanisms) or "the merged weights differ"
         w = fc.members_forecast[worst]
         if w.dropped or w.merge_diff is None:
             measured = f"{worst} would be randomly initialised"
