@@ -651,14 +651,8 @@ Command lines:
 
 
 def write_readme(section: str) -> None:
-    """Replace the "## Adapter check" section (up to the next "## " heading, e.g. bench_fix.py's) or append it."""
-    text = README.read_text()
-    at = text.find(f"\n{SECTION}\n")
-    if at < 0:
-        README.write_text(text.rstrip("\n") + "\n\n" + section)
-        return
-    end = text.find("\n## ", at + 1)
-    README.write_text(text[: at + 1] + section + (text[end + 1 :] if end >= 0 else ""))
+    """Replace the "## Adapter check" section of benchmarks/README.md (up to the next "## " heading) or append it."""
+    bc.replace_readme_section(SECTION, section)
 
 
 def machine_info() -> dict[str, str]:

@@ -601,6 +601,17 @@ def render_readme(rows: Sequence[Row], info: dict[str, str], repeats: int, elaps
     )
 
 
+def replace_readme_section(heading: str, section: str) -> None:
+    """Replace the section that starts with `heading` (up to the next "## " heading) in the README, or append it."""
+    text = README.read_text()
+    at = text.find(f"\n{heading}\n")
+    if at < 0:
+        README.write_text(text.rstrip("\n") + "\n\n" + section)
+        return
+    end = text.find("\n## ", at + 1)
+    README.write_text(text[: at + 1] + section + (text[end + 1 :] if end >= 0 else ""))
+
+
 def _shell(argv: Sequence[str]) -> str:
     """A readable command line: paths relative to the repository, the inline load script abbreviated."""
     parts = []

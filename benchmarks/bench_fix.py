@@ -243,14 +243,8 @@ def render_section(rows: Sequence[Row], info: dict[str, str], repeats: int) -> s
 
 
 def write_readme(section: str) -> None:
-    """Replace the "## Fix" section (up to the next "## " heading) or append it."""
-    text = bc.README.read_text()
-    at = text.find(f"\n{SECTION}\n")
-    if at < 0:
-        bc.README.write_text(text.rstrip("\n") + "\n\n" + section)
-        return
-    end = text.find("\n## ", at + 1)
-    bc.README.write_text(text[: at + 1] + section + (text[end + 1 :] if end >= 0 else ""))
+    """Replace the "## Fix" section of benchmarks/README.md (up to the next "## " heading) or append it."""
+    bc.replace_readme_section(SECTION, section)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
