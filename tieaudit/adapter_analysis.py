@@ -210,8 +210,15 @@ def _shape_mismatches(
 
 
 def base_copy_mismatches(
-    adapter: Checkpoint, base_ckpt: Checkpoint, graph: TieGraph, edits: dict[str, ModuleEdit], skip: set[str]
+    adapter: Checkpoint,
+    base_ckpt: Checkpoint,
+    graph: TieGraph,
+    edits: dict[str, ModuleEdit],
+    skip: set[str],
+    proven_equal: frozenset[str] = frozenset(),
 ) -> list[BaseMismatch]:
+    """Base copies (`base_layer.weight`) in the adapter that differ from the base's weight. ``proven_equal``: adapter
+    keys already found byte-identical to the base (see `same_bytes`)."""
     from tieaudit.compare import diff_tensors
     from tieaudit.forecast import differs
     from tieaudit.graph import cast_reader
@@ -231,7 +238,12 @@ def base_copy_mismatches(
             disk = own if own in base_ckpt.tensors else found[0]
             if own not in base_ckpt.tensors and not g.tied_by_config:
                 continue
-            if _same_bytes(adapter, e.base_copy, base_ckpt, disk):
+            if e.base_copy in proven_equal:
+                continue
+            equal, read = same_bytes(adapter, e.base_copy, base_ckpt, disk)
+            adapter.stats.tensor_bytes += read
+            base_ckpt.stats.tensor_bytes += read
+            if equal:
                 continue  # the common case, settled by comparing the stored bytes (no float conversion)
             # a base saved in another precision (bf16 weights, an adapter trained on float32) is the same base:
             # both are compared in the narrower dtype, so only differences beyond its rounding count
@@ -250,19 +262,20 @@ def base_copy_mismatches(
     return out
 
 
-def _same_bytes(a: Checkpoint, name_a: str, b: Checkpoint, name_b: str, chunk: int = 32 * 2**20) -> bool:
-    """Whether two stored safetensors tensors have identical dtype, shape and bytes (False when unknown)."""
+def same_bytes(a: Checkpoint, name_a: str, b: Checkpoint, name_b: str, chunk: int = 32 * 2**20) -> tuple[bool, int]:
+    """Whether two stored safetensors tensors have identical dtype, shape and bytes (False when it cannot tell), and
+    how many bytes were read from each. Touches no shared state, so it may run on another thread."""
     ia, ib = a.tensors[name_a], b.tensors[name_b]
     ra, rb = a.byte_range(name_a), b.byte_range(name_b)
     if ia.dtype != ib.dtype or tuple(ia.shape) != tuple(ib.shape) or ra is None or rb is None or ra[2] != rb[2]:
-        return False
+        return False, 0
+    read = 0
     for done in range(0, ra[2], chunk):
         n = min(chunk, ra[2] - done)
-        a.stats.tensor_bytes += n
-        b.stats.tensor_bytes += n
+        read += n
         if os.pread(ra[0], n, ra[1] + done) != os.pread(rb[0], n, rb[1] + done):
-            return False
-    return True
+            return False, read
+    return True, read
 
 
 def _narrower(a: str, b: str) -> str | None:

@@ -171,8 +171,9 @@ class StreamingDiff:
             self.equal = False
             d = a - b
             if d.numel():
-                # nan_to_num: a NaN in either tensor must not hide every other difference
-                self.max_abs = max(self.max_abs, float(torch.nan_to_num(d.abs_(), nan=math.inf, posinf=math.inf).max()))
+                worst = float(torch.linalg.vector_norm(d, ord=math.inf))  # max |d| in one pass
+                # a NaN in either tensor must not hide every other difference: it counts as infinitely far
+                self.max_abs = max(self.max_abs, math.inf if worst != worst else worst)
                 self.sq_diff += float(torch.linalg.vector_norm(d)) ** 2
             del d
         if self.top1 is not None and logits is not None:

@@ -207,27 +207,32 @@ def peft_merge_structure(
     return MergeStructure(reload, untied_after, tuple(mechanisms))
 
 
-def delta_reader(lora: LoraPart, adapter: TensorReader, *, transposed: bool = False) -> RowReader:
-    """Rows of a LoRA delta, shaped like the stored weight.
+class DeltaRows:
+    """Rows of a LoRA delta, shaped like the stored weight: ``delta(start, stop)``, or ``delta(start, stop, w)`` for
+    ``w + delta`` computed in one fused pass (``w``, float32 rows start..stop of the weight, is consumed).
 
     Embedding (A [r, vocab], B [hidden, r]) and a Linear stored [in, out] (transformers' Conv1D, where peft
     forces fan_in_fan_out): delta = (B @ A).T * s, so rows a..b are A[:, a:b].T @ B.T * s. A plain Linear
     (A [r, in], B [out, r]): delta = B @ A * s, rows a..b are B[a:b] @ A * s.
     """
-    a = adapter.full(lora.a)
-    b = adapter.full(lora.b)
-    s = lora.scaling
-    if lora.kind == "embedding" or transposed:
 
-        def transposed_rows(start: int, stop: int) -> torch.Tensor:
-            return (a[:, start:stop].T @ b.T) * s
+    def __init__(self, lora: LoraPart, adapter: TensorReader, *, transposed: bool = False) -> None:
+        self.flip = lora.kind == "embedding" or transposed
+        a, b = adapter.full(lora.a), adapter.full(lora.b)
+        # (left rows, right) so that rows start..stop of the delta are left[start:stop] @ right * s
+        self.left, self.right = (a.T, b.T) if self.flip else (b, a)
+        self.s = lora.scaling
 
-        return transposed_rows
+    def __call__(self, start: int, stop: int, w: torch.Tensor | None = None) -> torch.Tensor:
+        left = self.left[start:stop]
+        if w is None:
+            return (left @ self.right) * self.s
+        return w.addmm_(left, self.right, alpha=self.s)
 
-    def linear_rows(start: int, stop: int) -> torch.Tensor:
-        return (b[start:stop] @ a) * s
 
-    return linear_rows
+def delta_reader(lora: LoraPart, adapter: TensorReader, *, transposed: bool = False) -> DeltaRows:
+    """The rows of ``lora``'s delta (see `DeltaRows`)."""
+    return DeltaRows(lora, adapter, transposed=transposed)
 
 
 TokenRows = tuple[list[int], "torch.Tensor"]  # trainable-token indices and their trained rows

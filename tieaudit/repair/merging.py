@@ -134,10 +134,14 @@ def merge(
             raise InputError(f"base {base_path}: several weight files and no shard index")
         if progress:
             progress("reading the base's tie graph", 0, 0)
+        # the adapter's base copies are compared with the base while transformers is imported for the tie graph
+        copies = _BaseCopyCheck(ad, base_ckpt)
         try:
-            job = _prepare(ad, base_ckpt, settings)
+            job = _prepare(ad, base_ckpt, settings, copies)
         except MergeRefused as exc:
             raise InputError(f"cannot merge {display}: {exc}") from None
+        finally:
+            copies.thread.join()  # never leave it reading files the stack is about to close
         after, written, comparisons = _write(ad, base_ckpt, job, dest, fail_level, exit_zero, probe_tokens, progress)
         base_read = base_ckpt.stats.tensor_bytes
     run = MergeRun(
@@ -179,7 +183,7 @@ class _Job:
         self.logit_params = logit_params
 
 
-def _prepare(ad: Checkpoint, base_ckpt: Checkpoint, settings: AdapterSettings) -> _Job:
+def _prepare(ad: Checkpoint, base_ckpt: Checkpoint, settings: AdapterSettings, copies: _BaseCopyCheck) -> _Job:
     from tieaudit.adapter_analysis import applied_edits, base_copy_mismatches, base_graph
     from tieaudit.auditing import load_dtype
     from tieaudit.forecast import peft_merge_structure
@@ -197,7 +201,7 @@ def _prepare(ad: Checkpoint, base_ckpt: Checkpoint, settings: AdapterSettings) -
     if broken:
         raise MergeRefused(f"{broken}: the base's own tying is broken; run `tieaudit check` on it and fix it first")
     edits = adapter_edits(ad.tensors, settings, base_values(graph, base_ckpt.tensors), graph.declared.transposed)
-    mismatches = base_copy_mismatches(ad, base_ckpt, graph, edits, set())
+    mismatches = base_copy_mismatches(ad, base_ckpt, graph, edits, set(), copies.proven_equal())
     if mismatches:
         m = mismatches[0]
         raise MergeRefused(f"{m.detail} (max |diff| {m.max_abs_diff:.3g}): the adapter was trained on another base")
@@ -280,6 +284,48 @@ def _recipe_detail(r: Recipe) -> str:
     if len(r.loads_as) == 1:
         return "merged: " + one(r.stored)
     return "merged, tied: " + "; ".join(f"{m} uses {one(m)}" for m in r.loads_as)
+
+
+class _BaseCopyCheck:
+    """Compares, on a background thread, each `base_layer.weight` copy in the adapter with the base tensor of the same
+    name, byte for byte (the copies are embedding-sized: reading them overlaps with importing transformers)."""
+
+    def __init__(self, ad: Checkpoint, base_ckpt: Checkpoint) -> None:
+        import threading
+
+        from tieaudit.adapters import PREFIX
+
+        self.ad, self.base = ad, base_ckpt
+        self.pairs = [
+            (key, key[len(PREFIX) :].replace(".base_layer.weight", ".weight"))
+            for key in ad.tensors
+            if key.startswith(PREFIX) and key.endswith(".base_layer.weight")
+        ]
+        self.pairs = [(key, name) for key, name in self.pairs if name in base_ckpt.tensors]
+        self.equal: set[str] = set()
+        self.read = 0
+        self.thread = threading.Thread(target=self._run, name="tieaudit-base-copies", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        from tieaudit.adapter_analysis import same_bytes
+
+        for key, name in self.pairs:
+            try:
+                equal, read = same_bytes(self.ad, key, self.base, name)
+            except OSError:
+                return  # the main thread's own comparison will report it
+            self.read += read
+            if equal:
+                self.equal.add(key)
+
+    def proven_equal(self) -> frozenset[str]:
+        """Wait for the comparisons and account for what they read."""
+        self.thread.join()
+        self.ad.stats.tensor_bytes += self.read
+        self.base.stats.tensor_bytes += self.read
+        self.read = 0
+        return frozenset(self.equal)
 
 
 class _AdapterTensorsEqual:
@@ -412,6 +458,7 @@ class _Producer:
         h = probe_hidden_states(self.probes, hidden) if self.probes and hidden else None
         rows = shape[0] if shape else 1
         step = rows_per_chunk(shape)
+        shared_w = sum(1 for m in r.loads_as if m not in copies) > 1  # several members start from the same rows
         for start in range(0, rows, step):
             stop = min(rows, start + step)
             w = w0(start, stop)
@@ -419,8 +466,9 @@ class _Producer:
             for m in r.loads_as:
                 if m in copies:
                     runtime[m] = copies[m](start, stop)
-                elif m in deltas:
-                    runtime[m] = apply_tokens(w + deltas[m](start, stop), start, stop, tokens)
+                elif m in deltas:  # W0 + delta in one fused pass, into a copy when other members need W0
+                    merged = deltas[m](start, stop, w.clone() if shared_w else w)
+                    runtime[m] = apply_tokens(merged, start, stop, tokens)
                 else:
                     runtime[m] = w if tokens is None else apply_tokens(w.clone(), start, stop, tokens)
             stored = runtime[r.stored].to(dtype)
