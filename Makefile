@@ -24,6 +24,13 @@ demo: $(STAMP)
 	@echo "== tieaudit check fixtures/demo/llama-clean  (the same model saved tied) =="
 	@$(BIN)/tieaudit check fixtures/demo/llama-clean; echo "exit code: $$?"
 	@echo
+	@echo "== tieaudit check fixtures/demo/llama-lora-tied  (a real peft LoRA whose peft merge adds the tied delta twice) =="
+	@$(BIN)/tieaudit check fixtures/demo/llama-lora-tied -q; echo "exit code: $$?"
+	@echo
+	@echo "== tieaudit merge fixtures/demo/llama-lora-tied --output-dir <tmp>  (the exact merge; the tie is kept) =="
+	@tmp=$$(mktemp -d) && $(BIN)/tieaudit merge fixtures/demo/llama-lora-tied --output-dir $$tmp/merged; \
+	  code=$$?; rm -rf $$tmp; echo "exit code: $$code"
+	@echo
 	@echo "== tieaudit explain TIE002 =="
 	@$(BIN)/tieaudit explain TIE002
 

@@ -343,12 +343,21 @@ def test_demo_dirs(name, tmp_path_factory):
 
 
 def test_demo_is_reproducible(tmp_path):
-    from fixtures.make_demo import DEMOS, make_demo
+    from safetensors.torch import load_file
+
+    from fixtures.make_demo import ADAPTER_DEMOS, DEMOS, make_demo
 
     make_demo(tmp_path)
     assert (DEMO / "README.md").is_file()
     for name in DEMOS:
         assert config(tmp_path / name) == config(DEMO / name)
         fresh, committed = disk_tensors(tmp_path / name), disk_tensors(DEMO / name)
+        assert fresh.keys() == committed.keys()
+        assert all(torch.equal(fresh[k], committed[k]) for k in fresh)
+    for name in ADAPTER_DEMOS:
+        cfg = "adapter_config.json"
+        assert json.loads((tmp_path / name / cfg).read_text()) == json.loads((DEMO / name / cfg).read_text())
+        fresh = load_file(tmp_path / name / "adapter_model.safetensors")
+        committed = load_file(DEMO / name / "adapter_model.safetensors")
         assert fresh.keys() == committed.keys()
         assert all(torch.equal(fresh[k], committed[k]) for k in fresh)

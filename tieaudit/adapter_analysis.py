@@ -43,7 +43,9 @@ def analyse_adapter(
     settings = read_settings(adapter.adapter_config)
     skipped: list[Skipped] = []
     base_stats: list[ReadStats | None] = [None]
-    base_path, how = resolve_base(base, settings, Path(adapter.root))
+    # a relative base_model_name_or_path is joined to the adapter path as the user gave it, so reports and fix
+    # hints name the base the way the user would type it
+    base_path, how = resolve_base(base, settings, Path(path) if Path(path).is_dir() else Path(adapter.root))
 
     def result(
         graph: TieGraph | None,

@@ -7,6 +7,7 @@ hard-coded layer names. No torch import at module level; peft is never imported.
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -223,7 +224,7 @@ def resolve_base(explicit: str | None, settings: AdapterSettings, adapter_root: 
     name = settings.base_model_name_or_path
     if not name:
         return None, "adapter_config.json has no base_model_name_or_path; pass --base BASE"
-    for candidate in (Path(name), adapter_root / name):
+    for candidate in (Path(name), Path(os.path.normpath(adapter_root / name))):
         if candidate.is_dir():
             return candidate, f"base_model_name_or_path {name}"
     cached = _from_hf_cache(name)

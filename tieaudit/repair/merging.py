@@ -120,7 +120,8 @@ def merge(
             raise InputError(
                 f"adapter_config.json:/peft_type is {settings.peft_type}: tieaudit merge merges LoRA adapters only"
             )
-        base_path, how = resolve_base(None if base is None else os.fspath(base), settings, Path(ad.root))
+        adapter_dir = Path(display) if Path(display).is_dir() else Path(ad.root)
+        base_path, how = resolve_base(None if base is None else os.fspath(base), settings, adapter_dir)
         if base_path is None:
             raise UsageError(f"cannot merge without the base: {how}")
         dest = check_output_dir(output_dir, [Path(ad.root), base_path], "the adapter and base directories")
