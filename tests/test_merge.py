@@ -318,7 +318,8 @@ def test_cli_json_report(adapter_case, tmp_path: Path) -> None:
     assert {c["stage"] for c in doc["comparisons"]} >= {"merged"}
     assert "merged" in result.stderr  # the summary line goes to stderr
     text = runner.invoke(app, ["merge", str(adapter), "--base", str(base), "--output-dir", str(tmp_path / "t")])
-    assert text.exit_code == 0 and "tied" in text.stdout and "peft's merge_and_unload would get this wrong" in text.stdout
+    assert text.exit_code == 0 and "tied" in text.stdout
+    assert "peft's merge_and_unload would get this wrong" in text.stdout
 
 
 def test_tie102_hint_command_merges(adapter_case, tmp_path: Path) -> None:
@@ -391,3 +392,79 @@ def test_base_bytes_read_are_bounded(adapter_case, tmp_path: Path) -> None:
     assert report.merge_run is not None
     assert report.merge_run.bytes_written >= total
     assert report.merge_run.base_bytes_read == total + embed * (1 + copies)
+
+
+# -- cases found in review: each is checked against what peft really does (fixtures.adapter_builders.reality) ----
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        # trainable tokens on the head only: peft wraps the head alone, the embedding keeps W0
+        {"target_modules": ["q_proj", "v_proj"], "trainable_token_indices": {"lm_head": [5, 7]}},
+        # different indices on each side, no ensure_weight_tying: each side keeps its own rows
+        {"target_modules": ["q_proj"], "trainable_token_indices": {"embed_tokens": [5, 7], "lm_head": [9, 11]}},
+        # the same indices on both: peft ties the head to the embedding's token adapter
+        {"target_modules": ["q_proj"], "trainable_token_indices": {"embed_tokens": [5, 7], "lm_head": [5, 7]}},
+        # ensure_weight_tying with a rank pattern on the embedding only: the head gets the embedding's rank-6
+        # factors but keeps its configured r=4, so its scaling (alpha/4) differs from the embedding's (alpha/6)
+        {
+            "target_modules": ["q_proj", "v_proj", "embed_tokens", "lm_head"],
+            "rank_pattern": {"embed_tokens": 6},
+            "ensure_weight_tying": True,
+        },
+    ],
+    ids=["tokens-head-only", "tokens-different-indices", "tokens-same-indices", "tying-rank-pattern"],
+)
+def test_review_cases_match_peft(config: dict, adapter_case, tmp_path: Path) -> None:
+    from fixtures.adapter_builders import reality
+
+    base, _, _ = adapter_case("llama", "lora_embed")
+    adapter = build_custom_adapter("llama", _lora(**config), base, tmp_path / "adapter")
+    real = reality(base, adapter)
+    # tieaudit check's verdicts agree with peft
+    codes = {f.code for f in audit(adapter, base=base).findings}
+    assert ("TIE101" in codes) == (real.runtime_embed_vs_head > RUNTIME_TOL), (codes, real.runtime_embed_vs_head)
+    assert ("TIE102" in codes) == (real.adapter_vs_merged_logits > TOL * real.logit_scale), codes
+    # and the merge reproduces the adapter, tied exactly when the adapter keeps the pair equal
+    out = tmp_path / "merged"
+    report = merge(adapter, base=base, output_dir=out)
+    assert_reproduces(out, real.peft_logits, real.logit_scale)
+    tied = json.loads((out / "config.json").read_text())["tie_word_embeddings"]
+    assert tied is (real.runtime_embed_vs_head <= RUNTIME_TOL), report.merge_run.groups
+
+
+def test_lora_variants_are_refused(adapter_case, tmp_path: Path) -> None:
+    base, _, _ = adapter_case("llama", "lora_embed")
+    adapter = build_custom_adapter(
+        "llama",
+        _lora(target_modules=["q_proj", "v_proj"], alora_invocation_tokens=[3, 4], task_type="CAUSAL_LM"),
+        base,
+        tmp_path / "a",
+    )
+    _fails([str(adapter), "--base", str(base)], tmp_path / "out", "aLoRA")
+
+
+def test_base_copy_of_any_layer_must_match_the_base(adapter_case, tmp_path: Path) -> None:
+    """peft loads every saved `base_layer.weight` over the base's weight, tied or not: one that differs from the
+    base means another base, and the merge is refused."""
+    base, adapter0, _ = adapter_case("llama", "lora_embed")
+    adapter = tmp_path / "adapter"
+    shutil.copytree(adapter0, adapter)
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    base_q = load_file(base / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"]
+    key = "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"
+    tensors[key] = base_q.clone()
+    save_file(tensors, adapter / "adapter_model.safetensors")
+    assert merge(adapter, base=base, output_dir=tmp_path / "same").exit_code == 0  # the base's own values: fine
+    tensors[key] = base_q + 0.1
+    save_file(tensors, adapter / "adapter_model.safetensors")
+    _fails([str(adapter), "--base", str(base)], tmp_path / "other", "trained on another base")
+
+
+def test_refused_merge_creates_no_directories(adapter_case, tmp_path: Path) -> None:
+    base, _, _ = adapter_case("llama", "lora_embed")
+    adapter = build_custom_adapter("llama", _lora(target_modules=["q_proj"], use_dora=True), base, tmp_path / "a")
+    out = tmp_path / "deep" / "a" / "b" / "out"
+    _fails([str(adapter), "--base", str(base)], out, "DoRA")
+    assert not (tmp_path / "deep").exists()

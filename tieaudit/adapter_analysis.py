@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -100,7 +101,9 @@ def analyse_adapter(
     members = {n for g in graph.groups for n in g.members}
     edits = module_edits(adapter.tensors, settings, members)
     mismatches = _shape_mismatches(adapter, base_ckpt, graph, edits)
-    mismatches += base_copy_mismatches(adapter, base_ckpt, graph, edits, {m.param for m in mismatches})
+    mismatches += base_copy_mismatches(
+        adapter, base_ckpt, group_base_values(base_ckpt, graph), edits, {m.param for m in mismatches}
+    )
     if settings.use_dora or any(e.lora and e.lora.dora for e in edits.values()):
         skipped.append(
             Skipped(
@@ -211,56 +214,63 @@ def _shape_mismatches(
     return out
 
 
+def group_base_values(base_ckpt: Checkpoint, graph: TieGraph) -> dict[str, str]:
+    """Each tie-group member -> the stored base tensor its values load from (its own, or its tied group's)."""
+    out: dict[str, str] = {}
+    for g in graph.groups:
+        found = _group_shape(base_ckpt, graph, g.members)
+        if found is None:
+            continue
+        for m in g.members:
+            own = graph.disk_names.get(m)
+            if own is not None and own in base_ckpt.tensors:
+                out[m] = own
+            elif g.tied_by_config:
+                out[m] = found[0]
+    return out
+
+
 def base_copy_mismatches(
     adapter: Checkpoint,
     base_ckpt: Checkpoint,
-    graph: TieGraph,
+    values: Mapping[str, str],
     edits: dict[str, ModuleEdit],
     skip: set[str],
     proven_equal: frozenset[str] = frozenset(),
 ) -> list[BaseMismatch]:
-    """Base copies (`base_layer.weight`) in the adapter that differ from the base's weight. ``proven_equal``: adapter
-    keys already found byte-identical to the base (see `same_bytes`)."""
+    """Base copies (`base_layer.weight`) in the adapter that differ from the base's weight. ``values``: parameter ->
+    the stored base tensor it loads (see `group_base_values`); ``proven_equal``: adapter keys already found
+    byte-identical to the base (see `same_bytes`)."""
     from tieaudit.compare import diff_tensors
     from tieaudit.forecast import differs
     from tieaudit.graph import cast_reader
     from tieaudit.rules.context import BaseMismatch
 
     out = []
-    for g in graph.groups:
-        found = _group_shape(base_ckpt, graph, g.members)
-        if found is None:
+    for m, disk in values.items():
+        e = edits.get(m)
+        if e is None or e.base_copy is None or m in skip or e.base_copy in proven_equal:
             continue
-        for m in g.members:
-            e = edits.get(m)
-            if e is None or e.base_copy is None or m in skip:
-                continue
-            # the base's weight for this layer: its own stored tensor, or the shared one of a tied group
-            own = graph.disk_names.get(m)
-            disk = own if own in base_ckpt.tensors else found[0]
-            if own not in base_ckpt.tensors and not g.tied_by_config:
-                continue
-            if e.base_copy in proven_equal:
-                continue
-            equal, read = same_bytes(adapter, e.base_copy, base_ckpt, disk)
-            adapter.stats.tensor_bytes += read
-            base_ckpt.stats.tensor_bytes += read
-            if equal:
-                continue  # the common case, settled by comparing the stored bytes (no float conversion)
-            # a base saved in another precision (bf16 weights, an adapter trained on float32) is the same base:
-            # both are compared in the narrower dtype, so only differences beyond its rounding count
-            narrow = _narrower(adapter.tensors[e.base_copy].dtype, base_ckpt.tensors[disk].dtype)
-            d = diff_tensors(cast_reader(adapter, e.base_copy, narrow), cast_reader(base_ckpt, disk, narrow), found[1])
-            if differs(d):
-                out.append(
-                    BaseMismatch(
-                        m,
-                        "base-copy-differs",
-                        f"the base copy saved in the adapter ({e.base_copy}) differs from the base's weight",
-                        d.max_abs_diff,
-                        d.rel_diff,
-                    )
+        equal, read = same_bytes(adapter, e.base_copy, base_ckpt, disk)
+        adapter.stats.tensor_bytes += read
+        base_ckpt.stats.tensor_bytes += read
+        if equal:
+            continue  # the common case, settled by comparing the stored bytes (no float conversion)
+        # a base saved in another precision (bf16 weights, an adapter trained on float32) is the same base:
+        # both are compared in the narrower dtype, so only differences beyond its rounding count
+        narrow = _narrower(adapter.tensors[e.base_copy].dtype, base_ckpt.tensors[disk].dtype)
+        shape = tuple(base_ckpt.tensors[disk].shape)
+        d = diff_tensors(cast_reader(adapter, e.base_copy, narrow), cast_reader(base_ckpt, disk, narrow), shape)
+        if differs(d):
+            out.append(
+                BaseMismatch(
+                    m,
+                    "base-copy-differs",
+                    f"the base copy saved in the adapter ({e.base_copy}) differs from the base's weight",
+                    d.max_abs_diff,
+                    d.rel_diff,
                 )
+            )
     return out
 
 

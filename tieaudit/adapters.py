@@ -39,13 +39,23 @@ class AdapterSettings:
     use_dora: bool = False
     base_model_name_or_path: str | None = None
 
-    def scaling(self, module: str, r: int) -> float:
-        """LoRA scaling of one module: alpha / r, or alpha / sqrt(r) with rsLoRA (peft's get_pattern_key)."""
+    def rank(self, module: str) -> int:
+        """The rank peft configures for one module: its `rank_pattern` entry, else `r` (peft's get_pattern_key)."""
+        key = _pattern_key(self.rank_pattern, module)
+        return int(self.rank_pattern[key]) if key is not None else self.r
+
+    def scaling(self, module: str, r: int | None = None) -> float:
+        """LoRA scaling of one module: alpha / r, or alpha / sqrt(r) with rsLoRA, with alpha and r from the patterns.
+
+        peft takes r from the config, not from the factors: a head that `ensure_weight_tying` ties to the embedding's
+        factors keeps its own configured r (and so its own scaling) even when `rank_pattern` gives the embedding
+        another rank. ``r`` overrides the configured rank."""
         alpha = self.lora_alpha
         key = _pattern_key(self.alpha_pattern, module)
         if key is not None:
             alpha = float(self.alpha_pattern[key])
-        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+        rank = self.rank(module) if r is None else r
+        return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
 
     def named(self, module: str) -> bool:
         """Whether the config names this module (target_modules, modules_to_save or trainable tokens)."""
@@ -171,13 +181,11 @@ def module_edits(
         if f"{key}.lora_embedding_A" in tensors and f"{key}.lora_embedding_B" in tensors:
             a, b = f"{key}.lora_embedding_A", f"{key}.lora_embedding_B"
             r = tensors[a].shape[0]
-            lora = LoraPart(
-                "embedding", a, b, r, settings.scaling(module, r), f"{key}.lora_magnitude_vector" in tensors
-            )
+            lora = LoraPart("embedding", a, b, r, settings.scaling(module), f"{key}.lora_magnitude_vector" in tensors)
         elif f"{key}.lora_A.weight" in tensors and f"{key}.lora_B.weight" in tensors:
             a, b = f"{key}.lora_A.weight", f"{key}.lora_B.weight"
             r = tensors[a].shape[0]
-            lora = LoraPart("linear", a, b, r, settings.scaling(module, r), f"{key}.lora_magnitude_vector" in tensors)
+            lora = LoraPart("linear", a, b, r, settings.scaling(module), f"{key}.lora_magnitude_vector" in tensors)
         full = f"{key}.weight" if f"{key}.weight" in tensors else None
         base = f"{key}.base_layer.weight" if f"{key}.base_layer.weight" in tensors else None
         tok_key = f"{key}.token_adapter.trainable_tokens_delta"

@@ -16,7 +16,7 @@ Nothing here builds a model: the base and adapter tensors are read through row r
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -110,10 +110,18 @@ def forecast_group(
         if e.lora and not e.full_copy
     }
     copies = {m: adapter.rows(e.full_copy) for m, e in edits.items() if e.full_copy}
-    tokens = token_rows(edits.values(), adapter)
+    member_tokens = runtime_tokens(members, edits, settings)
+    loaded: dict[str, TokenRows | None] = {}  # adapter key -> rows, each read once
+    for tok in member_tokens.values():
+        if tok is not None and tok[1] not in loaded:
+            loaded[tok[1]] = load_tokens(tok, adapter)
+    tokens = {m: loaded[tok[1]] if tok is not None else None for m, tok in member_tokens.items()}
 
-    def with_tokens(rows: torch.Tensor, a: int, b: int) -> torch.Tensor:
-        return apply_tokens(rows, a, b, tokens)
+    def with_tokens(rows: torch.Tensor, a: int, b: int, m: str | None = None) -> torch.Tensor:
+        # m None: the shared weight after peft's merge, into which every wrapped layer writes its rows
+        for t in [tokens[m]] if m is not None else loaded.values():
+            apply_tokens(rows, a, b, t)
+        return rows
 
     structure = peft_merge_structure(members, edits, settings)
     reload, untied_after, mechanisms = structure.reload, structure.untied_after, structure.mechanisms
@@ -131,7 +139,9 @@ def forecast_group(
         w = w0(start, stop)
         d = {m: delta(start, stop) for m, delta in deltas.items()}
         held = {m: copies[m](start, stop) for m in copies}
-        rt = {m: held[m] if m in held else with_tokens(w + d[m] if m in d else w.clone(), start, stop) for m in members}
+        rt = {
+            m: held[m] if m in held else with_tokens(w + d[m] if m in d else w.clone(), start, stop, m) for m in members
+        }
         merged_rows = w
         for value in d.values():
             merged_rows = merged_rows + value
@@ -236,15 +246,33 @@ def delta_reader(lora: LoraPart, adapter: TensorReader, *, transposed: bool = Fa
 
 
 TokenRows = tuple[list[int], "torch.Tensor"]  # trainable-token indices and their trained rows
+TokenEdit = tuple[tuple[int, ...], str]  # trainable-token indices and the adapter key of their rows
 
 
-def token_rows(edits: Iterable[ModuleEdit], adapter: TensorReader) -> TokenRows | None:
-    """The trainable-token rows among ``edits`` (peft applies them to every layer of a tied group)."""
-    for e in edits:
-        if e.tokens is not None:
-            idx, key = e.tokens
-            return list(idx), adapter.full(key)
-    return None
+def runtime_tokens(
+    members: tuple[str, ...], edits: Mapping[str, ModuleEdit], settings: AdapterSettings
+) -> dict[str, TokenEdit | None]:
+    """The trainable tokens each member of a tied group uses at run time, as peft 0.21 wires them.
+
+    Each layer named in ``trainable_token_indices`` gets its own rows. On a tied base, peft ties the other members
+    (the head) to the input embedding's token adapter when the embedding has one and either
+    ``ensure_weight_tying`` is set or every listed tied layer names the same indices: the head then uses the
+    embedding's rows (``members[0]`` is the group's source, the input embedding)."""
+    own = {m: edits[m].tokens if m in edits else None for m in members}
+    source = own[members[0]]
+    if source is None:
+        return own
+    mismatch = any(t is not None and tuple(t[0]) != tuple(source[0]) for t in (own[m] for m in members[1:]))
+    if settings.ensure_weight_tying or not mismatch:
+        for m in members[1:]:
+            own[m] = source
+    return own
+
+
+def load_tokens(tokens: TokenEdit | None, adapter: TensorReader) -> TokenRows | None:
+    if tokens is None:
+        return None
+    return list(tokens[0]), adapter.full(tokens[1])
 
 
 def apply_tokens(rows: torch.Tensor, start: int, stop: int, tokens: TokenRows | None) -> torch.Tensor:

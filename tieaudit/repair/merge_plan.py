@@ -14,10 +14,11 @@ does not merge exactly (DoRA, LoRA bias), or shapes that do not fit the base ref
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tieaudit.adapters import PREFIX, AdapterSettings, LoraPart, ModuleEdit, module_edits
 from tieaudit.checkpoint.types import TensorInfo
+from tieaudit.forecast import TokenEdit, runtime_tokens
 from tieaudit.graph import TieGraph
 from tieaudit.model import TieStatus
 
@@ -39,14 +40,14 @@ class Recipe:
 
     ``loads_as`` are the in-memory parameters that load these values: the stored one first, then the tied targets
     that transformers fills from it. Each member's run-time value uses its own edit (``edits``) on the base values
-    ``w0`` (an on-disk name of the base); trainable ``tokens`` apply to every member, as peft applies them to a
-    tied group.
+    ``w0`` (an on-disk name of the base), then the trainable tokens it uses at run time (``tokens``: a tied head
+    uses the embedding's when peft ties them, see `forecast.runtime_tokens`).
     """
 
     w0: str
     loads_as: tuple[str, ...]
     edits: Mapping[str, ModuleEdit]
-    tokens: tuple[tuple[int, ...], str] | None = None
+    tokens: Mapping[str, TokenEdit | None] = field(default_factory=dict)  # member -> trainable tokens it uses
     transposed: frozenset[str] = frozenset()  # members stored [in, out] (Conv1D): their LoRA delta is transposed
     group: str | None = None  # the tied group's source, for the report
 
@@ -75,6 +76,31 @@ class MergeLayout:
 
 # -- reading the adapter against the base -----------------------------------------------------------------
 
+# adapter_config.json fields that switch on a LoRA variant (peft 0.21's `is_lora_variant` fields, QALoRA, layer
+# replication, parameter targets): the merged weight is no longer W0 + B @ A * scaling, or peft cannot merge it
+VARIANTS = {
+    "use_dora": "DoRA (use_dora): its weight-norm rescaling is not modelled",
+    "alora_invocation_tokens": "aLoRA (alora_invocation_tokens): the delta applies only after the invocation tokens",
+    "velora_config": "VeLoRA (velora_config)",
+    "monteclora_config": "MonteCLoRA (monteclora_config)",
+    "use_bdlora": "BD-LoRA (use_bdlora)",
+    "arrow_config": "Arrow routing (arrow_config)",
+    "kasa_config": "KaSA (kasa_config)",
+    "use_qalora": "QALoRA (use_qalora)",
+    "layer_replication": "layer replication (layer_replication): the adapted model has more layers than the base",
+    "target_parameters": "LoRA on parameters (target_parameters)",
+}
+
+
+def unsupported_variant(config: Mapping[str, object]) -> str | None:
+    """Why tieaudit does not merge this adapter's LoRA variant (None: plain LoRA)."""
+    for key, what in VARIANTS.items():
+        if config.get(key):
+            return what
+    if config.get("init_lora_weights") == "mica":
+        return "MiCA (init_lora_weights: mica)"
+    return None
+
 
 def adapter_edits(
     adapter_tensors: Mapping[str, TensorInfo],
@@ -88,10 +114,7 @@ def adapter_edits(
     `base_values`).
     """
     if settings.use_dora or any(k.endswith(".lora_magnitude_vector") for k in adapter_tensors):
-        raise MergeRefused(
-            "DoRA adapters (use_dora) are not merged by tieaudit: their weight-norm rescaling is not modelled; "
-            "merge with peft's merge_and_unload, then run `tieaudit check` on the result"
-        )
+        raise MergeRefused(f"tieaudit does not merge {VARIANTS['use_dora']}")
     if any(k.endswith(".lora_B.bias") for k in adapter_tensors):
         raise MergeRefused("LoRA bias terms (lora_bias) are not merged by tieaudit")
     params: set[str] = set()
@@ -172,13 +195,26 @@ TensorsEqual = Callable[[str, str, bool], bool]
 
 
 def runtime_equal(
-    members: tuple[str, ...], edits: Mapping[str, ModuleEdit], transposed: frozenset[str], same: TensorsEqual
+    members: tuple[str, ...],
+    edits: Mapping[str, ModuleEdit],
+    tokens: Mapping[str, TokenEdit | None],
+    transposed: frozenset[str],
+    same: TensorsEqual,
 ) -> bool:
     """Whether the unmerged adapter provably gives every member of a tied group the same weight, from the
-    adapter's own tensors: no member edited (trainable tokens apply to the whole group), the same trained copy on
-    each (tied modules_to_save), or LoRA factors that make the same delta (ensure_weight_tying saves the head's
-    factors as the embedding's, transposed). Anything else is treated as different and the group is untied, which
-    also reproduces the adapter exactly (a zero delta on one side only costs the tie)."""
+    adapter's own tensors: the same trainable tokens on every member (``tokens``, as peft wires them at run time),
+    and no member edited otherwise, the same trained copy on each (tied modules_to_save), or LoRA factors that make
+    the same delta (ensure_weight_tying saves the head's factors as the embedding's, transposed). Anything else is
+    treated as different and the group is untied, which also reproduces the adapter exactly (a zero delta on one
+    side only costs the tie)."""
+
+    def same_tokens(a: TokenEdit | None, b: TokenEdit | None) -> bool:
+        if a is None or b is None:
+            return a is None and b is None
+        return tuple(a[0]) == tuple(b[0]) and (a[1] == b[1] or same(a[1], b[1], False))
+
+    if not all(same_tokens(tokens.get(m), tokens.get(members[0])) for m in members[1:]):
+        return False
     core = [e if e is not None and (e.lora or e.full_copy) else None for e in (edits.get(m) for m in members)]
     if all(e is None for e in core):
         return True
@@ -250,6 +286,7 @@ def plan_merge(
     base_files: list[str],
     base_index: str | None,
     edits: Mapping[str, ModuleEdit],
+    settings: AdapterSettings,
     keep_tied: Mapping[str, bool],
     untied_active: Mapping[str, str] | None,
 ) -> MergeLayout:
@@ -271,10 +308,16 @@ def plan_merge(
     for source, members, data in tied_groups(graph):
         touched = [m for m in members if m in edits]
         handled.update(members)
-        group_tokens = next((e.tokens for e in (edits.get(m) for m in members) if e and e.tokens), None)
         group_edits = {m: edits[m] for m in members if m in edits}
+        group_tokens = runtime_tokens(members, group_edits, settings)
         # a group stays tied when the adapter keeps its members equal and no untie of a shared flag reaches it
         still_tied = untied_active is None or all(t in untied_active for t in members[1:])
+        if untied_active is not None and not still_tied and any(t in untied_active for t in members[1:]):
+            kept = [t for t in members[1:] if t in untied_active]
+            raise MergeRefused(
+                f"untying {source}'s group leaves {', '.join(kept)} tied to it (the config ties them regardless): "
+                "the merged model cannot store them separately"
+            )
         if touched and keep_tied.get(source, True) and still_tied:
             stored = next(m for m in members if disk.get(m) == data)
             order = (stored, *(m for m in members if m != stored))
@@ -284,8 +327,9 @@ def plan_merge(
         if not touched and still_tied:
             continue  # untouched and still tied: stored as the base stores it
         for m in members:
-            edited = m in edits or group_tokens is not None
-            recipe = Recipe(data, (m,), {m: edits[m]} if m in edits else {}, group_tokens, transposed, source)
+            edited = m in edits or group_tokens[m] is not None
+            own = {m: edits[m]} if m in edits else {}
+            recipe = Recipe(data, (m,), own, {m: group_tokens[m]}, transposed, source)
             if m in disk:
                 if edited:
                     recipes[disk[m]] = recipe
@@ -300,7 +344,7 @@ def plan_merge(
             (merged if edit.lora else replaced).append(param)
             continue
         name = disk[param]
-        recipes[name] = Recipe(name, (param,), {param: edit}, edit.tokens, transposed)
+        recipes[name] = Recipe(name, (param,), {param: edit}, {param: edit.tokens}, transposed)
         (merged if edit.lora else replaced).append(param)
 
     files: dict[str, list[OutTensor]] = {}

@@ -38,6 +38,7 @@ from tieaudit.repair.merge_plan import (
     plan_merge,
     runtime_equal,
     tied_groups,
+    unsupported_variant,
 )
 from tieaudit.repair.write import (
     Entry,
@@ -120,6 +121,9 @@ def merge(
             raise InputError(
                 f"adapter_config.json:/peft_type is {settings.peft_type}: tieaudit merge merges LoRA adapters only"
             )
+        variant = unsupported_variant(ad.adapter_config.data)
+        if variant:
+            raise InputError(f"cannot merge {display}: tieaudit does not merge {variant}")
         adapter_dir = Path(display) if Path(display).is_dir() else Path(ad.root)
         base_path, how = resolve_base(None if base is None else os.fspath(base), settings, adapter_dir)
         if base_path is None:
@@ -187,7 +191,7 @@ class _Job:
 def _prepare(ad: Checkpoint, base_ckpt: Checkpoint, settings: AdapterSettings, copies: _BaseCopyCheck) -> _Job:
     from tieaudit.adapter_analysis import applied_edits, base_copy_mismatches, base_graph
     from tieaudit.auditing import load_dtype
-    from tieaudit.forecast import peft_merge_structure
+    from tieaudit.forecast import peft_merge_structure, runtime_tokens
     from tieaudit.model import Skipped
     from tieaudit.repair.oracle import LibraryOracle
     from tieaudit.repair.plan import FixRefused, untie_config
@@ -201,8 +205,11 @@ def _prepare(ad: Checkpoint, base_ckpt: Checkpoint, settings: AdapterSettings, c
     broken = broken_base(graph)
     if broken:
         raise MergeRefused(f"{broken}: the base's own tying is broken; run `tieaudit check` on it and fix it first")
-    edits = adapter_edits(ad.tensors, settings, base_values(graph, base_ckpt.tensors), graph.declared.transposed)
-    mismatches = base_copy_mismatches(ad, base_ckpt, graph, edits, set(), copies.proven_equal())
+    values = base_values(graph, base_ckpt.tensors)
+    edits = adapter_edits(ad.tensors, settings, values, graph.declared.transposed)
+    # peft loads every saved `base_layer` copy over the base's weight: each must be the base's, tied or not
+    stored = {param: info.name for param, info in values.items()}
+    mismatches = base_copy_mismatches(ad, base_ckpt, stored, edits, set(), copies.proven_equal())
     if mismatches:
         m = mismatches[0]
         raise MergeRefused(f"{m.detail} (max |diff| {m.max_abs_diff:.3g}): the adapter was trained on another base")
@@ -219,7 +226,8 @@ def _prepare(ad: Checkpoint, base_ckpt: Checkpoint, settings: AdapterSettings, c
         group_edits = {m: applied[m] for m in members if m in applied}
         if not group_edits:
             continue
-        equal = runtime_equal(members, group_edits, transposed, same)
+        tokens = runtime_tokens(members, group_edits, settings)
+        equal = runtime_equal(members, group_edits, tokens, transposed, same)
         keep[source] = equal
         if equal:
             why = "the adapter gives every member the same weight: one stored tensor, the shared edit applied once"
@@ -244,7 +252,14 @@ def _prepare(ad: Checkpoint, base_ckpt: Checkpoint, settings: AdapterSettings, c
         untied_active, config, config_old = uc.active, dict(uc.changes), dict(uc.old)
         notes.extend(uc.notes)
     layout = plan_merge(
-        graph, base_ckpt.tensors, list(base_ckpt.weight_files), base_ckpt.index_file, applied, keep, untied_active
+        graph,
+        base_ckpt.tensors,
+        list(base_ckpt.weight_files),
+        base_ckpt.index_file,
+        applied,
+        settings,
+        keep,
+        untied_active,
     )
     changes = _changes(layout, config, config_old, graph)
     in_groups = frozenset(m for g in graph.groups for m in g.members)
@@ -273,7 +288,7 @@ def _changes(
 def _recipe_detail(r: Recipe) -> str:
     def one(m: str) -> str:
         e = r.edits.get(m)
-        tokens = " + trainable tokens" if r.tokens else ""
+        tokens = " + trainable tokens" if r.tokens.get(m) else ""
         if e is None:
             return "base values" + tokens
         if e.full_copy:
@@ -439,7 +454,7 @@ class _Producer:
 
         from tieaudit.checkpoint.pickled import torch_dtype
         from tieaudit.compare import LogitCache, StreamingDiff, probe_hidden_states, rows_per_chunk
-        from tieaudit.forecast import TensorReader, apply_tokens, delta_reader
+        from tieaudit.forecast import TensorReader, apply_tokens, delta_reader, load_tokens
 
         r = self.recipe
         shape = tuple(self.out.info.shape)
@@ -451,9 +466,7 @@ class _Producer:
             if e.lora is not None and not e.full_copy
         }
         copies = {m: self.adapter.rows(e.full_copy) for m, e in r.edits.items() if e.full_copy}
-        tokens = None
-        if r.tokens is not None:
-            tokens = (list(r.tokens[0]), self.adapter.full(r.tokens[1]))
+        tokens = {m: load_tokens(r.tokens.get(m), self.adapter) for m in r.loads_as}
         hidden = shape[1] if len(shape) == 2 else None
         self.accs = {m: StreamingDiff(self.probes, hidden) for m in r.loads_as}
         h = probe_hidden_states(self.probes, hidden) if self.probes and hidden else None
@@ -469,9 +482,9 @@ class _Producer:
                     runtime[m] = copies[m](start, stop)
                 elif m in deltas:  # W0 + delta in one fused pass, into a copy when other members need W0
                     merged = deltas[m](start, stop, w.clone() if shared_w else w)
-                    runtime[m] = apply_tokens(merged, start, stop, tokens)
+                    runtime[m] = apply_tokens(merged, start, stop, tokens[m])
                 else:
-                    runtime[m] = w if tokens is None else apply_tokens(w.clone(), start, stop, tokens)
+                    runtime[m] = w if tokens[m] is None else apply_tokens(w.clone(), start, stop, tokens[m])
             stored = runtime[r.stored].to(dtype)
             back = stored.to(torch.float32)
             logits = LogitCache(h) if h is not None else None
@@ -486,10 +499,11 @@ class _Producer:
         out = self.comparisons()
         bound = ROUNDING.get(self.out.info.dtype, 0.0)
         for c in out:
-            if c.rel_diff is None or c.rel_diff > bound:
+            if c.rel_diff is None or not c.rel_diff <= bound:
+                gap = "an unmeasurable distance" if c.rel_diff is None else f"{c.rel_diff:.3g} (relative)"
                 raise WriteError(
-                    f"internal check failed: the merged {self.out.name} is {c.rel_diff:.3g} (relative) away from "
-                    f"{c.tensor} as the adapter uses it, beyond {self.out.info.dtype} rounding; nothing was written"
+                    f"internal check failed: the merged {self.out.name} is {gap} away from {c.tensor} as the "
+                    f"adapter uses it, beyond {self.out.info.dtype} rounding; nothing was written"
                 )
         return out
 
