@@ -262,7 +262,7 @@ def adapter_contents(directory: Path) -> dict[str, Any]:
 
 
 @dataclass
-class Result:
+class Result(bc.MeasuredRuns):
     """One measured command, warm, `len(runs)` times, and what it concluded."""
 
     key: str  # "i", "ii", "iii"
@@ -278,18 +278,6 @@ class Result:
     forecast: list[dict[str, Any]] = field(default_factory=list)  # comparisons of stage merge-reload
     phases: dict[str, float] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
-
-    @property
-    def wall(self) -> float:
-        return statistics.median(r.wall for r in self.runs)
-
-    @property
-    def peak_rss(self) -> int:
-        return int(statistics.median(r.peak_rss for r in self.runs))
-
-    @property
-    def exit(self) -> int:
-        return self.runs[-1].exit
 
 
 def _last_json(run: bc.Run) -> dict[str, Any] | None:

@@ -269,19 +269,10 @@ class Run:
     stderr: str = field(repr=False)
 
 
-@dataclass
-class Row:
-    """One line of the results table: a command measured warm, `len(runs)` times."""
+class MeasuredRuns:
+    """Medians over `self.runs` (a list of Run), for the results rows of every benchmark script."""
 
-    variant: str
-    command: str  # short form for the table
-    argv: list[str]  # what really ran
     runs: list[Run]
-    verdict: str
-    ok: bool  # the tool behaved as the variant expects
-    problems: list[str] = field(default_factory=list)
-    tensor_bytes: int | None = None
-    header_bytes: int | None = None
 
     @property
     def wall(self) -> float:
@@ -294,6 +285,30 @@ class Row:
     @property
     def exit(self) -> int:
         return self.runs[-1].exit
+
+
+def parse_args(doc: str, argv: Sequence[str] | None) -> argparse.Namespace:
+    """The options every benchmark script takes: --workdir, --quick, --no-readme."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    parser.add_argument("--quick", action="store_true", help="one measured run instead of 3")
+    parser.add_argument("--no-readme", action="store_true")
+    return parser.parse_args(argv)
+
+
+@dataclass
+class Row(MeasuredRuns):
+    """One line of the results table: a command measured warm, `len(runs)` times."""
+
+    variant: str
+    command: str  # short form for the table
+    argv: list[str]  # what really ran
+    runs: list[Run]
+    verdict: str
+    ok: bool  # the tool behaved as the variant expects
+    problems: list[str] = field(default_factory=list)
+    tensor_bytes: int | None = None
+    header_bytes: int | None = None
 
 
 def run_measured(argv: Sequence[str], scratch: Path) -> Run:

@@ -17,7 +17,6 @@ Usage: .venv/bin/python benchmarks/bench_fix.py [--workdir DIR] [--quick] [--no-
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -248,11 +247,7 @@ def write_readme(section: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=bc.DEFAULT_WORKDIR)
-    parser.add_argument("--quick", action="store_true", help="one measured run instead of 3")
-    parser.add_argument("--no-readme", action="store_true")
-    args = parser.parse_args(argv)
+    args = bc.parse_args(__doc__, argv)
     repeats = 1 if args.quick else 3
     sources = ensure_sources(args.workdir)
     scratch = args.workdir / "scratch-fix"

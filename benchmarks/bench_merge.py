@@ -19,11 +19,9 @@ Usage: .venv/bin/python benchmarks/bench_merge.py [--workdir DIR] [--quick] [--n
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -74,23 +72,11 @@ print(json.dumps(out))
 
 
 @dataclass
-class Row:
+class Row(bc.MeasuredRuns):
     command: str
     runs: list[bc.Run]
     bytes_out: int
     note: str = ""
-
-    @property
-    def wall(self) -> float:
-        return statistics.median(r.wall for r in self.runs)
-
-    @property
-    def peak_rss(self) -> int:
-        return int(statistics.median(r.peak_rss for r in self.runs))
-
-    @property
-    def exit(self) -> int:
-        return self.runs[-1].exit
 
 
 def _size(directory: Path) -> int:
@@ -180,11 +166,7 @@ def render_section(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=bc.DEFAULT_WORKDIR)
-    parser.add_argument("--quick", action="store_true", help="one measured run instead of 3")
-    parser.add_argument("--no-readme", action="store_true")
-    args = parser.parse_args(argv)
+    args = bc.parse_args(__doc__, argv)
     repeats = 1 if args.quick else 3
     base = ba.ensure_base(args.workdir)
     adapter, _ = ba.ensure_adapter(args.workdir, base)

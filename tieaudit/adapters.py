@@ -205,15 +205,21 @@ def module_edits(
     return out
 
 
-def unmatched_keys(tensors: dict[str, TensorInfo], edits: dict[str, ModuleEdit]) -> list[str]:
-    """Adapter keys of embedding-like layers the base does not have (a different base, or renamed layers)."""
+def edit_keys(edits: Iterable[ModuleEdit]) -> set[str]:
+    """The adapter keys the edits read."""
     used: set[str] = set()
-    for e in edits.values():
+    for e in edits:
         used.update(k for k in (e.full_copy, e.base_copy) if k)
         if e.lora:
             used.update((e.lora.a, e.lora.b))
         if e.tokens:
             used.add(e.tokens[1])
+    return used
+
+
+def unmatched_keys(tensors: dict[str, TensorInfo], edits: dict[str, ModuleEdit]) -> list[str]:
+    """Adapter keys of embedding-like layers the base does not have (a different base, or renamed layers)."""
+    used = edit_keys(edits.values())
     suffixes = ("lora_embedding_A", "lora_embedding_B", "trainable_tokens_delta")
     return sorted(k for k in tensors if k not in used and k.endswith(suffixes))
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from tieaudit.adapters import PREFIX, AdapterSettings, LoraPart, ModuleEdit, module_edits
+from tieaudit.adapters import PREFIX, AdapterSettings, LoraPart, ModuleEdit, edit_keys, module_edits
 from tieaudit.checkpoint.types import TensorInfo
 from tieaudit.forecast import TokenEdit, runtime_tokens
 from tieaudit.graph import TieGraph
@@ -156,13 +156,7 @@ def _module_of(rest: str) -> str | None:
 
 
 def _unused_keys(adapter_tensors: Mapping[str, TensorInfo], edits: Mapping[str, ModuleEdit]) -> list[str]:
-    used: set[str] = set()
-    for e in edits.values():
-        used.update(k for k in (e.full_copy, e.base_copy) if k)
-        if e.lora:
-            used.update((e.lora.a, e.lora.b))
-        if e.tokens:
-            used.add(e.tokens[1])
+    used = edit_keys(edits.values())
     return sorted(k for k in adapter_tensors if k not in used)
 
 
