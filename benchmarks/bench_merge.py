@@ -133,8 +133,9 @@ def render_section(
     ]
     for r, key in ((tie, "tieaudit"), (peft, "peft")):
         c = checks[key]
+        spread = f" ({min(x.wall for x in r.runs):.1f}–{max(x.wall for x in r.runs):.1f})" if len(r.runs) > 1 else ""
         lines.append(
-            f"| {r.command} | {r.wall:.2f} s | {r.peak_rss / bc.MIB:,.0f} MiB | {r.bytes_out / bc.MIB:,.0f} MiB | "
+            f"| {r.command} | {r.wall:.2f} s{spread} | {r.peak_rss / bc.MIB:,.0f} MiB | {r.bytes_out / bc.MIB:,.0f} MiB | "
             f"max abs {c['max_abs_logit_diff']:.3g} (after `tie_weights()`: {c['after_tie_weights']:.3g}), "
             f"top-1 {c['top1_agreement']:.3f} | {str(c['tie_word_embeddings']).lower()} |"
         )
@@ -149,6 +150,11 @@ def render_section(
         f"{tie.peak_rss / bc.MIB:,.0f} MiB",
         f"- [{'x' if wall_ok else ' '}] wall time no worse than peft's: {tie.wall:.2f} s vs {peft.wall:.2f} s "
         f"({peft.wall / tie.wall:.2f}x)",
+        "",
+        "Wall times in parentheses are the fastest and slowest measured runs: on this 2-core VM single runs of either",
+        "command vary by a few seconds (page-cache allocation and writeback), so the medians are close to a tie.",
+        "The import of torch and transformers (about 5 s) is in both; tieaudit also fsyncs what it writes, and",
+        "writes one more embedding-sized tensor (the correct, untied head).",
         "",
         f"What tieaudit decided: the pair is **{group.get('result', '?')}** ({group.get('why', '')}). "
         f"peft: {group.get('peft_problem') or 'merges this group correctly'}.",
