@@ -133,9 +133,11 @@ def render_section(
     ]
     for r, key in ((tie, "tieaudit"), (peft, "peft")):
         c = checks[key]
-        spread = f" ({min(x.wall for x in r.runs):.1f}–{max(x.wall for x in r.runs):.1f})" if len(r.runs) > 1 else ""
+        walls = [x.wall for x in r.runs]
+        spread = f" ({min(walls):.1f}–{max(walls):.1f})" if len(walls) > 1 else ""
         lines.append(
-            f"| {r.command} | {r.wall:.2f} s{spread} | {r.peak_rss / bc.MIB:,.0f} MiB | {r.bytes_out / bc.MIB:,.0f} MiB | "
+            f"| {r.command} | {r.wall:.2f} s{spread} | {r.peak_rss / bc.MIB:,.0f} MiB | "
+            f"{r.bytes_out / bc.MIB:,.0f} MiB | "
             f"max abs {c['max_abs_logit_diff']:.3g} (after `tie_weights()`: {c['after_tie_weights']:.3g}), "
             f"top-1 {c['top1_agreement']:.3f} | {str(c['tie_word_embeddings']).lower()} |"
         )
