@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_check.py
 	$(BIN)/python benchmarks/bench_adapter.py
 	$(BIN)/python benchmarks/bench_fix.py
+	$(BIN)/python benchmarks/bench_merge.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -574,7 +574,7 @@ compares lm_head with the embedding before tying them). Running the model would 
 ## Running
 
 ```sh
-make bench                                   # runs .venv/bin/python benchmarks/bench_check.py
+make bench                                   # bench_check.py, bench_adapter.py, bench_fix.py, bench_merge.py
 .venv/bin/python benchmarks/bench_check.py --quick          # 1 measured run per command
 .venv/bin/python benchmarks/bench_check.py --workdir /data/bench --no-readme
 ```
