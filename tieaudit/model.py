@@ -207,6 +207,17 @@ class MergeRun:
 
 
 @dataclass(frozen=True)
+class RuleDoc:
+    """A rule's documentation, as machine formats (SARIF) publish it beside the results."""
+
+    code: str
+    name: str
+    severity: Severity
+    summary: str
+    explain: str
+
+
+@dataclass(frozen=True)
 class Report:
     tool_version: str
     target: Target

@@ -6,14 +6,14 @@ import json
 
 from tieaudit.cli import options as o
 from tieaudit.cli.console import guarded, use_color
-from tieaudit.cli.output import FORMATS, check_choice, emit
+from tieaudit.cli.output import GRAPH_FORMATS, check_choice, emit
 
 
 @guarded
 def graph(
     path: o.PathArg,
     base: o.BaseOpt = None,
-    format: o.FormatOpt = "text",
+    format: o.GraphFormatOpt = "text",
     output: o.OutputOpt = None,
     color: o.ColorOpt = "auto",
 ) -> None:
@@ -22,10 +22,11 @@ def graph(
 
     from tieaudit.auditing import audit
     from tieaudit.report import RenderOptions
+    from tieaudit.report.graph_formats import dot, mermaid
     from tieaudit.report.json_format import group_dict
     from tieaudit.report.text import render_graph
 
-    fmt = check_choice(format, FORMATS, "--format")
+    fmt = check_choice(format, GRAPH_FORMATS, "--format")
     report = audit(path, base, select=["TIE"], probe_tokens=0)
     if fmt == "json":
         doc = {
@@ -39,6 +40,10 @@ def graph(
             "skipped": [{"check": s.check, "reason": s.reason} for s in report.skipped],
         }
         emit(json.dumps(doc, indent=2) + "\n", output)
+    elif fmt == "mermaid":
+        emit(mermaid(report), output)
+    elif fmt == "dot":
+        emit(dot(report), output)
     else:
         opts = RenderOptions(color=use_color(color, sys.stdout if output is None else None))
         emit(render_graph(report, opts), output)

@@ -11,7 +11,8 @@ PathArg = Annotated[
     Path, typer.Argument(help="Checkpoint directory (model or PEFT adapter).", show_default=False, metavar="PATH")
 ]
 BaseOpt = Annotated[str | None, typer.Option("--base", help="Base model directory for an adapter.")]
-FormatOpt = Annotated[str, typer.Option("--format", "-f", help="Report format: text or json.")]
+FormatOpt = Annotated[str, typer.Option("--format", "-f", help="Report format: text, json, sarif, github or markdown.")]
+GraphFormatOpt = Annotated[str, typer.Option("--format", "-f", help="Graph format: text, json, mermaid or dot.")]
 OutputOpt = Annotated[Path | None, typer.Option("--output", "-o", help="Write the report to FILE instead of stdout.")]
 FailOnOpt = Annotated[
     str, typer.Option("--fail-on", help="Lowest severity that makes the exit code 1: error, warning or info.")

@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tieaudit.errors import UsageError, WriteError
+from tieaudit.report import FORMATS  # the report package imports only the data model: cheap at start-up
 
 if TYPE_CHECKING:
-    from tieaudit.model import Report
+    from tieaudit.model import Report, RuleDoc
 
-FORMATS = ("text", "json")
+GRAPH_FORMATS = ("text", "json", "mermaid", "dot")
 COLOR_MODES = ("auto", "always", "never")
 
 
@@ -36,8 +37,17 @@ def emit_report(report: Report, fmt: str, output: Path | None, color: str, quiet
     opts = RenderOptions(
         color=fmt == "text" and use_color(color, sys.stdout if output is None else None),
         verbosity=-1 if quiet else (1 if verbose else 0),
+        rules=rule_docs() if fmt == "sarif" else (),
     )
     emit(render(report, fmt, opts), output)
+
+
+def rule_docs() -> tuple[RuleDoc, ...]:
+    """Every registered rule's documentation, for the formats that publish it (SARIF)."""
+    from tieaudit.model import RuleDoc
+    from tieaudit.rules.registry import all_rules
+
+    return tuple(RuleDoc(r.code, r.name, r.severity, r.summary, r.explain) for r in all_rules())
 
 
 def emit(document: str, output: Path | None) -> None:

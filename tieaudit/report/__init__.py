@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tieaudit.model import Report
+from tieaudit.model import Report, RuleDoc
 
 
 @dataclass(frozen=True)
@@ -13,15 +13,25 @@ class RenderOptions:
     color: bool = False
     verbosity: int = 0  # -1 quiet, 0 normal, 1 verbose
     width: int = 100
+    rules: tuple[RuleDoc, ...] = ()  # every rule's documentation (SARIF's driver.rules); the CLI passes the registry
 
 
 Renderer = Callable[[Report, RenderOptions], str]
 
 
 def renderers() -> dict[str, Renderer]:
-    from tieaudit.report import json_format, text
+    from tieaudit.report import github, json_format, markdown, sarif, text
 
-    return {"text": text.render, "json": json_format.render}
+    return {
+        "text": text.render,
+        "json": json_format.render,
+        "sarif": sarif.render,
+        "github": github.render,
+        "markdown": markdown.render,
+    }
+
+
+FORMATS = ("text", "json", "sarif", "github", "markdown")
 
 
 def render(report: Report, fmt: str, options: RenderOptions | None = None) -> str:
