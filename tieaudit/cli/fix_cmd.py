@@ -10,7 +10,7 @@ import typer
 
 from tieaudit.cli import options as o
 from tieaudit.cli.console import err, guarded, progress_reporter
-from tieaudit.cli.output import COLOR_MODES, check_choice, emit_report, report_format
+from tieaudit.cli.output import COLOR_MODES, check_choice, emit_report, settings
 from tieaudit.errors import UsageError
 
 UntieOpt = Annotated[bool, typer.Option("--untie", help="Untie broken pairs: store both tensors, flag false.")]
@@ -45,15 +45,17 @@ def fix(
     diff: DiffOpt = False,
     unsafe_fixes: UnsafeOpt = False,
     source: SourceOpt = None,
-    format: o.FormatOpt = "text",
+    format: o.FormatOpt = None,
     output: o.OutputOpt = None,
-    fail_on: o.FailOnOpt = "warning",
+    fail_on: o.FailOnOpt = None,
     exit_zero: o.ExitZeroOpt = False,
     probe_tokens: o.ProbeOpt = 64,
     quiet: o.QuietOpt = False,
     verbose: o.VerboseOpt = False,
     progress: o.ProgressOpt = None,
     color: o.ColorOpt = "auto",
+    config: o.ConfigOpt = None,
+    isolated: o.IsolatedOpt = False,
 ) -> None:
     """Repair weight tying so the checkpoint loads as intended; re-audit the result.
 
@@ -62,7 +64,8 @@ def fix(
     """
     from tieaudit.report.text import fix_summary_line, summary_line
 
-    fmt = report_format(format)
+    chosen = settings(path, config=config, isolated=isolated, format=format, fail_on=fail_on)
+    fmt = chosen.format
     check_choice(color, COLOR_MODES, "--color")
     if untie == retie:
         raise UsageError("choose one strategy: --untie or --retie")
@@ -87,7 +90,7 @@ def fix(
             diff=diff,
             unsafe_fixes=unsafe_fixes,
             sources=o.split_codes(source) or (),
-            fail_on=fail_on,
+            fail_on=chosen.fail_on,
             exit_zero=exit_zero,
             probe_tokens=probe_tokens,
             progress=callback,

@@ -9,7 +9,7 @@ import typer
 
 from tieaudit.cli import options as o
 from tieaudit.cli.console import err, guarded, progress_reporter
-from tieaudit.cli.output import COLOR_MODES, check_choice, emit_report, report_format
+from tieaudit.cli.output import COLOR_MODES, check_choice, emit_report, settings
 
 MergeOutputOpt = Annotated[
     Path, typer.Option("--output-dir", help="Write the merged model to DIR (absent or empty).", show_default=False)
@@ -21,15 +21,17 @@ def merge(
     path: o.PathArg,
     output_dir: MergeOutputOpt,
     base: o.BaseOpt = None,
-    format: o.FormatOpt = "text",
+    format: o.FormatOpt = None,
     output: o.OutputOpt = None,
-    fail_on: o.FailOnOpt = "warning",
+    fail_on: o.FailOnOpt = None,
     exit_zero: o.ExitZeroOpt = False,
     probe_tokens: o.ProbeOpt = 64,
     quiet: o.QuietOpt = False,
     verbose: o.VerboseOpt = False,
     progress: o.ProgressOpt = None,
     color: o.ColorOpt = "auto",
+    config: o.ConfigOpt = None,
+    isolated: o.IsolatedOpt = False,
 ) -> None:
     """Merge the LoRA adapter at PATH into its base, exactly, also on tied embeddings; re-audit the result.
 
@@ -39,7 +41,8 @@ def merge(
     """
     from tieaudit.report.text import merge_summary_line, summary_line
 
-    fmt = report_format(format)
+    chosen = settings(path, config=config, isolated=isolated, format=format, fail_on=fail_on)
+    fmt = chosen.format
     check_choice(color, COLOR_MODES, "--color")
     from tieaudit.repair.merging import merge as run_merge
 
@@ -48,7 +51,7 @@ def merge(
             path,
             output_dir=output_dir,
             base=base,
-            fail_on=fail_on,
+            fail_on=chosen.fail_on,
             exit_zero=exit_zero,
             probe_tokens=probe_tokens,
             progress=callback,

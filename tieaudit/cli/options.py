@@ -11,12 +11,33 @@ PathArg = Annotated[
     Path, typer.Argument(help="Checkpoint directory (model or PEFT adapter).", show_default=False, metavar="PATH")
 ]
 BaseOpt = Annotated[str | None, typer.Option("--base", help="Base model directory for an adapter.")]
-FormatOpt = Annotated[str, typer.Option("--format", "-f", help="Report format: text, json, sarif, github or markdown.")]
+FormatOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--format",
+        "-f",
+        help="Report format: text, json, sarif, github or markdown (default: text).",
+        show_default=False,
+    ),
+]
+RulesFormatOpt = Annotated[str, typer.Option("--format", "-f", help="text or json.")]
 GraphFormatOpt = Annotated[str, typer.Option("--format", "-f", help="Graph format: text, json, mermaid or dot.")]
 OutputOpt = Annotated[Path | None, typer.Option("--output", "-o", help="Write the report to FILE instead of stdout.")]
 FailOnOpt = Annotated[
-    str, typer.Option("--fail-on", help="Lowest severity that makes the exit code 1: error, warning or info.")
+    str | None,
+    typer.Option(
+        "--fail-on",
+        help="Lowest severity that makes the exit code 1: error, warning or info (default: warning).",
+        show_default=False,
+    ),
 ]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config", help="Read settings from this TOML file instead of the nearest pyproject.toml/tieaudit.toml."
+    ),
+]
+IsolatedOpt = Annotated[bool, typer.Option("--isolated", help="Ignore configuration files.")]
 ExitZeroOpt = Annotated[bool, typer.Option("--exit-zero", help="Exit 0 even with findings (never masks 2 or 3).")]
 SelectOpt = Annotated[
     list[str] | None,

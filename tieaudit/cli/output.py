@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,9 +25,47 @@ def check_choice(value: str, choices: tuple[str, ...], option: str) -> str:
     return value
 
 
-def report_format(value: str) -> str:
-    """`--format`, with TIEAUDIT_FORMAT as the default when the flag was left at text."""
-    return check_choice(os.environ.get("TIEAUDIT_FORMAT", value) if value == "text" else value, FORMATS, "--format")
+def report_format(value: str | None, configured: str | None = None) -> str:
+    """`--format`, else TIEAUDIT_FORMAT, else the configuration file's `format`, else text."""
+    chosen = value or os.environ.get("TIEAUDIT_FORMAT") or configured or "text"
+    return check_choice(chosen, FORMATS, "--format" if value else "TIEAUDIT_FORMAT" if not configured else "format")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The effective settings of a command: its flags over the environment over the configuration file."""
+
+    format: str
+    fail_on: str
+    select: list[str] | None
+    ignore: list[str] | None
+
+
+def settings(
+    path: Path | str,
+    *,
+    config: Path | None,
+    isolated: bool,
+    format: str | None,
+    fail_on: str | None,
+    select: list[str] | None = None,
+    ignore: list[str] | None = None,
+) -> Settings:
+    """Resolve a command's settings (see tieaudit.config): `--select`/`--ignore` replace the file's lists, and
+    the file's `per-path-ignores` matching PATH are added to whichever applies."""
+    from tieaudit.cli.options import split_codes
+    from tieaudit.config import load_config
+
+    cfg = load_config(config, isolated=isolated)
+    chosen_select = split_codes(select) or (list(cfg.select) if cfg.select is not None else None)
+    chosen_ignore = split_codes(ignore) or list(cfg.ignore)
+    chosen_ignore += list(cfg.ignores_for(str(path)))
+    return Settings(
+        format=report_format(format, cfg.format),
+        fail_on=fail_on or cfg.fail_on or "warning",
+        select=chosen_select,
+        ignore=chosen_ignore or None,
+    )
 
 
 def emit_report(report: Report, fmt: str, output: Path | None, color: str, quiet: bool, verbose: bool) -> None:

@@ -14,7 +14,7 @@ from tieaudit.errors import UsageError
 
 
 @guarded
-def rules(format: o.FormatOpt = "text") -> None:
+def rules(format: o.RulesFormatOpt = "text") -> None:
     """List every rule: code, name, default severity and when it fires."""
     from tieaudit.rules import all_rules
 
