@@ -103,6 +103,7 @@ def sarif_dict(report: Report, options: RenderOptions) -> dict[str, Any]:
                         "toolExecutionNotifications": notifications,
                     }
                 ],
+                "automationDetails": {"id": f"tieaudit/{report.target.path}/"},  # one category per checkpoint
                 "results": results,
                 "properties": {"target": report.target.path, "architecture": report.target.architecture},
             }

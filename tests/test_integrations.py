@@ -1,0 +1,85 @@
+"""The GitHub Action (action.yml) and the pre-commit hook (.pre-commit-hooks.yaml): their inputs, and the check
+step's script run for real with bash against the demo checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "fixtures" / "demo"
+
+
+def action() -> dict:
+    return yaml.safe_load((ROOT / "action.yml").read_text())
+
+
+def test_action_inputs_and_steps() -> None:
+    doc = action()
+    inputs = doc["inputs"]
+    assert inputs["paths"]["required"] is True
+    assert {k: v.get("default") for k, v in inputs.items() if k != "paths"} == {
+        "base": "",
+        "format": "github",
+        "fail-on": "warning",
+        "sarif": "false",
+        "sarif-dir": "tieaudit-sarif",
+        "python-version": "3.11",
+        "torch-index-url": "https://download.pytorch.org/whl/cpu",
+    }
+    assert doc["runs"]["using"] == "composite"
+    steps = doc["runs"]["steps"]
+    used = " ".join(str(s) for s in steps)
+    for name in inputs:  # every input is used by some step
+        assert f"inputs.{name}" in used, name
+    install = next(s for s in steps if s.get("name") == "Install tieaudit")
+    assert install["run"].index("torch") < install["run"].index("ACTION_PATH")  # CPU torch first
+    upload = steps[-1]
+    assert upload["uses"].startswith("github/codeql-action/upload-sarif@") and "inputs.sarif ==" in upload["if"]
+    assert doc["outputs"]["exit-code"]["value"] == "${{ steps.check.outputs.exit-code }}"
+
+
+def _run_check_step(tmp_path: Path, **inputs: str) -> tuple[subprocess.CompletedProcess, dict[str, str]]:
+    step = next(s for s in action()["runs"]["steps"] if s.get("id") == "check")
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    for key, value in step["env"].items():
+        name = re.fullmatch(r"\$\{\{ inputs\.([\w-]+) \}\}", value).group(1)
+        env[key] = inputs.get(name, action()["inputs"][name].get("default", ""))
+    bindir = Path(sys.executable).parent
+    env["PATH"] = f"{bindir}{os.pathsep}{env['PATH']}"  # the installed `tieaudit`
+    env["GITHUB_OUTPUT"] = str(tmp_path / "github_output")
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run(
+        ["bash", "-e", "-c", step["run"]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    outputs = dict(line.split("=", 1) for line in (tmp_path / "github_output").read_text().splitlines() if "=" in line)
+    return proc, outputs
+
+
+def test_action_check_step_exits_with_the_worst_and_writes_sarif(tmp_path: Path) -> None:
+    paths = f"{DEMO / 'llama-clean'} {DEMO / 'llama-untied-missing-head'}"
+    proc, outputs = _run_check_step(tmp_path, paths=paths, sarif="true")
+    assert proc.returncode == 1 and outputs["exit-code"] == "1", proc.stderr
+    assert proc.stdout.count("::error ") == 1  # annotations from the broken checkpoint only
+    files = sorted((tmp_path / "tieaudit-sarif").glob("*.sarif"))
+    assert [f.name for f in files] == ["1.sarif", "2.sarif"]
+    ids = {json.loads(f.read_text())["runs"][0]["automationDetails"]["id"] for f in files}
+    assert len(ids) == 2  # one code-scanning category per checkpoint
+    proc, outputs = _run_check_step(tmp_path / "clean", paths=str(DEMO / "llama-clean"))
+    assert proc.returncode == 0 and outputs["exit-code"] == "0"
+
+
+def test_pre_commit_hook() -> None:
+    [hook] = yaml.safe_load((ROOT / ".pre-commit-hooks.yaml").read_text())
+    assert hook["id"] == "tieaudit" and hook["entry"] == "tieaudit check" and hook["pass_filenames"] is False
+    pattern = re.compile(hook["files"])
+    for changed in ("ckpt/config.json", "ckpt/model-00001-of-00002.safetensors", "lora/adapter_config.json"):
+        assert pattern.search(changed), changed
+    assert not pattern.search("src/train.py")
