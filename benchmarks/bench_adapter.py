@@ -551,22 +551,7 @@ def render_section(
     elapsed: float,
     diag: dict[str, Any] | None,
 ) -> str:
-    runs = f"median of {repeats} measured runs" if repeats > 1 else "1 measured run (--quick)"
-    damon = (
-        "\n- page cache: DAMON proactive reclaim (kdamond) is on, so cold file pages are evicted between runs "
-        "and a warmed-up run can still read part of its file from disk"
-        if info["damon"] == "on"
-        else ""
-    )
-    machine = (
-        f"- date: {info['date']}\n"
-        f"- CPU: {info['cpu']}, {info['nproc']} cores available, no GPU\n"
-        f"- RAM: {info['ram']}; OS: {info['os']}\n"
-        f"- python {info['python']}, torch {info['torch']}, transformers {info['transformers']}, "
-        f"peft {info['peft']}, safetensors {info['safetensors']}, tieaudit {info['tieaudit']} "
-        f"(commit {info['commit']})\n"
-        f"- 1 warm-up run + {runs} per command; whole benchmark {elapsed / 60:.1f} min{damon}"
-    )
+    machine = bc.machine_block(info, repeats, elapsed)
     checks = "\n".join(f"- {'PASS' if ok else 'FAIL'}: {text}" for ok, text in target_checks(results))
     extra = "\n".join(f"- {'PASS' if ok else 'FAIL'}: {text}" for ok, text in informational(results))
     commands = "\n".join(f"- ({r.key}) `{_shell(r.argv)}`" for r in results.values())

@@ -591,21 +591,7 @@ The script exits 1 when a target below is missed. Raw per-run numbers go to `WOR
 
 
 def render_readme(rows: Sequence[Row], info: dict[str, str], repeats: int, elapsed: float) -> str:
-    runs = f"median of {repeats} measured runs" if repeats > 1 else "1 measured run (--quick)"
-    damon = (
-        "\n- page cache: DAMON proactive reclaim (kdamond) is on, so cold file pages are evicted between runs "
-        "and a warmed-up run can still read part of its file from disk"
-        if info["damon"] == "on"
-        else ""
-    )
-    machine = (
-        f"- date: {info['date']}\n"
-        f"- CPU: {info['cpu']}, {info['nproc']} cores available, no GPU\n"
-        f"- RAM: {info['ram']}; OS: {info['os']}\n"
-        f"- python {info['python']}, torch {info['torch']}, transformers {info['transformers']}, "
-        f"safetensors {info['safetensors']}, tieaudit {info['tieaudit']} (commit {info['commit']})\n"
-        f"- 1 warm-up run + {runs} per command; whole benchmark {elapsed / 60:.1f} min{damon}"
-    )
+    machine = machine_block(info, repeats, elapsed)
     checks = "\n".join(f"- {'PASS' if ok else 'FAIL'}: {text}" for ok, text in target_checks(rows))
     shown = {"(start-up)", VARIANTS[0].name}
     commands = "\n".join(f"- `{_shell(r.argv)}`" for r in rows if r.variant in shown)
@@ -614,6 +600,34 @@ def render_readme(rows: Sequence[Row], info: dict[str, str], repeats: int, elaps
         f"Target checks:\n\n{checks}\n\n"
         f"Command lines (for `tied-clean`; the other variants differ only in the directory):\n\n{commands}\n"
     )
+
+
+def machine_block(info: dict[str, str], repeats: int, elapsed: float) -> str:
+    """The "machine" bullet list of a results section (peft's version when `info` has it)."""
+    runs = f"median of {repeats} measured runs" if repeats > 1 else "1 measured run (--quick)"
+    damon = (
+        "\n- page cache: DAMON proactive reclaim (kdamond) is on, so cold file pages are evicted between runs "
+        "and a warmed-up run can still read part of its file from disk"
+        if info["damon"] == "on"
+        else ""
+    )
+    peft = f"peft {info['peft']}, " if "peft" in info else ""
+    return (
+        f"- date: {info['date']}\n"
+        f"- CPU: {info['cpu']}, {info['nproc']} cores available, no GPU\n"
+        f"- RAM: {info['ram']}; OS: {info['os']}\n"
+        f"- python {info['python']}, torch {info['torch']}, transformers {info['transformers']}, "
+        f"{peft}safetensors {info['safetensors']}, tieaudit {info['tieaudit']} (commit {info['commit']})\n"
+        f"- 1 warm-up run + {runs} per command; whole benchmark {elapsed / 60:.1f} min{damon}"
+    )
+
+
+def machine_sentence(info: dict[str, str]) -> list[str]:
+    """The two-line "Machine: ..." sentence that ends a results section."""
+    return [
+        f"Machine: {info['cpu']}, {info['nproc']} cores, {info['ram']} RAM, {info['os']}; Python {info['python']},",
+        f"torch {info['torch']}, transformers {info['transformers']}; commit {info['commit']}; {info['date']}.",
+    ]
 
 
 def replace_readme_section(heading: str, section: str) -> None:

@@ -234,8 +234,7 @@ def render_section(rows: Sequence[Row], info: dict[str, str], repeats: int) -> s
         "the index and links every other file; the single-file fix rewrites `model.safetensors` (streamed with",
         "`copy_file_range`, never materialised), so it costs about one copy of the checkpoint.",
         "",
-        f"Machine: {info['cpu']}, {info['nproc']} cores, {info['ram']} RAM, {info['os']}; Python {info['python']},",
-        f"torch {info['torch']}, transformers {info['transformers']}; commit {info['commit']}; {info['date']}.",
+        *bc.machine_sentence(info),
         "",
     ]
     return "\n".join(lines)

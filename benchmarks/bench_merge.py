@@ -166,8 +166,7 @@ def render_section(
         f"{run['bytes_written'] / bc.MIB:,.0f} MiB, streaming row chunks (the untied head is one more "
         "embedding-sized tensor than the base stores).",
         "",
-        f"Machine: {info['cpu']}, {info['nproc']} cores, {info['ram']} RAM, {info['os']}; Python {info['python']},",
-        f"torch {info['torch']}, transformers {info['transformers']}; commit {info['commit']}; {info['date']}.",
+        *bc.machine_sentence(info),
         "",
     ]
     return "\n".join(lines)

@@ -44,17 +44,17 @@ class AdapterSettings:
         key = _pattern_key(self.rank_pattern, module)
         return int(self.rank_pattern[key]) if key is not None else self.r
 
-    def scaling(self, module: str, r: int | None = None) -> float:
+    def scaling(self, module: str) -> float:
         """LoRA scaling of one module: alpha / r, or alpha / sqrt(r) with rsLoRA, with alpha and r from the patterns.
 
         peft takes r from the config, not from the factors: a head that `ensure_weight_tying` ties to the embedding's
         factors keeps its own configured r (and so its own scaling) even when `rank_pattern` gives the embedding
-        another rank. ``r`` overrides the configured rank."""
+        another rank."""
         alpha = self.lora_alpha
         key = _pattern_key(self.alpha_pattern, module)
         if key is not None:
             alpha = float(self.alpha_pattern[key])
-        rank = self.rank(module) if r is None else r
+        rank = self.rank(module)
         return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
 
     def named(self, module: str) -> bool:

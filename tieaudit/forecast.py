@@ -105,7 +105,7 @@ def forecast_group(
 
     vocab, hidden = shape
     deltas = {
-        m: delta_reader(e.lora, adapter, transposed=m in transposed)
+        m: DeltaRows(e.lora, adapter, transposed=m in transposed)
         for m, e in edits.items()
         if e.lora and not e.full_copy
     }
@@ -238,11 +238,6 @@ class DeltaRows:
         if w is None:
             return (left @ self.right) * self.s
         return w.addmm_(left, self.right, alpha=self.s)
-
-
-def delta_reader(lora: LoraPart, adapter: TensorReader, *, transposed: bool = False) -> DeltaRows:
-    """The rows of ``lora``'s delta (see `DeltaRows`)."""
-    return DeltaRows(lora, adapter, transposed=transposed)
 
 
 TokenRows = tuple[list[int], "torch.Tensor"]  # trainable-token indices and their trained rows

@@ -90,11 +90,7 @@ class TieAuditCallback(TrainerCallback):
         self.baseline = TieState.of(model)
         self.history.append((state.global_step, "train_begin", self.baseline))
         if self.baseline.errors:
-            self._report(
-                state.global_step,
-                "at the start of training",
-                [f"{f.code} {f.message}" for f in self.baseline.errors],
-            )
+            self._report("at the start of training", [f"{f.code} {f.message}" for f in self.baseline.errors])
 
     def on_save(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if model is None:
@@ -108,9 +104,9 @@ class TieAuditCallback(TrainerCallback):
         known = {(f.code, f.location.tensor) for f in self.baseline.errors}
         problems += [f"{f.code} {f.message}" for f in current.errors if (f.code, f.location.tensor) not in known]
         if problems:
-            self._report(state.global_step, f"at the checkpoint of step {state.global_step}", problems)
+            self._report(f"at the checkpoint of step {state.global_step}", problems)
 
-    def _report(self, step: int, when: str, problems: list[str]) -> None:
+    def _report(self, when: str, problems: list[str]) -> None:
         message = f"tieaudit: weight tying broken {when}: " + "; ".join(problems)
         if self.on_break == "raise":
             raise TieBrokenError(message)

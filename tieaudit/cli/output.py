@@ -27,8 +27,11 @@ def check_choice(value: str, choices: tuple[str, ...], option: str) -> str:
 
 def report_format(value: str | None, configured: str | None = None) -> str:
     """`--format`, else TIEAUDIT_FORMAT, else the configuration file's `format`, else text."""
-    chosen = value or os.environ.get("TIEAUDIT_FORMAT") or configured or "text"
-    return check_choice(chosen, FORMATS, "--format" if value else "TIEAUDIT_FORMAT" if not configured else "format")
+    env = os.environ.get("TIEAUDIT_FORMAT")
+    for chosen, source in ((value, "--format"), (env, "TIEAUDIT_FORMAT"), (configured, "format")):
+        if chosen:
+            return check_choice(chosen, FORMATS, source)
+    return "text"
 
 
 @dataclass(frozen=True)

@@ -300,9 +300,9 @@ def plan_merge(
     handled: set[str] = set()
 
     for source, members, data in tied_groups(graph):
-        touched = [m for m in members if m in edits]
         handled.update(members)
         group_edits = {m: edits[m] for m in members if m in edits}
+        touched = bool(group_edits)
         group_tokens = runtime_tokens(members, group_edits, settings)
         # a group stays tied when the adapter keeps its members equal and no untie of a shared flag reaches it
         still_tied = untied_active is None or all(t in untied_active for t in members[1:])
@@ -334,12 +334,10 @@ def plan_merge(
     merged: list[str] = []
     replaced: list[str] = []
     for param, edit in edits.items():
-        if param in handled:
-            (merged if edit.lora else replaced).append(param)
-            continue
-        name = disk[param]
-        recipes[name] = Recipe(name, (param,), {param: edit}, {param: edit.tokens}, transposed)
         (merged if edit.lora else replaced).append(param)
+        if param not in handled:  # a weight outside every tied group: merged on its own
+            name = disk[param]
+            recipes[name] = Recipe(name, (param,), {param: edit}, {param: edit.tokens}, transposed)
 
     files: dict[str, list[OutTensor]] = {}
     for rel in base_files:

@@ -2,9 +2,9 @@
 
 1. Read the adapter against the base: every adapter tensor must belong to a module of the base and fit its shape
    (`merge_plan.adapter_edits`); the base's own tying must be sound.
-2. For every tied group of the base that the adapter touches, measure (in one pass over the rows, the same
-   forecast `tieaudit check` makes) whether the unmerged adapter keeps the members equal at run time: then the
-   group stays tied, else it is untied (config edits from the fix planner, checked with transformers).
+2. For every tied group of the base that the adapter touches, decide from the adapter's own tensors whether the
+   unmerged adapter gives every member the same weight (`merge_plan.runtime_equal`): then the group stays tied,
+   else it is untied (config edits from the fix planner, checked with transformers).
 3. Stream the merged model into a staging directory next to the destination, tensor by tensor and row chunk by
    row chunk: untouched tensors are copied file to file, edited ones computed in float32 from the base (read
    with ``pread``, never the whole model) and cast to the base's dtype. Each written chunk is compared with the
@@ -21,7 +21,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,7 +60,6 @@ if TYPE_CHECKING:
     from tieaudit.checkpoint import Checkpoint
     from tieaudit.compare import StreamingDiff
     from tieaudit.forecast import TensorReader
-    from tieaudit.graph import TieGraph
 
 Progress = Callable[[str, int, int], None]
 
@@ -166,26 +165,16 @@ def merge(
     return replace(after, target=target, comparisons=(*after.comparisons, *comparisons), merge_run=run)
 
 
+@dataclass(frozen=True)
 class _Job:
     """Everything decided before writing."""
 
-    def __init__(
-        self,
-        graph: TieGraph,
-        layout: MergeLayout,
-        config: Mapping[str, Any],
-        groups: tuple[MergeGroup, ...],
-        changes: list[FileChange],
-        notes: tuple[str, ...],
-        logit_params: frozenset[str],
-    ) -> None:
-        self.graph = graph
-        self.layout = layout
-        self.config = config
-        self.groups = groups
-        self.changes = changes
-        self.notes = notes
-        self.logit_params = logit_params
+    layout: MergeLayout
+    config: Mapping[str, Any]  # config.json edits: JSON pointer -> new value
+    groups: tuple[MergeGroup, ...]
+    changes: list[FileChange]
+    notes: tuple[str, ...]
+    logit_params: frozenset[str]  # members of tie groups: their comparisons include probe logits
 
 
 def _prepare(ad: Checkpoint, base_ckpt: Checkpoint, settings: AdapterSettings, copies: _BaseCopyCheck) -> _Job:
@@ -232,7 +221,7 @@ def _prepare(ad: Checkpoint, base_ckpt: Checkpoint, settings: AdapterSettings, c
         if equal:
             why = "the adapter gives every member the same weight: one stored tensor, the shared edit applied once"
         else:
-            edited = ", ".join(m for m in members if m in group_edits and group_edits[m].changes_weight)
+            edited = ", ".join(m for m in members if m in group_edits)
             why = f"the adapter edits {edited} differently from the rest of the group: each stored, tie flag false"
             pointers.update(p.flag.pointer for p in graph.pairs if p.source == source and p.flag is not None)
         structure = peft_merge_structure(members, group_edits, settings)
@@ -261,14 +250,12 @@ def _prepare(ad: Checkpoint, base_ckpt: Checkpoint, settings: AdapterSettings, c
         keep,
         untied_active,
     )
-    changes = _changes(layout, config, config_old, graph)
+    changes = _changes(layout, config, config_old)
     in_groups = frozenset(m for g in graph.groups for m in g.members)
-    return _Job(graph, layout, config, tuple(groups), changes, tuple(notes), in_groups)
+    return _Job(layout, config, tuple(groups), changes, tuple(notes), in_groups)
 
 
-def _changes(
-    layout: MergeLayout, config: Mapping[str, Any], config_old: Mapping[str, Any], graph: TieGraph
-) -> list[FileChange]:
+def _changes(layout: MergeLayout, config: Mapping[str, Any], config_old: Mapping[str, Any]) -> list[FileChange]:
     out: list[FileChange] = []
     for rel, tensors in layout.files.items():
         for t in tensors:
@@ -454,14 +441,14 @@ class _Producer:
 
         from tieaudit.checkpoint.pickled import torch_dtype
         from tieaudit.compare import LogitCache, StreamingDiff, probe_hidden_states, rows_per_chunk
-        from tieaudit.forecast import TensorReader, apply_tokens, delta_reader, load_tokens
+        from tieaudit.forecast import DeltaRows, TensorReader, apply_tokens, load_tokens
 
         r = self.recipe
         shape = tuple(self.out.info.shape)
         dtype = torch_dtype(self.out.info.dtype)
         w0 = TensorReader(self.base).rows(r.w0)
         deltas = {
-            m: delta_reader(e.lora, self.adapter, transposed=m in r.transposed)
+            m: DeltaRows(e.lora, self.adapter, transposed=m in r.transposed)
             for m, e in r.edits.items()
             if e.lora is not None and not e.full_copy
         }

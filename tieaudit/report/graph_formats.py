@@ -9,8 +9,12 @@ import json
 from tieaudit.model import Report, TieGroup, TieStatus
 
 BROKEN = (TieStatus.DIVERGED, TieStatus.MISSING)
-_COLORS = {TieStatus.TIED: "#2da44e", TieStatus.UNTIED: "#0969da", TieStatus.DIVERGED: "#cf222e"}
-_COLORS[TieStatus.MISSING] = "#cf222e"
+_COLORS = {
+    TieStatus.TIED: "#2da44e",
+    TieStatus.UNTIED: "#0969da",
+    TieStatus.DIVERGED: "#cf222e",
+    TieStatus.MISSING: "#cf222e",
+}
 
 
 def _flag(g: TieGroup) -> str:

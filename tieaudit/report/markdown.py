@@ -43,9 +43,8 @@ def render(report: Report, options: RenderOptions) -> str:
             )
         out.append("")
         for f in report.findings:
-            out += [f"<details><summary><b>{f.code}</b> {f.name}: {f.location.tensor or f.location.file or ''}"]
-            out[-1] += "</summary>"
-            out += ["", f.message, ""]
+            subject = f.location.tensor or f.location.file or ""
+            out += [f"<details><summary><b>{f.code}</b> {f.name}: {subject}</summary>", "", f.message, ""]
             if f.fix is not None:
                 if f.fix.command:
                     out += [f"Fix ({f.fix.applicability}):", "", "```sh", f.fix.command, "```", ""]
