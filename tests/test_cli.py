@@ -243,3 +243,49 @@ def test_fast_paths_do_not_import_torch(args: list[str]) -> None:
 def test_console_script_and_module_entry() -> None:
     proc = subprocess.run([sys.executable, "-m", "tieaudit", "--version"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.startswith("tieaudit ")
+
+
+@pytest.mark.parametrize(
+    ("flag", "tty", "ci", "machine", "wanted"),
+    [
+        (None, True, False, False, True),  # a person at a terminal
+        (None, False, False, False, False),  # piped
+        (None, True, True, False, False),  # CI logs keep every redraw
+        (None, True, False, True, False),  # a machine format's reader is a program
+        (True, False, True, True, True),  # --progress wins
+        (False, True, False, False, False),  # --no-progress wins
+    ],
+)
+def test_progress_decision(monkeypatch, flag, tty, ci, machine, wanted) -> None:
+    from tieaudit.cli.console import progress_wanted
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: tty, raising=False)
+    if ci:
+        monkeypatch.setenv("CI", "true")
+    else:
+        monkeypatch.delenv("CI", raising=False)
+    assert progress_wanted(flag, machine) is wanted
+
+
+def test_progress_bar_draws_on_stderr_only_after_the_delay(capsys, monkeypatch) -> None:
+    from tieaudit.cli.console import progress_reporter
+
+    monkeypatch.setenv("FORCE_COLOR", "1")  # rich draws as on a terminal
+
+    with progress_reporter(True, delay=3600) as update:
+        assert update is not None
+        update("comparing a with b", 0, 4)
+    assert capsys.readouterr().err == ""  # quick work: nothing drawn
+    with progress_reporter(True, delay=0) as update:
+        assert update is not None
+        update("comparing a with b", 1, 4)
+        update("comparing c with d", 2, 4)
+    captured = capsys.readouterr()
+    assert "comparing c with d" in captured.err and "2/4" in captured.err
+    assert captured.out == ""
+
+
+def test_progress_on_a_real_check_keeps_stdout_clean(ckpts) -> None:
+    result = run("check", ckpts["diverged"], "--progress", "-f", "json")
+    json.loads(result.stdout)
+    assert result.exit_code == 1

@@ -5,12 +5,14 @@ as code that "fixes" a shared weight does) is caught at the next checkpoint save
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
+from tieaudit import audit_many
 from tieaudit.integrations import TieAuditCallback, TieBrokenError, assert_tied
 from tieaudit.model import TieStatus
 
@@ -77,6 +79,10 @@ def test_tied_training_is_quiet(tmp_path, caplog: pytest.LogCaptureFixture) -> N
     assert all(set(s.statuses.values()) == {TieStatus.TIED} for _, _, s in hook.history)  # tied throughout
     assert not caplog.records
     assert_tied(model)
+    # the checkpoints the real Trainer wrote, audited as a batch (`tieaudit check run/`): clean
+    batch = audit_many([tmp_path / "run"])
+    assert [Path(r.target.path).name for r in batch.reports] == ["checkpoint-2", "checkpoint-4"]
+    assert batch.exit_code == 0 and not batch.errors
 
 
 def test_untied_mid_training_warns_at_the_next_save(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
@@ -88,6 +94,16 @@ def test_untied_mid_training_warns_at_the_next_save(tmp_path, caplog: pytest.Log
     assert "diverged" in messages[0]
     with pytest.raises(TieBrokenError, match="TIE001"):
         assert_tied(model)
+    # what the Trainer saved: both checkpoints store a head that differs from the embedding under a true flag
+    batch = audit_many([tmp_path / "run"])
+    assert [[f.code for f in r.findings] for r in batch.reports] == [["TIE001"], ["TIE001"]]
+    assert batch.exit_code == 1
+    # and transformers really loads it untied, then the next tie_weights() throws the trained head away
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "run" / "checkpoint-4")
+    assert reloaded.lm_head.weight.data_ptr() != reloaded.model.embed_tokens.weight.data_ptr()
+    reloaded.tie_weights()
+    assert torch.equal(reloaded.lm_head.weight, reloaded.model.embed_tokens.weight)
+    assert not torch.equal(reloaded.lm_head.weight, model.lm_head.weight)
 
 
 def test_untied_mid_training_raises_when_asked(tmp_path) -> None:

@@ -3,6 +3,7 @@
     >>> import tieaudit
     >>> report = tieaudit.audit("./checkpoint")      # a directory: reads headers, and tensors only when needed
     >>> report.exit_code, [f.code for f in report.findings]
+    >>> tieaudit.audit_many(["./run/checkpoint-500", "./run"])  # several; a run directory means its checkpoints
     >>> tieaudit.audit_model(model)                   # a live model, e.g. in a training loop
     >>> tieaudit.fix("./checkpoint", mode="untie", output_dir="./fixed")  # repair, atomically; re-audited
     >>> tieaudit.merge("./adapter", base="./base", output_dir="./merged")  # exact merge, also on tied weights
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from tieaudit._version import __version__
 from tieaudit.errors import InputError, NothingToAudit, TieauditError, UsageError, WriteError
 from tieaudit.model import (
+    BatchReport,
     Comparison,
     FileChange,
     Finding,
@@ -27,16 +29,19 @@ from tieaudit.model import (
     MergeRun,
     Report,
     Severity,
+    TargetError,
     TieGroup,
     TieStatus,
 )
 
 if TYPE_CHECKING:
     from tieaudit.auditing import audit
+    from tieaudit.batch import audit_many
     from tieaudit.live import audit_model
     from tieaudit.repair import fix, merge
 
 __all__ = [
+    "BatchReport",
     "Comparison",
     "FileChange",
     "Finding",
@@ -49,6 +54,7 @@ __all__ = [
     "NothingToAudit",
     "Report",
     "Severity",
+    "TargetError",
     "TieGroup",
     "TieStatus",
     "TieauditError",
@@ -56,6 +62,7 @@ __all__ = [
     "WriteError",
     "__version__",
     "audit",
+    "audit_many",
     "audit_model",
     "fix",
     "merge",
@@ -68,6 +75,10 @@ def __getattr__(name: str) -> Any:
         from tieaudit.auditing import audit
 
         return audit
+    if name == "audit_many":
+        from tieaudit.batch import audit_many
+
+        return audit_many
     if name == "audit_model":
         from tieaudit.live import audit_model
 

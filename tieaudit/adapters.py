@@ -248,7 +248,9 @@ def resolve_base(explicit: str | None, settings: AdapterSettings, adapter_root: 
 
 
 def _from_hf_cache(repo_id: str) -> Path | None:
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
+    from tieaudit.checkpoint.hub import looks_like_repo_id
+
+    if not looks_like_repo_id(repo_id):
         return None
     try:
         from huggingface_hub import snapshot_download

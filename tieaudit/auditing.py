@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +32,15 @@ def severity(value: str | Severity) -> Severity:
         raise UsageError(f"invalid fail-on level {value!r}: use error, warning or info") from None
 
 
+def check_selectors(select: Sequence[str] | None, ignore: Sequence[str] | None) -> None:
+    """UsageError for a `--select`/`--ignore` value that names no rule."""
+    from tieaudit.rules import unknown_selectors
+
+    bad = unknown_selectors([*(select or []), *(ignore or [])])
+    if bad:
+        raise UsageError(f"unknown rule selector {bad[0]!r}: see `tieaudit rules`")
+
+
 def audit(
     path: str | os.PathLike[str],
     base: str | os.PathLike[str] | None = None,
@@ -42,28 +52,32 @@ def audit(
     probe_tokens: int = 64,
     progress: Progress | None = None,
     deep: bool = False,
+    revision: str | None = None,
 ) -> Report:
-    """Audit a checkpoint directory and return the report (never writes anything).
+    """Audit a checkpoint directory (or a Hub repo id in the local Hugging Face cache, at ``revision``) and return
+    the report (never writes anything, never downloads).
 
     Raises `TieauditError` subclasses for unreadable input (exit 2) or nothing to audit (exit 3).
     """
     from tieaudit.checkpoint import open_checkpoint
-    from tieaudit.rules import selected, unknown_selectors
+    from tieaudit.checkpoint.hub import resolve
+    from tieaudit.rules import selected
 
     started = time.perf_counter()
     fail_level = severity(fail_on)
-    bad = unknown_selectors([*(select or []), *(ignore or [])])
-    if bad:
-        raise UsageError(f"unknown rule selector {bad[0]!r}: see `tieaudit rules`")
+    check_selectors(select, ignore)
     if probe_tokens < 0:
         raise UsageError("--probe-tokens must be >= 0")
     rules = selected(select, ignore)
+    where = resolve(path, revision)
 
     with contextlib.ExitStack() as stack:
-        ckpt = stack.enter_context(open_checkpoint(path))
+        ckpt = stack.enter_context(open_checkpoint(where.path))
         report, _ = audit_open(
-            ckpt, str(path), base, rules, fail_level, exit_zero, probe_tokens, progress, deep, stack, started
+            ckpt, where.path, base, rules, fail_level, exit_zero, probe_tokens, progress, deep, stack, started
         )
+    if where.repo is not None:
+        report = dataclasses.replace(report, target=dataclasses.replace(report.target, repo=where.repo))
     return report
 
 

@@ -114,13 +114,31 @@ class Skipped:
 
 
 @dataclass(frozen=True)
+class HubRef:
+    """The Hub repo a target was resolved from, offline, in the local Hugging Face cache."""
+
+    repo_id: str
+    revision: str  # as asked: a branch, tag or commit ("main" by default)
+    commit: str  # the cached snapshot's commit hash
+
+    def __str__(self) -> str:
+        return f"{self.repo_id}@{self.revision}"
+
+
+@dataclass(frozen=True)
 class Target:
-    path: str
+    path: str  # the directory read (for a Hub repo id: its snapshot in the local cache)
     kind: str  # "model" | "adapter"
     base: str | None
     layout: str
     files: tuple[str, ...]
     architecture: str | None = None
+    repo: HubRef | None = None
+
+    @property
+    def name(self) -> str:
+        """What the user asked for: the path, or the repo id and revision."""
+        return str(self.repo) if self.repo is not None else self.path
 
 
 @dataclass(frozen=True)
@@ -241,6 +259,44 @@ class Report:
             # fix --dry-run/--diff: 1 when something would change
             return 1 if (self.fix_run.changes and not self.exit_zero) else 0
         return exit_code_for(self.findings, self.fail_on, self.exit_zero)
+
+
+@dataclass(frozen=True)
+class TargetError:
+    """A target of a batch that could not be audited: the message and exit code it would have had alone."""
+
+    path: str
+    message: str
+    exit_code: int  # 2 (unreadable, usage, internal) or 3 (nothing to audit)
+
+
+# how bad each exit code is when a batch combines them: could-not-audit, then nothing-to-audit, then findings
+EXIT_PRIORITY = {2: 3, 3: 2, 1: 1, 0: 0}
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    """`tieaudit check PATH PATH ...` (or a directory of `checkpoint-*`): one item per target, in order: its report,
+    or why it could not be audited. The exit code is the worst of them."""
+
+    tool_version: str
+    items: tuple[Report | TargetError, ...]
+    fail_on: Severity = Severity.WARNING
+
+    @property
+    def reports(self) -> tuple[Report, ...]:
+        return tuple(i for i in self.items if isinstance(i, Report))
+
+    @property
+    def errors(self) -> tuple[TargetError, ...]:
+        return tuple(i for i in self.items if isinstance(i, TargetError))
+
+    def counts(self) -> dict[str, int]:
+        return count_findings(f for r in self.reports for f in r.findings)
+
+    @property
+    def exit_code(self) -> int:
+        return max((i.exit_code for i in self.items), key=lambda c: EXIT_PRIORITY.get(c, 3), default=0)
 
 
 def count_findings(findings: Iterable[Finding]) -> dict[str, int]:

@@ -1,16 +1,27 @@
-"""`tieaudit check PATH`: audit one checkpoint and print the report."""
+"""`tieaudit check PATH...`: audit one checkpoint (or many) and print the report."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 from tieaudit.cli import options as o
 from tieaudit.cli.console import err, guarded, progress_reporter
-from tieaudit.cli.output import COLOR_MODES, check_choice, emit_report, settings
+from tieaudit.cli.output import COLOR_MODES, check_choice, emit_batch, emit_report, settings
+from tieaudit.errors import UsageError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from tieaudit.model import Report
 
 
 @guarded
 def check(
-    path: o.PathArg,
+    paths: o.PathsArg,
     base: o.BaseOpt = None,
+    revision: o.RevisionOpt = None,
     format: o.FormatOpt = None,
     output: o.OutputOpt = None,
     fail_on: o.FailOnOpt = None,
@@ -26,33 +37,78 @@ def check(
     config: o.ConfigOpt = None,
     isolated: o.IsolatedOpt = False,
 ) -> None:
-    """Audit a checkpoint's weight tying; exit 1 when findings reach --fail-on.
+    """Audit checkpoints' weight tying; exit 1 when findings reach --fail-on.
 
+    Several PATHs, or a trainer's output directory (its checkpoint-* folders, and itself when it holds a model),
+    give one report covering all of them; the exit code is the worst (2, then 3, then 1, then 0).
     Settings come from the flags, then TIEAUDIT_FORMAT, then [tool.tieaudit] in the nearest pyproject.toml
     (or tieaudit.toml, or --config FILE; --isolated ignores them).
     """
     import typer
 
-    from tieaudit.auditing import audit
-    from tieaudit.report.text import summary_line
+    from tieaudit.auditing import audit, check_selectors, severity
+    from tieaudit.batch import collect, expand_targets, is_batch
+    from tieaudit.report.text import batch_summary_line, summary_line
 
-    chosen = settings(
-        path, config=config, isolated=isolated, format=format, fail_on=fail_on, select=select, ignore=ignore
-    )
+    given = [os.fspath(p) for p in paths]
+    if revision is not None and len(given) > 1:
+        raise UsageError("--revision applies to a single Hub repo id; give one PATH")
+    targets = expand_targets(given)
+    chosen = {
+        t: settings(t, config=config, isolated=isolated, format=format, fail_on=fail_on, select=select, ignore=ignore)
+        for t in targets
+    }
+    first = chosen[targets[0]]
+    for s in chosen.values():
+        check_selectors(s.select, s.ignore)  # a bad selector is a usage error before anything is read
     check_choice(color, COLOR_MODES, "--color")
-    with progress_reporter(progress) as callback:
-        report = audit(
-            path,
-            base,
-            select=chosen.select,
-            ignore=chosen.ignore,
-            fail_on=chosen.fail_on,
-            exit_zero=exit_zero,
-            probe_tokens=probe_tokens,
-            progress=callback,
-            deep=deep,
+    batch = is_batch(given, targets)
+
+    with progress_reporter(progress, first.format != "text") as callback:
+
+        def audit_one(target: str) -> Report:
+            s = chosen[target]
+            step = _prefixed(callback, target, targets) if batch else callback
+            return audit(
+                target,
+                base,
+                select=s.select,
+                ignore=s.ignore,
+                fail_on=s.fail_on,
+                exit_zero=exit_zero,
+                probe_tokens=probe_tokens,
+                progress=step,
+                deep=deep,
+                revision=revision,
+            )
+
+        if not batch:
+            report = audit_one(targets[0])
+            emit_report(report, first.format, output, color, quiet, verbose)
+            if not quiet:
+                err(summary_line(report))
+            raise typer.Exit(report.exit_code)
+        result = collect(
+            targets,
+            audit_one,
+            fail_on=severity(first.fail_on),
+            on_error=lambda e: err(f"tieaudit: error: {e.path}: {e.message}"),
         )
-    emit_report(report, chosen.format, output, color, quiet, verbose)
+    emit_batch(result, first.format, output, color, quiet, verbose)
     if not quiet:
-        err(summary_line(report))
-    raise typer.Exit(report.exit_code)
+        err(batch_summary_line(result))
+    raise typer.Exit(result.exit_code)
+
+
+def _prefixed(
+    callback: Callable[[str, int, int], None] | None, target: str, targets: list[str]
+) -> Callable[[str, int, int], None] | None:
+    """A progress callback that names the target of a batch it reports on."""
+    if callback is None:
+        return None
+    label = f"[{targets.index(target) + 1}/{len(targets)}] {Path(target).name or target}"
+
+    def step(message: str, done: int, total: int) -> None:
+        callback(f"{label}: {message}", done, total)
+
+    return step

@@ -59,33 +59,49 @@ def guarded(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def progress_wanted(enabled: bool | None, machine_format: bool = False) -> bool:
+    """`--progress/--no-progress`, else on only when stderr is a terminal, outside CI, and the report is for a human
+    (text): a machine format's consumer is a program, and CI logs keep every redraw."""
+    if enabled is not None:
+        return enabled
+    return sys.stderr.isatty() and not os.environ.get("CI") and not machine_format
+
+
 @contextlib.contextmanager
-def progress_reporter(enabled: bool | None) -> Iterator[Callable[[str, int, int], None] | None]:
-    """A progress callback drawing on stderr, only once a step has taken longer than a moment.
-    `enabled` None means: only on a TTY and not in CI."""
-    if enabled is None:
-        enabled = sys.stderr.isatty() and not os.environ.get("CI")
-    if not enabled:
+def progress_reporter(
+    enabled: bool | None, machine_format: bool = False, delay: float = 0.3
+) -> Iterator[Callable[[str, int, int], None] | None]:
+    """A progress callback `(message, done, total)` drawing a rich progress bar on stderr (a pulsing one while the
+    total is unknown), shown only once the work has taken longer than `delay` seconds, and erased at the end."""
+    if not progress_wanted(enabled, machine_format):
         yield None
         return
     from rich.console import Console
-    from rich.status import Status
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    console = Console(stderr=True)
+    bar = Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+    task = bar.add_task("", total=None, start=False)
     started = time.monotonic()
-    status: Status | None = None
+    shown = False
 
     def update(message: str, done: int, total: int) -> None:
-        nonlocal status
-        text = f"{message} ({done + 1}/{total})" if total else message
-        if status is None and time.monotonic() - started > 0.3:
-            status = console.status(text)
-            status.start()
-        elif status is not None:
-            status.update(text)
+        nonlocal shown
+        bar.update(task, description=message, total=total or None, completed=done if total else 0)
+        if not shown and time.monotonic() - started > delay:
+            bar.start_task(task)
+            bar.start()
+            shown = True
 
     try:
         yield update
     finally:
-        if status is not None:
-            status.stop()
+        if shown:
+            bar.stop()

@@ -36,6 +36,7 @@ SourceOpt = Annotated[
 @guarded
 def fix(
     path: o.PathArg,
+    revision: o.RevisionOpt = None,
     untie: UntieOpt = False,
     retie: RetieOpt = False,
     output_dir: OutputDirOpt = None,
@@ -80,9 +81,10 @@ def fix(
             raise typer.Exit(1)
     from tieaudit.repair import fix as run_fix
 
-    with progress_reporter(progress) as callback:
+    with progress_reporter(progress, fmt != "text") as callback:
         report = run_fix(
             path,
+            revision=revision,
             mode="untie" if untie else "retie",
             output_dir=output_dir,
             in_place=in_place,

@@ -13,6 +13,7 @@ from tieaudit.cli.output import GRAPH_FORMATS, check_choice, emit
 def graph(
     path: o.PathArg,
     base: o.BaseOpt = None,
+    revision: o.RevisionOpt = None,
     format: o.GraphFormatOpt = "text",
     output: o.OutputOpt = None,
     color: o.ColorOpt = "auto",
@@ -27,12 +28,13 @@ def graph(
     from tieaudit.report.text import render_graph
 
     fmt = check_choice(format, GRAPH_FORMATS, "--format")
-    report = audit(path, base, select=["TIE"], probe_tokens=0)
+    report = audit(path, base, select=["TIE"], probe_tokens=0, revision=revision)
     if fmt == "json":
         doc = {
             "schema_version": 1,
             "target": {
                 "path": report.target.path,
+                "repo": None if report.target.repo is None else str(report.target.repo),
                 "architecture": report.target.architecture,
                 "layout": report.target.layout,
             },

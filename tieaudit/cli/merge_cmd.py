@@ -21,6 +21,7 @@ def merge(
     path: o.PathArg,
     output_dir: MergeOutputOpt,
     base: o.BaseOpt = None,
+    revision: o.RevisionOpt = None,
     format: o.FormatOpt = None,
     output: o.OutputOpt = None,
     fail_on: o.FailOnOpt = None,
@@ -46,9 +47,10 @@ def merge(
     check_choice(color, COLOR_MODES, "--color")
     from tieaudit.repair.merging import merge as run_merge
 
-    with progress_reporter(progress) as callback:
+    with progress_reporter(progress, fmt != "text") as callback:
         report = run_merge(
             path,
+            revision=revision,
             output_dir=output_dir,
             base=base,
             fail_on=chosen.fail_on,

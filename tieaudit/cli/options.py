@@ -8,7 +8,25 @@ from typing import Annotated
 import typer
 
 PathArg = Annotated[
-    Path, typer.Argument(help="Checkpoint directory (model or PEFT adapter).", show_default=False, metavar="PATH")
+    Path,
+    typer.Argument(
+        help="Checkpoint directory (model or PEFT adapter), or a Hub repo id in the local Hugging Face cache.",
+        show_default=False,
+        metavar="PATH",
+    ),
+]
+PathsArg = Annotated[
+    list[Path],
+    typer.Argument(
+        help="Checkpoint directories (models or PEFT adapters), Hub repo ids in the local cache, or a trainer's "
+        "output directory (its checkpoint-* folders).",
+        show_default=False,
+        metavar="PATH...",
+    ),
+]
+RevisionOpt = Annotated[
+    str | None,
+    typer.Option("--revision", help="For a Hub repo id: the branch, tag or commit to read from the local cache."),
 ]
 BaseOpt = Annotated[str | None, typer.Option("--base", help="Base model directory for an adapter.")]
 FormatOpt = Annotated[

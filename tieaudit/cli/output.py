@@ -13,7 +13,8 @@ from tieaudit.errors import UsageError, WriteError
 from tieaudit.report import FORMATS  # the report package imports only the data model: cheap at start-up
 
 if TYPE_CHECKING:
-    from tieaudit.model import Report, RuleDoc
+    from tieaudit.model import BatchReport, Report, RuleDoc
+    from tieaudit.report import RenderOptions
 
 GRAPH_FORMATS = ("text", "json", "mermaid", "dot")
 COLOR_MODES = ("auto", "always", "never")
@@ -73,15 +74,27 @@ def settings(
 
 def emit_report(report: Report, fmt: str, output: Path | None, color: str, quiet: bool, verbose: bool) -> None:
     """Render `report` in `fmt` and write it to stdout or `output` (colour only for text on a terminal)."""
-    from tieaudit.cli.console import use_color
-    from tieaudit.report import RenderOptions, render
+    from tieaudit.report import render
 
-    opts = RenderOptions(
+    emit(render(report, fmt, _options(fmt, output, color, quiet, verbose)), output)
+
+
+def emit_batch(batch: BatchReport, fmt: str, output: Path | None, color: str, quiet: bool, verbose: bool) -> None:
+    """`emit_report` for the one document covering every target of a batch."""
+    from tieaudit.report import render_batch
+
+    emit(render_batch(batch, fmt, _options(fmt, output, color, quiet, verbose)), output)
+
+
+def _options(fmt: str, output: Path | None, color: str, quiet: bool, verbose: bool) -> RenderOptions:
+    from tieaudit.cli.console import use_color
+    from tieaudit.report import RenderOptions
+
+    return RenderOptions(
         color=fmt == "text" and use_color(color, sys.stdout if output is None else None),
         verbosity=-1 if quiet else (1 if verbose else 0),
         rules=rule_docs() if fmt == "sarif" else (),
     )
-    emit(render(report, fmt, opts), output)
 
 
 def rule_docs() -> tuple[RuleDoc, ...]:

@@ -53,8 +53,10 @@ def fix(
     exit_zero: bool = False,
     probe_tokens: int = 64,
     progress: Progress | None = None,
+    revision: str | None = None,
 ) -> Report:
-    """Repair the weight tying of the checkpoint at ``path`` (see the README's `tieaudit fix`).
+    """Repair the weight tying of the checkpoint at ``path`` (see the README's `tieaudit fix`); a Hub repo id is read
+    from the local Hugging Face cache (at ``revision``) and needs ``output_dir``.
 
     Returns the report of the fixed checkpoint (or, with ``dry_run``/``diff``, of the original with the planned
     changes); ``report.fix_run`` says what was changed and ``report.fixes`` what became of each finding.
@@ -73,7 +75,9 @@ def fix(
     if sources and not unsafe_fixes:
         raise UsageError("--source chooses which tensor wins an unsafe retie: it needs --unsafe-fixes")
     fail_level = severity(fail_on)
-    display = os.fspath(path)
+    from tieaudit.checkpoint.hub import resolve
+
+    display = resolve(path, revision).path
     rules = selected(None, None)
 
     with contextlib.ExitStack() as stack:

@@ -95,8 +95,10 @@ def merge(
     exit_zero: bool = False,
     probe_tokens: int = 64,
     progress: Progress | None = None,
+    revision: str | None = None,
 ) -> Report:
-    """Merge the LoRA adapter at ``adapter`` into its base and write the merged model to ``output_dir``.
+    """Merge the LoRA adapter at ``adapter`` (a directory, or a Hub repo id in the local cache at ``revision``) into
+    its base and write the merged model to ``output_dir``.
 
     Returns the audit report of the merged model; ``report.merge_run`` says what was decided and written, and
     ``report.comparisons`` (stage ``merged``) how far each written weight is from the one the unmerged adapter
@@ -110,7 +112,9 @@ def merge(
     fail_level = severity(fail_on)
     if probe_tokens < 0:
         raise UsageError("--probe-tokens must be >= 0")
-    display = os.fspath(adapter)
+    from tieaudit.checkpoint.hub import resolve
+
+    display = resolve(adapter, revision).path
     with contextlib.ExitStack() as stack:
         ad = stack.enter_context(open_checkpoint(display))
         if ad.kind != "adapter" or ad.adapter_config is None:

@@ -1,11 +1,12 @@
-"""Renderers: pure functions from a `Report` to the text of one format, chosen by name."""
+"""Renderers: pure functions from a `Report` (or a `BatchReport` of many targets) to the text of one format,
+chosen by name."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tieaudit.model import Report, RuleDoc
+from tieaudit.model import BatchReport, Report, RuleDoc
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,7 @@ class RenderOptions:
 
 
 Renderer = Callable[[Report, RenderOptions], str]
+BatchRenderer = Callable[[BatchReport, RenderOptions], str]
 
 
 def renderers() -> dict[str, Renderer]:
@@ -39,3 +41,20 @@ def render(report: Report, fmt: str, options: RenderOptions | None = None) -> st
     if fmt not in table:
         raise KeyError(fmt)
     return table[fmt](report, options or RenderOptions())
+
+
+def render_batch(batch: BatchReport, fmt: str, options: RenderOptions | None = None) -> str:
+    """One document covering every target of a batch (JSON: the per-target reports under a combined summary;
+    SARIF: one run per target)."""
+    from tieaudit.report import github, json_format, markdown, sarif, text
+
+    table: dict[str, BatchRenderer] = {
+        "text": text.render_batch,
+        "json": json_format.render_batch,
+        "sarif": sarif.render_batch,
+        "github": github.render_batch,
+        "markdown": markdown.render_batch,
+    }
+    if fmt not in table:
+        raise KeyError(fmt)
+    return table[fmt](batch, options or RenderOptions())

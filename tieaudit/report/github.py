@@ -1,11 +1,12 @@
 """GitHub Actions workflow commands: one `::error|warning|notice file=...,line=...,title=...::message` per finding,
-shown as annotations on the run and, for files in the repository, on the pull request diff."""
+shown as annotations on the run and, for files in the repository, on the pull request diff. In a batch, a target
+that could not be audited is one `::error` naming it."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from tieaudit.model import Report, Severity
+from tieaudit.model import BatchReport, Report, Severity
 from tieaudit.report.paths import finding_line, finding_path
 
 if TYPE_CHECKING:
@@ -41,3 +42,14 @@ def render(report: Report, options: RenderOptions) -> str:
             message += f" Fix: {f.fix.command}"
         lines.append(f"::{LEVELS[f.severity]} {props}::{_data(message)}")
     return "".join(line + "\n" for line in lines)
+
+
+def render_batch(batch: BatchReport, options: RenderOptions) -> str:
+    parts = []
+    for item in batch.items:
+        if isinstance(item, Report):
+            parts.append(render(item, options))
+        else:
+            title = _property("tieaudit (not audited)")
+            parts.append(f"::error title={title}::{_data(f'{item.path}: {item.message} (exit {item.exit_code})')}\n")
+    return "".join(parts)

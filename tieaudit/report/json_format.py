@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from tieaudit.model import (
     SCHEMA_VERSION,
+    BatchReport,
     Comparison,
     FileChange,
     Finding,
@@ -168,6 +169,9 @@ def report_dict(r: Report) -> dict[str, Any]:
             "layout": r.target.layout,
             "files": list(r.target.files),
             "architecture": r.target.architecture,
+            "repo": None
+            if r.target.repo is None
+            else {"id": r.target.repo.repo_id, "revision": r.target.repo.revision, "commit": r.target.repo.commit},
         },
         "graph": {"groups": [group_dict(g) for g in r.groups]},
         "comparisons": [comparison_dict(c) for c in r.comparisons],
@@ -187,3 +191,26 @@ def report_dict(r: Report) -> dict[str, Any]:
 
 def render(report: Report, options: RenderOptions) -> str:
     return json.dumps(report_dict(report), indent=2, allow_nan=False) + "\n"
+
+
+def batch_dict(b: BatchReport) -> dict[str, Any]:
+    """Many targets: each audited target's report exactly as `check PATH -f json` prints it, in order, the targets
+    that could not be audited, and a combined summary whose exit code is the worst."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "tool": {"name": "tieaudit", "version": b.tool_version},
+        "reports": [report_dict(r) for r in b.reports],
+        "errors": [{"path": e.path, "message": e.message, "exit_code": e.exit_code} for e in b.errors],
+        "summary": {
+            "targets": len(b.items),
+            "audited": len(b.reports),
+            "failed": len(b.errors),
+            "findings": b.counts(),
+            "fail_on": b.fail_on.value,
+            "exit_code": b.exit_code,
+        },
+    }
+
+
+def render_batch(batch: BatchReport, options: RenderOptions) -> str:
+    return json.dumps(batch_dict(batch), indent=2, allow_nan=False) + "\n"

@@ -1,7 +1,8 @@
 """SARIF 2.1.0 (what GitHub code scanning uploads): one run, the rules with their help text, one result per
 finding with a physical location (the config key's real line, or line 1 of a weight file) and a logical location
 naming the tensor, fingerprints computed by tieaudit (the files are binary, so line-hash fingerprints are
-meaningless), and each skipped check as a tool execution notification."""
+meaningless), and each skipped check as a tool execution notification. A batch is one run per target; a target
+that could not be audited is a run whose invocation failed, with the reason as an error notification."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import json
 from pathlib import PurePath
 from typing import TYPE_CHECKING, Any
 
-from tieaudit.model import Report, RuleDoc, Severity
+from tieaudit.model import BatchReport, Report, RuleDoc, Severity, TargetError
 from tieaudit.report.paths import finding_line, finding_path
 
 if TYPE_CHECKING:
@@ -32,12 +33,24 @@ def _rule(doc: RuleDoc) -> dict[str, Any]:
     }
 
 
-def _docs(report: Report, options: RenderOptions) -> list[RuleDoc]:
+def _docs(reports: tuple[Report, ...], options: RenderOptions) -> list[RuleDoc]:
     if options.rules:
         return sorted(options.rules, key=lambda r: r.code)
     # rendered without the registry (the Python API): document at least the rules that fired
-    seen = {f.code: RuleDoc(f.code, f.name, f.severity, f.name, f.message) for f in report.findings}
+    seen = {f.code: RuleDoc(f.code, f.name, f.severity, f.name, f.message) for r in reports for f in r.findings}
     return [seen[c] for c in sorted(seen)]
+
+
+def _driver(version: str, docs: list[RuleDoc]) -> dict[str, Any]:
+    return {
+        "driver": {
+            "name": "tieaudit",
+            "version": version,
+            "semanticVersion": version,
+            "informationUri": INFORMATION_URI,
+            "rules": [_rule(d) for d in docs],
+        }
+    }
 
 
 def _uri(path: str) -> dict[str, str]:
@@ -46,8 +59,7 @@ def _uri(path: str) -> dict[str, str]:
     return {"uri": path, "uriBaseId": "%SRCROOT%"}
 
 
-def sarif_dict(report: Report, options: RenderOptions) -> dict[str, Any]:
-    docs = _docs(report, options)
+def _run(report: Report, docs: list[RuleDoc]) -> dict[str, Any]:
     index = {d.code: i for i, d in enumerate(docs)}
     results = []
     for f in report.findings:
@@ -82,34 +94,56 @@ def sarif_dict(report: Report, options: RenderOptions) -> dict[str, Any]:
         {"level": "note", "message": {"text": f"{s.check}: {s.reason}"}, "descriptor": {"id": s.check}}
         for s in report.skipped
     ]
+    # one category per checkpoint (per repo for a Hub repo id, whatever commit is cached)
+    category = report.target.repo.repo_id if report.target.repo else report.target.path
+    properties: dict[str, Any] = {"target": report.target.path, "architecture": report.target.architecture}
+    if report.target.repo is not None:
+        properties["repo"] = str(report.target.repo)
     return {
-        "$schema": SCHEMA,
-        "version": "2.1.0",
-        "runs": [
+        "tool": _driver(report.tool_version, docs),
+        "invocations": [
+            {"executionSuccessful": True, "exitCode": report.exit_code, "toolExecutionNotifications": notifications}
+        ],
+        "automationDetails": {"id": f"tieaudit/{category}/"},
+        "results": results,
+        "properties": properties,
+    }
+
+
+def _error_run(error: TargetError, version: str, docs: list[RuleDoc]) -> dict[str, Any]:
+    return {
+        "tool": _driver(version, docs),
+        "invocations": [
             {
-                "tool": {
-                    "driver": {
-                        "name": "tieaudit",
-                        "version": report.tool_version,
-                        "semanticVersion": report.tool_version,
-                        "informationUri": INFORMATION_URI,
-                        "rules": [_rule(d) for d in docs],
-                    }
-                },
-                "invocations": [
-                    {
-                        "executionSuccessful": True,
-                        "exitCode": report.exit_code,
-                        "toolExecutionNotifications": notifications,
-                    }
+                "executionSuccessful": False,
+                "exitCode": error.exit_code,
+                "toolExecutionNotifications": [
+                    {"level": "error", "message": {"text": f"{error.path}: {error.message}"}}
                 ],
-                "automationDetails": {"id": f"tieaudit/{report.target.path}/"},  # one category per checkpoint
-                "results": results,
-                "properties": {"target": report.target.path, "architecture": report.target.architecture},
             }
         ],
+        "automationDetails": {"id": f"tieaudit/{error.path}/"},
+        "results": [],
+        "properties": {"target": error.path},
     }
+
+
+def sarif_dict(report: Report, options: RenderOptions) -> dict[str, Any]:
+    return {"$schema": SCHEMA, "version": "2.1.0", "runs": [_run(report, _docs((report,), options))]}
+
+
+def batch_sarif_dict(batch: BatchReport, options: RenderOptions) -> dict[str, Any]:
+    docs = _docs(batch.reports, options)
+    runs = [
+        _run(item, docs) if isinstance(item, Report) else _error_run(item, batch.tool_version, docs)
+        for item in batch.items
+    ]
+    return {"$schema": SCHEMA, "version": "2.1.0", "runs": runs}
 
 
 def render(report: Report, options: RenderOptions) -> str:
     return json.dumps(sarif_dict(report, options), indent=2, allow_nan=False) + "\n"
+
+
+def render_batch(batch: BatchReport, options: RenderOptions) -> str:
+    return json.dumps(batch_sarif_dict(batch, options), indent=2, allow_nan=False) + "\n"

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.markup import escape
 
-from tieaudit.model import FileChange, Finding, Report, Severity, TieGroup, TieStatus
+from tieaudit.model import BatchReport, FileChange, Finding, Report, Severity, TargetError, TieGroup, TieStatus
 
 if TYPE_CHECKING:
     from tieaudit.report import RenderOptions
@@ -82,7 +82,9 @@ def _console(buf: io.StringIO, options: RenderOptions) -> Console:
 def _print_graph(console: Console, report: Report) -> None:
     t = report.target
     arch = t.architecture or "unknown architecture"
-    console.print(f"[bold]{escape(t.path)}[/]  [dim]{escape(arch)}, {t.kind}, {t.layout}[/]")
+    console.print(f"[bold]{escape(t.name)}[/]  [dim]{escape(arch)}, {t.kind}, {t.layout}[/]")
+    if t.repo is not None:
+        console.print(f"  [dim]commit {escape(t.repo.commit)} in the local Hugging Face cache: {escape(t.path)}[/]")
     if report.groups:
         for g in report.groups:
             for line in _group_lines(g):
@@ -254,12 +256,62 @@ def fix_summary_line(report: Report) -> str:
 
 def summary_line(report: Report) -> str:
     """One line for stderr after any format."""
-    c = report.counts()
-    parts = [
-        f"{c['error']} error{'s' if c['error'] != 1 else ''}",
-        f"{c['warning']} warning{'s' if c['warning'] != 1 else ''}",
-        f"{c['info']} info",
-    ]
     return (
-        f"tieaudit: {report.target.path}: {', '.join(parts)} (fail-on {report.fail_on.value}, exit {report.exit_code})"
+        f"tieaudit: {report.target.name}: {_counts_line(report.counts())} "
+        f"(fail-on {report.fail_on.value}, exit {report.exit_code})"
     )
+
+
+def _counts_line(c: dict[str, int]) -> str:
+    return (
+        f"{c['error']} error{'s' if c['error'] != 1 else ''}, "
+        f"{c['warning']} warning{'s' if c['warning'] != 1 else ''}, {c['info']} info"
+    )
+
+
+def batch_summary_line(batch: BatchReport) -> str:
+    """One line for stderr after a batch: how many targets, how many failed, the combined counts, the exit code."""
+    n = len(batch.items)
+    failing = sum(1 for r in batch.reports if r.exit_code != 0)
+    parts = [f"{n} checkpoint{'s' if n != 1 else ''}"]
+    if failing:
+        parts.append(f"{failing} with findings at or above {batch.fail_on.value}")
+    if batch.errors:
+        parts.append(f"{len(batch.errors)} not audited")
+    return f"tieaudit: {', '.join(parts)}: {_counts_line(batch.counts())} (exit {batch.exit_code})"
+
+
+def render_batch(batch: BatchReport, options: RenderOptions) -> str:
+    """Each target's report in order (in -q mode each under a line naming it), the targets that could not be
+    audited, then a table of all of them."""
+    buf = io.StringIO()
+    console = _console(buf, options)
+    for item in batch.items:
+        if isinstance(item, TargetError):
+            if options.verbosity < 0:
+                continue  # -q: findings only (the error went to stderr as it happened)
+            console.print(f"[bold]{escape(item.path)}[/]  [bold red]not audited[/] (exit {item.exit_code})")
+            console.print(f"  {escape(item.message)}")
+            console.print()
+            continue
+        if options.verbosity < 0 and item.findings:
+            console.print(f"[bold]── {escape(item.target.name)}[/]")
+        text = render(item, options)
+        buf.write(text)  # the console writes through to buf: nothing buffered to interleave with
+        if options.verbosity >= 0 and not text.endswith("\n\n"):
+            console.print()
+    if options.verbosity >= 0:
+        width = max(len(_item_name(i)) for i in batch.items) if batch.items else 0
+        console.print(f"[bold]{len(batch.items)} checkpoints[/]")
+        for item in batch.items:
+            name = escape(f"{_item_name(item):<{width}}")
+            if isinstance(item, TargetError):
+                console.print(f"  {name}  [bold red]not audited[/]  exit {item.exit_code}")
+            else:
+                style = "green" if item.exit_code == 0 else "bold red"
+                console.print(f"  {name}  [{style}]{_counts_line(item.counts())}[/]  exit {item.exit_code}")
+    return buf.getvalue()
+
+
+def _item_name(item: Report | TargetError) -> str:
+    return item.path if isinstance(item, TargetError) else item.target.name

@@ -1,0 +1,109 @@
+"""Many checkpoints in one run: `tieaudit check DIR1 DIR2 ...` and the `checkpoint-*` folders a trainer writes.
+
+`expand_targets` turns the PATH arguments into targets (file-system inspection only, no weights read);
+`collect` audits each with the function it is given and gathers one `BatchReport`: a target that cannot be
+audited becomes a `TargetError` (its message and exit code) and the others still run, as ruff does with a file
+it cannot read. `audit_many` is the Python API over both.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from tieaudit._version import __version__
+from tieaudit.errors import TieauditError, UsageError
+from tieaudit.model import BatchReport, Report, Severity, TargetError
+
+# what makes a directory a checkpoint by itself (a trainer's output_dir holds only training_args.bin and
+# checkpoint-* folders until save_model writes the final model into it)
+_CHECKPOINT_MARKERS = (
+    "config.json",
+    "adapter_config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+)
+_STEP = re.compile(r"checkpoint-(\d+)")
+
+
+def trainer_checkpoints(directory: str) -> list[str]:
+    """The `checkpoint-<step>` sub-directories of a trainer's output directory, by step (checkpoint-500 before
+    checkpoint-1000), as `directory/checkpoint-N`. Symlinked sub-directories are ignored (not followed)."""
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return []
+    found = []
+    for entry in entries:
+        match = _STEP.fullmatch(entry.name)
+        if match and entry.is_dir(follow_symlinks=False):
+            found.append((int(match.group(1)), entry.name))
+    return [os.path.join(directory, name) for _, name in sorted(found)]
+
+
+def is_checkpoint_dir(directory: str) -> bool:
+    return any(os.path.isfile(os.path.join(directory, name)) for name in _CHECKPOINT_MARKERS)
+
+
+def expand_targets(paths: Sequence[str]) -> list[str]:
+    """Each PATH as given, except a directory holding `checkpoint-*` folders: it stands for itself when it is a
+    checkpoint too (the trainer's final model), followed by its checkpoints by step. Duplicates are dropped."""
+    targets: list[str] = []
+    for path in paths:
+        found = trainer_checkpoints(path) if os.path.isdir(path) else []
+        if not found or is_checkpoint_dir(path):
+            targets.append(path)
+        targets.extend(found)
+    seen: set[str] = set()
+    unique = []
+    for t in targets:
+        key = os.path.realpath(t) if os.path.exists(t) else t
+        if key not in seen:
+            seen.add(key)
+            unique.append(t)
+    return unique
+
+
+def is_batch(paths: Sequence[str], targets: Sequence[str]) -> bool:
+    """A batch document when more than one PATH was given or a PATH expanded to several targets."""
+    return len(paths) > 1 or len(targets) > 1
+
+
+def collect(
+    targets: Sequence[str],
+    audit_one: Callable[[str], Report],
+    *,
+    fail_on: Severity = Severity.WARNING,
+    on_error: Callable[[TargetError], None] | None = None,
+) -> BatchReport:
+    """Audit every target with `audit_one`; a `TieauditError` becomes that target's `TargetError` (reported through
+    `on_error` as it happens) and the batch goes on. A usage error concerns every target and an internal error is
+    a bug: both end the batch."""
+    items: list[Report | TargetError] = []
+    for target in targets:
+        try:
+            items.append(audit_one(target))
+        except UsageError:
+            raise
+        except TieauditError as exc:
+            error = TargetError(path=target, message=exc.message, exit_code=exc.exit_code)
+            if on_error is not None:
+                on_error(error)
+            items.append(error)
+    return BatchReport(tool_version=__version__, items=tuple(items), fail_on=fail_on)
+
+
+def audit_many(paths: Sequence[str | os.PathLike[str]], **audit_kwargs: Any) -> BatchReport:
+    """Audit several checkpoints (a directory of `checkpoint-*` folders counts as its checkpoints) with
+    `tieaudit.audit(path, **audit_kwargs)` each; returns one `BatchReport` whose `exit_code` is the worst."""
+    from tieaudit.auditing import audit, severity
+
+    fail_on = severity(audit_kwargs.get("fail_on", Severity.WARNING))
+    targets = expand_targets([os.fspath(p) for p in paths])
+    return collect(targets, lambda t: audit(t, **audit_kwargs), fail_on=fail_on)
