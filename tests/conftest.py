@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# the tie-map cache of this test session, never the user's ~/.cache/tieaudit
+os.environ["TIEAUDIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="tieaudit-test-cache-")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 Builder = Callable[[str, str, str], Path]

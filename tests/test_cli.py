@@ -227,17 +227,51 @@ def _no_torch_import(args: list[str]) -> subprocess.CompletedProcess[str]:
         "import sys; sys.argv = ['tieaudit', *sys.argv[1:]]\n"
         "from tieaudit.cli.app import main\n"
         "try:\n    main()\nexcept SystemExit:\n    pass\n"
-        "print('IMPORTED' if {'torch', 'transformers', 'peft'} & set(sys.modules) else 'LEAN', file=sys.stderr)\n"
+        "heavy = {'torch', 'transformers', 'peft'} & set(sys.modules)\n"
+        "if sys.argv[1] in ('--version', '--help', 'rules', 'explain'):\n"
+        "    heavy |= {'pydantic', 'importlib.metadata'} & set(sys.modules)\n"
+        "print(f'IMPORTED {sorted(heavy)}' if heavy else 'LEAN', file=sys.stderr)\n"
     )
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
 
 
 @pytest.mark.parametrize(
-    "args", [["--version"], ["--help"], ["rules"], ["explain", "TIE001"], ["check", "--help"], ["fix", "--help"]]
+    "args",
+    [
+        ["--version"],
+        ["--help"],
+        ["rules"],
+        ["rules", "-f", "json"],
+        ["explain", "TIE001"],
+        ["explain", "untied-weight-missing"],
+        ["check", "--help"],
+        ["fix", "--help"],
+    ],
 )
 def test_fast_paths_do_not_import_torch(args: list[str]) -> None:
+    """No torch, transformers or peft; and for the start-up budget of --version, --help, rules and explain
+    (< 0.3 s, benchmarks/README.md), no pydantic (typer coerces option values with it) or importlib.metadata (the
+    version is a constant) either."""
     proc = _no_torch_import(args)
     assert proc.stderr.strip().endswith("LEAN"), proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args", [["rules"], ["rules", "-f", "json"], ["rules", "--format", "text"], ["explain", "TIE104"], ["explain", "x"]]
+)
+def test_fast_path_prints_what_typer_prints(args: list[str]) -> None:
+    exe = Path(sys.executable).parent / "tieaudit"
+    fast = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=60)
+    slow = run(*args)
+    assert (fast.returncode, fast.stdout, fast.stderr) == (slow.exit_code, slow.stdout, slow.stderr)
+
+
+def test_version_matches_the_installed_metadata() -> None:
+    from importlib.metadata import version
+
+    from tieaudit import __version__
+
+    assert version("tieaudit") == __version__
 
 
 def test_console_script_and_module_entry() -> None:

@@ -95,18 +95,41 @@ def architecture_of(config: ConfigFile) -> str | None:
     return None
 
 
-def declared_ties(root: Path, config: ConfigFile) -> DeclaredTies:
+def declared_ties(root: Path, config: ConfigFile, *, persistent: bool = True) -> DeclaredTies:
     """Build the model class of `config.architectures` on the meta device and read its tie map.
 
     Raises DeclaredTiesUnavailable with a reason when the class is unknown, is remote code, or
-    cannot be built from this config. Results are cached per (architecture, config text).
+    cannot be built from this config. Results are cached per (architecture, config text) in memory and, unless
+    `persistent` is False, on disk (tieaudit.tiemap_cache), so a repeat audit does not import transformers.
     """
-    arch = architecture_of(config)
+    from tieaudit import tiemap_cache
 
+    arch = architecture_of(config)
     key = (arch or "", json.dumps(config.data, sort_keys=True))
     if key in _cache:
         return _cache[key]
+    version = tiemap_cache.transformers_version() if persistent else None
+    disk_key = tiemap_cache.entry_key(arch, config.data, version) if version else None
+    if disk_key is not None:
+        entry = tiemap_cache.load(disk_key)
+        if entry is not None:
+            cached = _from_entry(entry, root, config)
+            if cached is not None:
+                _cache[key] = cached
+                return cached
+    try:
+        result = _compute(root, config, arch)
+    except DeclaredTiesUnavailable as exc:
+        if disk_key is not None:
+            tiemap_cache.store(disk_key, {"unavailable": str(exc)})
+        raise
+    if disk_key is not None:
+        tiemap_cache.store(disk_key, _to_entry(result))
+    _cache[key] = result
+    return result
 
+
+def _compute(root: Path, config: ConfigFile, arch: str | None) -> DeclaredTies:
     with quiet_libraries():
         import transformers
 
@@ -139,9 +162,60 @@ def declared_ties(root: Path, config: ConfigFile) -> DeclaredTies:
                 raise DeclaredTiesUnavailable(
                     "config.json names no architecture, and no Auto class with a head knows its model_type"
                 )
-        result = _from_meta_model(cls, hf_config, config, arch or cls.__name__, transformers.__version__)
-    _cache[key] = result
-    return result
+        return _from_meta_model(cls, hf_config, config, arch or cls.__name__, transformers.__version__)
+
+
+def _to_entry(d: DeclaredTies) -> dict[str, Any]:
+    """A DeclaredTies as JSON, with its name mappings tabulated for every parameter of the model."""
+    return {
+        "architecture": d.architecture,
+        "transformers_version": d.transformers_version,
+        "potential": d.potential,
+        "active": d.active,
+        "flags": {
+            t: {"pointer": f.pointer, "value": f.value, "raw": f.raw, "forced": f.forced} for t, f in d.flags.items()
+        },
+        "expected": {name: list(shape) for name, shape in d.expected.items()},
+        "transposed": sorted(d.transposed),
+        "rename": {name: d.rename(name) for name in sorted(d.model_keys)},
+        "to_disk": {name: d.to_disk(name) for name in sorted(d.model_keys)},
+    }
+
+
+def _from_entry(entry: dict[str, Any], root: Path, config: ConfigFile) -> DeclaredTies | None:
+    """The DeclaredTies of a cache entry (None when the entry is malformed: it is then recomputed). An entry that
+    recorded an unavailable tie map raises it again."""
+    from tieaudit.tiemap_cache import NameTable
+
+    if isinstance(entry.get("unavailable"), str):
+        raise DeclaredTiesUnavailable(entry["unavailable"])
+    try:
+        flags = {
+            t: Flag(pointer=str(f["pointer"]), value=bool(f["value"]), raw=f["raw"], forced=bool(f["forced"]))
+            for t, f in entry["flags"].items()
+        }
+        expected = {str(n): tuple(int(x) for x in shape) for n, shape in entry["expected"].items()}
+        real: list[DeclaredTies] = []
+
+        def fresh() -> DeclaredTies:  # the real thing, for a name the table does not know
+            if not real:
+                real.append(_compute(root, config, architecture_of(config)))
+            return real[0]
+
+        return DeclaredTies(
+            architecture=str(entry["architecture"]),
+            transformers_version=str(entry["transformers_version"]),
+            potential={str(k): str(v) for k, v in entry["potential"].items()},
+            active={str(k): str(v) for k, v in entry["active"].items()},
+            flags=flags,
+            expected=expected,
+            model_keys=frozenset(expected),
+            rename=NameTable(entry["rename"], lambda: fresh().rename),
+            to_disk=NameTable(entry["to_disk"], lambda: fresh().to_disk),
+            transposed=frozenset(str(n) for n in entry["transposed"]),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
 
 
 def _head_class_for(hf_config: Any) -> type | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,7 +13,7 @@ from tieaudit.cli.output import COLOR_MODES, check_choice, emit_batch, emit_repo
 from tieaudit.errors import UsageError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     from tieaudit.model import Report
 
@@ -36,6 +37,7 @@ def check(
     color: o.ColorOpt = "auto",
     config: o.ConfigOpt = None,
     isolated: o.IsolatedOpt = False,
+    no_cache: o.NoCacheOpt = False,
 ) -> None:
     """Audit checkpoints' weight tying; exit 1 when findings reach --fail-on.
 
@@ -64,7 +66,7 @@ def check(
     check_choice(color, COLOR_MODES, "--color")
     batch = is_batch(given, targets)
 
-    with progress_reporter(progress, first.format != "text") as callback:
+    with progress_reporter(progress, first.format != "text") as callback, _cache_off(no_cache):
 
         def audit_one(target: str) -> Report:
             s = chosen[target]
@@ -112,3 +114,20 @@ def _prefixed(
         callback(f"{label}: {message}", done, total)
 
     return step
+
+
+@contextlib.contextmanager
+def _cache_off(off: bool) -> Iterator[None]:
+    """`--no-cache`: TIEAUDIT_NO_CACHE for the duration of the command."""
+    if not off:
+        yield
+        return
+    old = os.environ.get("TIEAUDIT_NO_CACHE")
+    os.environ["TIEAUDIT_NO_CACHE"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["TIEAUDIT_NO_CACHE"]
+        else:
+            os.environ["TIEAUDIT_NO_CACHE"] = old

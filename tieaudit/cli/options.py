@@ -74,6 +74,10 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Also show eve
 ProgressOpt = Annotated[
     bool | None, typer.Option("--progress/--no-progress", help="Progress on stderr (default: on a TTY).")
 ]
+NoCacheOpt = Annotated[
+    bool,
+    typer.Option("--no-cache", help="Do not read or write the tie-map cache (also: TIEAUDIT_NO_CACHE=1)."),
+]
 ColorOpt = Annotated[str, typer.Option("--color", help="auto, always or never (NO_COLOR is honoured).")]
 
 

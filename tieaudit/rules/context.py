@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from tieaudit.adapters import AdapterSettings, ModuleEdit
-from tieaudit.checkpoint.types import ConfigFile, IndexMismatch
-from tieaudit.deep import Measured
-from tieaudit.forecast import GroupForecast
-from tieaudit.graph import PairState, TieGraph
 from tieaudit.model import Location
+
+if TYPE_CHECKING:  # annotations only: `tieaudit rules` and `explain` need the registry, not the analysis modules
+    from tieaudit.adapters import AdapterSettings, ModuleEdit
+    from tieaudit.checkpoint.types import ConfigFile, IndexMismatch
+    from tieaudit.deep import Measured
+    from tieaudit.forecast import GroupForecast
+    from tieaudit.graph import PairState, TieGraph
 
 
 @dataclass(frozen=True)
