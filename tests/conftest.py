@@ -70,3 +70,18 @@ def adapter_case(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str
         return cache[arch, case]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def intended() -> Callable[[str, str], object]:
+    """`intended(arch, variant)` -> the logits of the model a fixture saved: what a repair must reproduce."""
+    from fixtures.builders import intended_model, model_logits
+
+    cache: dict[tuple[str, str], object] = {}
+
+    def get(arch: str, variant: str) -> object:
+        if (arch, variant) not in cache:
+            cache[arch, variant] = model_logits(intended_model(arch, variant), arch)
+        return cache[arch, variant]
+
+    return get

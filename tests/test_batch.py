@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from tieaudit import audit, audit_many
 from tieaudit.batch import expand_targets
 from tieaudit.cli.app import app
+from tieaudit.errors import UsageError
 from tieaudit.model import EXIT_PRIORITY, BatchReport, Report, TargetError
 
 DEMO = Path(__file__).resolve().parents[1] / "fixtures" / "demo"
@@ -71,7 +72,7 @@ def test_json_batch_document(run_dir: Path) -> None:
     assert doc["summary"] == {
         "targets": 4,
         "audited": 3,
-        "failed": 1,
+        "not_audited": 1,
         "findings": {"error": 1, "warning": 0, "info": 0},
         "fail_on": "warning",
         "exit_code": 3,
@@ -119,20 +120,26 @@ def test_exit_priority_table() -> None:
     assert sorted([0, 1, 2, 3], key=EXIT_PRIORITY.__getitem__) == [0, 1, 3, 2]
 
 
-def test_sarif_batch_validates_with_one_run_per_target(run_dir: Path) -> None:
+def test_sarif_batch_is_one_valid_run_covering_every_target(run_dir: Path, tmp_path: Path) -> None:
     result = check(run_dir, "-f", "sarif")
     doc = json.loads(result.stdout)
     jsonschema.validate(doc, SCHEMA)
-    runs = doc["runs"]
-    assert len(runs) == 3
-    assert [r["invocations"][0]["executionSuccessful"] for r in runs] == [True, True, False]
-    assert runs[1]["results"][0]["ruleId"] == "TIE002"
-    assert runs[1]["results"][0]["locations"][0]["physicalLocation"]["artifactLocation"]["uri"].endswith(
-        "checkpoint-1000/config.json"
-    )
-    assert runs[2]["invocations"][0]["toolExecutionNotifications"][0]["level"] == "error"
-    assert len({r["automationDetails"]["id"] for r in runs}) == 3  # one code-scanning category per checkpoint
+    (run,) = doc["runs"]  # GitHub code scanning takes at most 20 runs per file; a run can save more checkpoints
+    assert [r["ruleId"] for r in run["results"]] == ["TIE002"]
+    uri = run["results"][0]["locations"][0]["physicalLocation"]["artifactLocation"]["uri"]
+    assert uri.endswith("checkpoint-1000/config.json")
+    (note,) = [n for n in run["invocations"][0]["toolExecutionNotifications"] if n["level"] == "error"]
+    assert "checkpoint-1500: not audited (exit 3)" in note["message"]["text"]
+    assert run["invocations"][0]["executionSuccessful"] is False and run["invocations"][0]["exitCode"] == 3
+    assert run["automationDetails"]["id"] == f"tieaudit/{run_dir}/"
     assert result.exit_code == 3
+    # 25 checkpoints: still one run
+    many = tmp_path / "many"
+    for step in range(1, 26):
+        shutil.copytree(CLEAN, many / f"checkpoint-{step}")
+    doc = json.loads(check(many, "-f", "sarif").stdout)
+    jsonschema.validate(doc, SCHEMA)
+    assert len(doc["runs"]) == 1 and len(doc["runs"][0]["properties"]["targets"]) == 25
 
 
 def test_github_and_markdown_batch(run_dir: Path) -> None:
@@ -163,9 +170,26 @@ def test_text_batch_groups_per_target(run_dir: Path) -> None:
     assert str(CLEAN) not in quiet and "checkpoint-1500" not in quiet
 
 
-def test_single_path_keeps_the_single_report_shape() -> None:
+def test_the_document_shape_depends_on_the_arguments_not_on_the_checkpoint_count(tmp_path: Path) -> None:
     doc = json.loads(check(BROKEN, "-f", "json").stdout)
-    assert "target" in doc and "reports" not in doc
+    assert "target" in doc and "reports" not in doc  # one checkpoint directory: a single report
+    run = tmp_path / "run"
+    shutil.copytree(CLEAN, run / "checkpoint-500")
+    doc = json.loads(check(run, "-f", "json").stdout)
+    assert len(doc["reports"]) == 1  # a trainer directory is a batch from its first checkpoint on
+    doc = json.loads(check(CLEAN, CLEAN, "-f", "json").stdout)
+    assert len(doc["reports"]) == 1  # two PATHs (the same one): a batch of one
+
+
+def test_a_target_specific_usage_error_does_not_stop_the_batch() -> None:
+    adapter = DEMO / "llama-lora-tied"
+    result = check(adapter, CLEAN, "--base", CLEAN, "-f", "json")
+    doc = json.loads(result.stdout)
+    assert [r["target"]["path"] for r in doc["reports"]] == [str(adapter)]
+    (error,) = doc["errors"]
+    assert error["path"] == str(CLEAN) and "--base" in error["message"] and error["exit_code"] == 2
+    assert f"tieaudit: error: {CLEAN}: " in result.stderr
+    assert result.exit_code == 2
 
 
 def test_python_api(run_dir: Path) -> None:
@@ -175,3 +199,5 @@ def test_python_api(run_dir: Path) -> None:
     assert kinds == [Report, Report, Report, TargetError]
     assert batch.exit_code == 3 and batch.counts()["error"] == 1
     assert batch.reports[2].findings == audit(run_dir / "checkpoint-1000").findings
+    with pytest.raises(UsageError, match="at least one path"):
+        audit_many([])

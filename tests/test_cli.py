@@ -323,3 +323,60 @@ def test_progress_on_a_real_check_keeps_stdout_clean(ckpts) -> None:
     result = run("check", ckpts["diverged"], "--progress", "-f", "json")
     json.loads(result.stdout)
     assert result.exit_code == 1
+
+
+def test_progress_bar_appears_during_one_long_step(capsys, monkeypatch) -> None:
+    import time as _time
+
+    from tieaudit.cli.console import progress_reporter
+
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    with progress_reporter(True, delay=0.05) as update:
+        assert update is not None
+        update("comparing lm_head.weight with model.embed_tokens.weight", 0, 0)
+        _time.sleep(0.5)  # one long comparison: no further callback
+    assert "comparing lm_head.weight" in capsys.readouterr().err
+
+
+def test_report_goes_to_stdout_while_the_bar_draws_on_a_terminal(ckpts) -> None:
+    """stderr on a pseudo-terminal (the bar is drawn), stdout to a pipe: the report is still on stdout, whole."""
+    import pty
+    import threading
+
+    master, slave = pty.openpty()
+    drawn = bytearray()
+
+    def drain() -> None:  # a terminal reads what is drawn; an unread pty would block the writer
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                return
+            if not chunk:
+                return
+            drawn.extend(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        proc = subprocess.run(
+            [
+                str(Path(sys.executable).parent / "tieaudit"),
+                "check",
+                str(ckpts["diverged"]),
+                "-f",
+                "json",
+                "--progress",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=slave,
+            env={**os.environ, "TIEAUDIT_NO_CACHE": "1"},
+            timeout=120,
+        )
+    finally:
+        os.close(slave)
+        reader.join(timeout=5)
+        os.close(master)
+    assert b"tieaudit:" in drawn  # the summary line went to the terminal
+    doc = json.loads(proc.stdout)
+    assert proc.returncode == doc["summary"]["exit_code"] == 1

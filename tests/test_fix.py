@@ -16,14 +16,13 @@ import resource
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from fixtures.builders import ARCHS, intended_model, model_logits
+from fixtures.builders import ARCHS, model_logits
 from tieaudit import audit
 from tieaudit.cli.app import app
 from tieaudit.repair import fix
@@ -43,18 +42,6 @@ def tree_hash(root: Path) -> dict[str, str]:
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
-
-
-@pytest.fixture(scope="session")
-def intended() -> Callable[[str, str], torch.Tensor]:
-    cache: dict[tuple[str, str], torch.Tensor] = {}
-
-    def get(arch: str, variant: str) -> torch.Tensor:
-        if (arch, variant) not in cache:
-            cache[arch, variant] = model_logits(intended_model(arch, variant), arch)
-        return cache[arch, variant]
-
-    return get
 
 
 def copy_of(src: Path, dest: Path) -> Path:

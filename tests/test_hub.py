@@ -170,3 +170,34 @@ def test_a_missing_local_path_is_not_looked_up(hub: Path) -> None:
     assert resolve("./nope").repo is None
     with pytest.raises(InputError, match=r"path does not exist: \./nope$"):
         audit("./nope")
+    cache_repo(hub, "someorg/tiny", DEMO / "llama-clean", COMMIT)
+    # as typed on the command line: `./someorg/tiny` is a (missing) local path, never the cached repo
+    result = runner.invoke(app, ["check", "./someorg/tiny", "--no-progress"])
+    assert result.exit_code == 2 and "path does not exist: ./someorg/tiny" in result.stderr
+    assert runner.invoke(app, ["check", "someorg/tiny", "--no-progress"]).exit_code == 0
+
+
+@pytest.mark.parametrize("revision", ["", " ", "main\nx"])
+def test_bad_revision_is_a_usage_error(hub: Path, revision: str) -> None:
+    result = runner.invoke(app, ["check", "someorg/tiny", "--revision", revision, "--no-progress"])
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "is not a branch, tag or commit name" in result.stderr
+
+
+def test_unreadable_cache_entry_says_so(hub: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache entry the user cannot read is a permission problem, not a repo to download. The tests run as root
+    (which reads everything) from an interpreter under /root (which an unprivileged user cannot run), so the denial
+    is simulated where tieaudit asks for it: `os.access` on the entry's refs, after huggingface_hub found nothing."""
+    cache_repo(hub, "someorg/tiny", DEMO / "llama-clean", COMMIT)
+    entry = hub / "models--someorg--tiny"
+    shutil.rmtree(entry / "refs")  # what huggingface_hub sees when it cannot list refs/: no revision to resolve
+    (entry / "refs").mkdir()
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda p, mode, **kw: False if Path(p) == entry / "refs" else real_access(p, mode)
+    )
+    with pytest.raises(InputError) as info:
+        audit("someorg/tiny")
+    assert info.value.message == (
+        f"someorg/tiny: cannot read its entry in the local Hugging Face cache ({entry}): permission denied"
+    )

@@ -70,9 +70,10 @@ def expand_targets(paths: Sequence[str]) -> list[str]:
     return unique
 
 
-def is_batch(paths: Sequence[str], targets: Sequence[str]) -> bool:
-    """A batch document when more than one PATH was given or a PATH expanded to several targets."""
-    return len(paths) > 1 or len(targets) > 1
+def is_batch(paths: Sequence[str]) -> bool:
+    """A batch document when more than one PATH was given or a PATH is a trainer's output directory (it holds
+    `checkpoint-<step>` folders): the shape of the output never depends on how many checkpoints a run has saved."""
+    return len(paths) > 1 or any(os.path.isdir(p) and trainer_checkpoints(p) for p in paths)
 
 
 def collect(
@@ -83,14 +84,12 @@ def collect(
     on_error: Callable[[TargetError], None] | None = None,
 ) -> BatchReport:
     """Audit every target with `audit_one`; a `TieauditError` becomes that target's `TargetError` (reported through
-    `on_error` as it happens) and the batch goes on. A usage error concerns every target and an internal error is
-    a bug: both end the batch."""
+    `on_error` as it happens) and the batch goes on (usage errors that concern every target, such as an unknown
+    rule selector, are checked before the batch starts). An internal error is a bug: it ends the batch."""
     items: list[Report | TargetError] = []
     for target in targets:
         try:
             items.append(audit_one(target))
-        except UsageError:
-            raise
         except TieauditError as exc:
             error = TargetError(path=target, message=exc.message, exit_code=exc.exit_code)
             if on_error is not None:
@@ -104,6 +103,8 @@ def audit_many(paths: Sequence[str | os.PathLike[str]], **audit_kwargs: Any) -> 
     `tieaudit.audit(path, **audit_kwargs)` each; returns one `BatchReport` whose `exit_code` is the worst."""
     from tieaudit.auditing import audit, severity
 
+    if not paths:
+        raise UsageError("audit_many needs at least one path")
     fail_on = severity(audit_kwargs.get("fail_on", Severity.WARNING))
     targets = expand_targets([os.fspath(p) for p in paths])
     return collect(targets, lambda t: audit(t, **audit_kwargs), fail_on=fail_on)

@@ -37,6 +37,8 @@ def looks_like_repo_id(text: str) -> bool:
 def resolve(path: str | os.PathLike[str], revision: str | None = None) -> Resolved:
     """A local directory as is; otherwise a repo id from the local cache (InputError when it is not there)."""
     text = os.fspath(path)
+    if revision is not None and (not revision.strip() or not revision.isprintable()):
+        raise UsageError(f"--revision {revision!r} is not a branch, tag or commit name")
     if os.path.lexists(text):
         if revision is not None:
             raise UsageError(f"--revision applies to Hub repo ids; {text} is a local path")
@@ -59,6 +61,11 @@ def _from_cache(repo_id: str, revision: str | None) -> tuple[str, HubRef]:
         folder = snapshot_download(repo_id, revision=rev, local_files_only=True)
     except LocalEntryNotFoundError as exc:
         if type(exc).__name__ != "IncompleteSnapshotError":  # huggingface_hub >= 1.x says so; older ones cannot
+            entry = Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
+            if entry.is_dir() and not os.access(entry / "refs", os.R_OK | os.X_OK):
+                raise InputError(
+                    f"{repo_id}: cannot read its entry in the local Hugging Face cache ({entry}): permission denied"
+                ) from None
             where = f"revision {rev} of " if revision else ""
             raise InputError(
                 f"path does not exist: {repo_id} (nor is {where}{repo_id} in the local Hugging Face cache at "

@@ -6,7 +6,6 @@ Every defect becomes an :class:`InputError` with a one-line message that names t
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -129,7 +128,7 @@ def read_header_fd(fd: int, rel: str) -> SafetensorsHeader:
     offsets: dict[str, tuple[int, int]] = {}
     for name, entry in obj.items():
         tensors[name], offsets[name] = _parse_entry(name, entry, rel, 8 + n, data_len)
-    _check_overlaps(offsets, rel)
+    _check_coverage(offsets, data_len, rel)
     return SafetensorsHeader(tensors, offsets, metadata, 8 + n, size)
 
 
@@ -213,12 +212,25 @@ def _parse_entry(name: str, entry: Any, rel: str, data_start: int, data_len: int
     return info, (begin, end)
 
 
-def _check_overlaps(offsets: dict[str, tuple[int, int]], rel: str) -> None:
-    """Two tensors must never share bytes: safetensors has no aliasing, so overlap means corruption."""
-    regions = sorted((begin, end, name) for name, (begin, end) in offsets.items() if end > begin)
-    for (_, prev_end, prev_name), (begin, _, name) in itertools.pairwise(regions):
-        if begin < prev_end:
-            raise InputError(f"{rel}: data regions of tensors {_short(prev_name)} and {_short(name)} overlap")
+def _check_coverage(offsets: dict[str, tuple[int, int]], data_len: int, rel: str) -> None:
+    """The data regions must tile the data exactly, as the safetensors library requires (and so every loader that
+    uses it): no two tensors share bytes (there is no aliasing in the format), no bytes between them belong to no
+    tensor, and none follow the last one."""
+    cursor, previous = 0, None
+    for begin, end, name in sorted((begin, end, name) for name, (begin, end) in offsets.items()):
+        if begin < cursor:
+            raise InputError(f"{rel}: data regions of tensors {_short(previous)} and {_short(name)} overlap")
+        if begin > cursor:
+            raise InputError(
+                f"{rel}: data bytes {cursor}-{begin} belong to no tensor (a hole before {_short(name)}); "
+                "the safetensors library refuses the file"
+            )
+        cursor, previous = end, name
+    if cursor != data_len:
+        raise InputError(
+            f"{rel}: {data_len - cursor} data bytes after the last tensor belong to no tensor; "
+            "the safetensors library refuses the file"
+        )
 
 
 def _is_int(value: Any) -> bool:

@@ -52,7 +52,7 @@ def check(
     from tieaudit.batch import collect, expand_targets, is_batch
     from tieaudit.report.text import batch_summary_line, summary_line
 
-    given = [os.fspath(p) for p in paths]
+    given = list(paths)
     if revision is not None and len(given) > 1:
         raise UsageError("--revision applies to a single Hub repo id; give one PATH")
     targets = expand_targets(given)
@@ -64,7 +64,7 @@ def check(
     for s in chosen.values():
         check_selectors(s.select, s.ignore)  # a bad selector is a usage error before anything is read
     check_choice(color, COLOR_MODES, "--color")
-    batch = is_batch(given, targets)
+    batch = is_batch(given)
 
     with progress_reporter(progress, first.format != "text") as callback, _cache_off(no_cache):
 
@@ -86,16 +86,19 @@ def check(
 
         if not batch:
             report = audit_one(targets[0])
-            emit_report(report, first.format, output, color, quiet, verbose)
-            if not quiet:
-                err(summary_line(report))
-            raise typer.Exit(report.exit_code)
-        result = collect(
-            targets,
-            audit_one,
-            fail_on=severity(first.fail_on),
-            on_error=lambda e: err(f"tieaudit: error: {e.path}: {e.message}"),
-        )
+        else:
+            result = collect(
+                targets,
+                audit_one,
+                fail_on=severity(first.fail_on),
+                on_error=lambda e: err(f"tieaudit: error: {e.path}: {e.message}"),
+            )
+    # the report is written once the progress display has stopped (while it runs, rich redirects stdout)
+    if not batch:
+        emit_report(report, first.format, output, color, quiet, verbose)
+        if not quiet:
+            err(summary_line(report))
+        raise typer.Exit(report.exit_code)
     emit_batch(result, first.format, output, color, quiet, verbose)
     if not quiet:
         err(batch_summary_line(result))

@@ -6,7 +6,6 @@ import contextlib
 import functools
 import os
 import sys
-import time
 import traceback
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -72,10 +71,13 @@ def progress_reporter(
     enabled: bool | None, machine_format: bool = False, delay: float = 0.3
 ) -> Iterator[Callable[[str, int, int], None] | None]:
     """A progress callback `(message, done, total)` drawing a rich progress bar on stderr (a pulsing one while the
-    total is unknown), shown only once the work has taken longer than `delay` seconds, and erased at the end."""
+    total is unknown). The bar appears once the command has run for `delay` seconds, even in the middle of one long
+    step (a timer starts it, not the next callback), and is erased at the end. It never touches stdout."""
     if not progress_wanted(enabled, machine_format):
         yield None
         return
+    import threading
+
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -87,21 +89,31 @@ def progress_reporter(
         TimeElapsedColumn(),
         console=Console(stderr=True),
         transient=True,
+        redirect_stdout=False,  # the report goes to stdout, whatever is drawing on stderr
+        redirect_stderr=False,
     )
-    task = bar.add_task("", total=None, start=False)
-    started = time.monotonic()
-    shown = False
+    task = bar.add_task("working", total=None)
+    lock = threading.Lock()
+    state = {"shown": False, "done": False}
+
+    def show() -> None:
+        with lock:
+            if not state["done"]:
+                bar.start()
+                state["shown"] = True
+
+    timer = threading.Timer(delay, show)
+    timer.daemon = True
+    timer.start()
 
     def update(message: str, done: int, total: int) -> None:
-        nonlocal shown
         bar.update(task, description=message, total=total or None, completed=done if total else 0)
-        if not shown and time.monotonic() - started > delay:
-            bar.start_task(task)
-            bar.start()
-            shown = True
 
     try:
         yield update
     finally:
-        if shown:
-            bar.stop()
+        timer.cancel()
+        with lock:
+            state["done"] = True
+            if state["shown"]:
+                bar.stop()

@@ -8,15 +8,16 @@ from typing import Annotated
 import typer
 
 PathArg = Annotated[
-    Path,
+    str,
     typer.Argument(
         help="Checkpoint directory (model or PEFT adapter), or a Hub repo id in the local Hugging Face cache.",
         show_default=False,
         metavar="PATH",
     ),
 ]
+# PATH stays the string the user typed: a Path would normalise `./org/name` into `org/name`, a Hub repo id
 PathsArg = Annotated[
-    list[Path],
+    list[str],
     typer.Argument(
         help="Checkpoint directories (models or PEFT adapters), Hub repo ids in the local cache, or a trainer's "
         "output directory (its checkpoint-* folders).",

@@ -29,6 +29,7 @@ from tieaudit.repair.write import (
     new_config_text,
     new_index_text,
     populate,
+    write_lock,
     write_text,
     write_weight_files,
 )
@@ -83,6 +84,8 @@ def fix(
     with contextlib.ExitStack() as stack:
         ckpt = stack.enter_context(open_checkpoint(display))
         dest = _check_destination(display, output_dir, in_place) if not dry else None
+        if dest is not None and in_place:
+            stack.enter_context(write_lock(dest, display))  # one in-place rewrite of a checkpoint at a time
         if dest is not None:
             clean_stale_staging(dest)  # a run killed mid-write left its staging directory next to the destination
         if ckpt.kind != "model":

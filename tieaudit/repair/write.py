@@ -28,7 +28,8 @@ import shutil
 import signal
 import stat
 import struct
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,9 +50,61 @@ _STAGING_RE = re.compile(r"^\.(?P<name>.+)\.tieaudit-tmp-(?P<pid>\d+)-[0-9a-f]{8
 def fault(point: str) -> None:
     """Testing aid: ``TIEAUDIT_FAULT=<point>`` kills the process with SIGKILL at that point of a write, so the
     tests can show that an interrupted fix leaves the checkpoint intact. Points: staged, weights, index,
-    config, verified, committed."""
-    if os.environ.get("TIEAUDIT_FAULT") == point:
+    config, verified, committed. ``TIEAUDIT_FAULT=<point>:pause:<file>`` instead creates ``<file>.ready`` and waits
+    (at most 120 s) until ``<file>`` is removed, so a test can act while a write is in progress."""
+    wanted = os.environ.get("TIEAUDIT_FAULT", "")
+    if wanted == point:
         os.kill(os.getpid(), signal.SIGKILL)
+    if wanted.startswith(f"{point}:pause:"):
+        gate = Path(wanted.split(":", 2)[2])
+        Path(f"{gate}.ready").touch()
+        deadline = time.monotonic() + 120
+        while gate.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
+LOCK_SUFFIX = ".tieaudit-lock"
+
+
+@contextlib.contextmanager
+def write_lock(root: Path, display: str) -> Iterator[None]:
+    """An advisory lock (``flock``) on rewriting the directory ``root`` in place, held until the switch is done.
+
+    The lock file, ``.<name>.tieaudit-lock`` next to ``root`` (so it survives the directory swap), holds the
+    holder's PID and is removed on release; a killed holder's lock is released by the kernel. A second writer
+    does not wait: it fails at once with WriteError (exit 2) naming the holder, before it has written anything."""
+    import fcntl
+
+    path = root.parent / f".{root.name}{LOCK_SUFFIX}"
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            raise WriteError(f"cannot lock {display} for writing ({path}): {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise WriteError(
+                f"{display} is being rewritten by another tieaudit process (pid {holder}); "
+                "nothing was changed: run again when it has finished"
+            ) from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the previous holder removed the file between our open and our lock: take a fresh one
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)
 
 
 # Where a written tensor's bytes come from: the name of a stored tensor of the checkpoint (copied file to file),

@@ -204,7 +204,7 @@ def batch_dict(b: BatchReport) -> dict[str, Any]:
         "summary": {
             "targets": len(b.items),
             "audited": len(b.reports),
-            "failed": len(b.errors),
+            "not_audited": len(b.errors),
             "findings": b.counts(),
             "fail_on": b.fail_on.value,
             "exit_code": b.exit_code,

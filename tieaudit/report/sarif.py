@@ -1,12 +1,14 @@
 """SARIF 2.1.0 (what GitHub code scanning uploads): one run, the rules with their help text, one result per
 finding with a physical location (the config key's real line, or line 1 of a weight file) and a logical location
 naming the tensor, fingerprints computed by tieaudit (the files are binary, so line-hash fingerprints are
-meaningless), and each skipped check as a tool execution notification. A batch is one run per target; a target
-that could not be audited is a run whose invocation failed, with the reason as an error notification."""
+meaningless), and each skipped check as a tool execution notification. A batch is one run too (GitHub code scanning
+accepts at most 20 runs per file, and a training run can save more checkpoints than that): every target's results,
+each located in its own checkpoint, and a target that could not be audited as an error notification."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import PurePath
 from typing import TYPE_CHECKING, Any
 
@@ -110,35 +112,45 @@ def _run(report: Report, docs: list[RuleDoc]) -> dict[str, Any]:
     }
 
 
-def _error_run(error: TargetError, version: str, docs: list[RuleDoc]) -> dict[str, Any]:
-    return {
-        "tool": _driver(version, docs),
-        "invocations": [
-            {
-                "executionSuccessful": False,
-                "exitCode": error.exit_code,
-                "toolExecutionNotifications": [
-                    {"level": "error", "message": {"text": f"{error.path}: {error.message}"}}
-                ],
-            }
-        ],
-        "automationDetails": {"id": f"tieaudit/{error.path}/"},
-        "results": [],
-        "properties": {"target": error.path},
-    }
-
-
 def sarif_dict(report: Report, options: RenderOptions) -> dict[str, Any]:
     return {"$schema": SCHEMA, "version": "2.1.0", "runs": [_run(report, _docs((report,), options))]}
 
 
 def batch_sarif_dict(batch: BatchReport, options: RenderOptions) -> dict[str, Any]:
     docs = _docs(batch.reports, options)
-    runs = [
-        _run(item, docs) if isinstance(item, Report) else _error_run(item, batch.tool_version, docs)
-        for item in batch.items
-    ]
-    return {"$schema": SCHEMA, "version": "2.1.0", "runs": runs}
+    results: list[dict[str, Any]] = []
+    notifications: list[dict[str, Any]] = []
+    names: list[str] = []
+    for item in batch.items:
+        if isinstance(item, TargetError):
+            names.append(item.path)
+            notifications.append(
+                {
+                    "level": "error",
+                    "message": {"text": f"{item.path}: not audited (exit {item.exit_code}): {item.message}"},
+                }
+            )
+            continue
+        run = _run(item, docs)
+        names.append(item.target.name)
+        results += run["results"]
+        for n in run["invocations"][0]["toolExecutionNotifications"]:
+            notifications.append({**n, "message": {"text": f"{item.target.name}: {n['message']['text']}"}})
+    common = os.path.commonpath(names) if names and len({os.path.isabs(n) for n in names}) == 1 else ""
+    run = {
+        "tool": _driver(batch.tool_version, docs),
+        "invocations": [
+            {
+                "executionSuccessful": not batch.errors,
+                "exitCode": batch.exit_code,
+                "toolExecutionNotifications": notifications,
+            }
+        ],
+        "automationDetails": {"id": f"tieaudit/{common or 'batch'}/"},
+        "results": results,
+        "properties": {"targets": names},
+    }
+    return {"$schema": SCHEMA, "version": "2.1.0", "runs": [run]}
 
 
 def render(report: Report, options: RenderOptions) -> str:

@@ -302,7 +302,8 @@ def render_batch(batch: BatchReport, options: RenderOptions) -> str:
             console.print()
     if options.verbosity >= 0:
         width = max(len(_item_name(i)) for i in batch.items) if batch.items else 0
-        console.print(f"[bold]{len(batch.items)} checkpoints[/]")
+        n = len(batch.items)
+        console.print(f"[bold]{n} checkpoint{'s' if n != 1 else ''}[/]")
         for item in batch.items:
             name = escape(f"{_item_name(item):<{width}}")
             if isinstance(item, TargetError):
