@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_adapter.py
 	$(BIN)/python benchmarks/bench_fix.py
 	$(BIN)/python benchmarks/bench_merge.py
+	$(BIN)/python benchmarks/bench_scale.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

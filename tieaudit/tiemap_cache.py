@@ -7,9 +7,9 @@ version, tieaudit's version and the config (minus fields that cannot change the 
 `transformers_version`), and stored as JSON under `$TIEAUDIT_CACHE_DIR`, else `$XDG_CACHE_HOME/tieaudit`, else
 `~/.cache/tieaudit`. `TIEAUDIT_NO_CACHE=1` (or `check --no-cache`) turns it off.
 
-Name mapping (on-disk name <-> in-memory name) is stored for every parameter of the model; a name the entry does
-not know falls back to transformers itself, computed on first use, so a cached entry never answers differently
-from a fresh computation. A cache that cannot be read or written is ignored: it only ever costs time.
+The on-disk -> in-memory name mapping is stored for every parameter of the model, the reverse one for the members
+of tied groups (the only names it is asked for); a name an entry does not know falls back to transformers itself,
+computed on first use, so a cached entry never answers differently from a fresh computation. A cache that cannot be read or written is ignored: it only ever costs time.
 """
 
 from __future__ import annotations
