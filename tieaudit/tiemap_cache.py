@@ -9,7 +9,8 @@ version, tieaudit's version and the config (minus fields that cannot change the 
 
 The on-disk -> in-memory name mapping is stored for every parameter of the model, the reverse one for the members
 of tied groups (the only names it is asked for); a name an entry does not know falls back to transformers itself,
-computed on first use, so a cached entry never answers differently from a fresh computation. A cache that cannot be read or written is ignored: it only ever costs time.
+computed on first use, so a cached entry never answers differently from a fresh computation. A cache that cannot
+be read or written is ignored: it only ever costs time.
 """
 
 from __future__ import annotations
