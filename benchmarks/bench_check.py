@@ -34,10 +34,12 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     import torch
+
+R = TypeVar("R", bound="Row")
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -393,8 +395,13 @@ def bench_tieaudit(v: Variant, directory: Path, repeats: int, scratch: Path, fir
 def bench_transformers(v: Variant, directory: Path, repeats: int, scratch: Path) -> Row:
     argv = [sys.executable, "-c", LOAD_SCRIPT, str(directory)]
     runs = measure(argv, repeats, scratch, f"{v.name} transformers")
-    row = Row(v.name, "`AutoModelForCausalLM.from_pretrained(DIR)`", argv, runs, verdict="", ok=True)
-    last = runs[-1]
+    return judge_load(Row(v.name, "`AutoModelForCausalLM.from_pretrained(DIR)`", argv, runs, verdict="", ok=True), v)
+
+
+def judge_load(row: R, v: Variant) -> R:
+    """Fill a transformers row's verdict from LOAD_SCRIPT's output: dtype, tied or not, the "will NOT tie" warning,
+    each against what the variant expects."""
+    last = row.runs[-1]
     if last.exit != 0:
         row.ok = False
         row.verdict = "load failed"

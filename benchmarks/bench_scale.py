@@ -519,24 +519,7 @@ def load_row(v: bc.Variant, directory: Path, repeats: int, scratch: Path) -> Sca
     rows just read the same directory."""
     argv = [sys.executable, "-c", bc.LOAD_SCRIPT, str(directory)]
     runs = measure(argv, repeats, scratch, f"{v.name} transformers", warmup=False)
-    row = ScaleRow(v.name, "`AutoModelForCausalLM.from_pretrained(DIR)`", argv, runs, verdict="", ok=True)
-    last = runs[-1]
-    if last.exit != 0:
-        row.ok = False
-        row.verdict = "load failed"
-        row.problems.append(f"exit {last.exit}: {last.stderr.strip()[-300:]}")
-        return row
-    loaded = json.loads(last.stdout.strip().splitlines()[-1])
-    warned = bc.NOT_TIE_WARNING in last.stderr
-    row.verdict = ", ".join(
-        [loaded["dtype"], "tied" if loaded["tied"] else "untied"] + ([f'"{bc.NOT_TIE_WARNING}" warning'] * warned)
-    )
-    if loaded["tied"] != v.expect_hf_tied:
-        row.problems.append(f"loaded {'tied' if loaded['tied'] else 'untied'}, expected the opposite")
-    if warned != v.expect_hf_warning:
-        row.problems.append(f'"{bc.NOT_TIE_WARNING}" warning {"logged" if warned else "absent"}, expected the opposite')
-    row.ok = not row.problems
-    return row
+    return bc.judge_load(ScaleRow(v.name, "`AutoModelForCausalLM.from_pretrained(DIR)`", argv, runs, "", True), v)
 
 
 def _check_argvs(directory: Path) -> dict[str, list[str]]:
