@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_checkpoint import _split
 from tests.test_fix import _read_only, assert_loads_as_intended
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,11 +68,6 @@ def tree_state(root: Path) -> dict[str, object]:
 
 
 # -- the corpus ----------------------------------------------------------------------------------------------------
-
-
-def _split(raw: bytes) -> tuple[dict, bytes]:
-    n = struct.unpack("<Q", raw[:8])[0]
-    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
 
 
 def _pack(header: dict | bytes, data: bytes, n: int | None = None, align: bool = True) -> bytes:

@@ -248,13 +248,13 @@ def resolve_base(explicit: str | None, settings: AdapterSettings, adapter_root: 
 
 
 def _from_hf_cache(repo_id: str) -> Path | None:
-    from tieaudit.checkpoint.hub import looks_like_repo_id
+    """The cached snapshot of `repo_id` at main, looked up as a PATH's (tieaudit.checkpoint.hub); None when it is not
+    a repo id or not usable from the cache (the caller reports it)."""
+    from tieaudit.checkpoint.hub import cached_snapshot, looks_like_repo_id
 
     if not looks_like_repo_id(repo_id):
         return None
     try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception:  # not cached (or no hub client): the caller reports it
+        return Path(cached_snapshot(repo_id, None)[0])
+    except InputError:
         return None

@@ -47,10 +47,12 @@ def resolve(path: str | os.PathLike[str], revision: str | None = None) -> Resolv
         if revision is not None:
             raise UsageError(f"--revision applies to Hub repo ids; {text!r} is not one")
         return Resolved(text)  # open_checkpoint reports the missing path
-    return Resolved(*_from_cache(text, revision))
+    return Resolved(*cached_snapshot(text, revision))
 
 
-def _from_cache(repo_id: str, revision: str | None) -> tuple[str, HubRef]:
+def cached_snapshot(repo_id: str, revision: str | None) -> tuple[str, HubRef]:
+    """The snapshot directory of `repo_id` at `revision` (default main) in the local cache, and its HubRef;
+    InputError with the reason (not cached, incomplete, unreadable) otherwise. Never downloads."""
     try:
         from huggingface_hub import constants, snapshot_download
         from huggingface_hub.errors import LocalEntryNotFoundError

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from tieaudit.cli import options as o
 from tieaudit.cli.console import err, guarded, progress_reporter
-from tieaudit.cli.output import COLOR_MODES, check_choice, emit_batch, emit_report, settings
+from tieaudit.cli.output import COLOR_MODES, check_choice, emit_batch, emit_report, settings_for
 from tieaudit.errors import UsageError
 
 if TYPE_CHECKING:
@@ -56,10 +56,9 @@ def check(
     if revision is not None and len(given) > 1:
         raise UsageError("--revision applies to a single Hub repo id; give one PATH")
     targets = expand_targets(given)
-    chosen = {
-        t: settings(t, config=config, isolated=isolated, format=format, fail_on=fail_on, select=select, ignore=ignore)
-        for t in targets
-    }
+    chosen = settings_for(
+        targets, config=config, isolated=isolated, format=format, fail_on=fail_on, select=select, ignore=ignore
+    )
     first = chosen[targets[0]]
     for s in chosen.values():
         check_selectors(s.select, s.ignore)  # a bad selector is a usage error before anything is read

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -57,19 +58,38 @@ def settings(
 ) -> Settings:
     """Resolve a command's settings (see tieaudit.config): `--select`/`--ignore` replace the file's lists, and
     the file's `per-path-ignores` matching PATH are added to whichever applies."""
+    key = str(path)
+    return settings_for(
+        [key], config=config, isolated=isolated, format=format, fail_on=fail_on, select=select, ignore=ignore
+    )[key]
+
+
+def settings_for(
+    paths: Sequence[str],
+    *,
+    config: Path | None,
+    isolated: bool,
+    format: str | None,
+    fail_on: str | None,
+    select: list[str] | None = None,
+    ignore: list[str] | None = None,
+) -> dict[str, Settings]:
+    """`settings` for each of several paths, reading the configuration once (only `per-path-ignores` differ)."""
     from tieaudit.cli.options import split_codes
     from tieaudit.config import load_config
 
     cfg = load_config(config, isolated=isolated)
     chosen_select = split_codes(select) or (list(cfg.select) if cfg.select is not None else None)
-    chosen_ignore = split_codes(ignore) or list(cfg.ignore)
-    chosen_ignore += list(cfg.ignores_for(str(path)))
-    return Settings(
-        format=report_format(format, cfg.format),
-        fail_on=fail_on or cfg.fail_on or "warning",
-        select=chosen_select,
-        ignore=chosen_ignore or None,
-    )
+    base_ignore = split_codes(ignore) or list(cfg.ignore)
+    chosen_format = report_format(format, cfg.format)
+    chosen_fail_on = fail_on or cfg.fail_on or "warning"
+    result = {}
+    for path in paths:
+        chosen_ignore = base_ignore + list(cfg.ignores_for(path))
+        result[path] = Settings(
+            format=chosen_format, fail_on=chosen_fail_on, select=chosen_select, ignore=chosen_ignore or None
+        )
+    return result
 
 
 def emit_report(report: Report, fmt: str, output: Path | None, color: str, quiet: bool, verbose: bool) -> None:
