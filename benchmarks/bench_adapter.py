@@ -115,7 +115,7 @@ print(json.dumps({"max_abs_logit_diff": diff, "logit_scale": scale, "changes": d
 
 
 # Run when (i) misses the speed target: `tieaudit.audit(adapter, base=base)` in-process under cProfile, with
-# Checkpoint.read_rows wrapped to count the tensor bytes really read from each file (the report's
+# Checkpoint.read_float32 and read_rows wrapped to count the tensor bytes really read from each file (the report's
 # stats.tensor_bytes_read is compared with it). Prints one JSON line.
 DIAG_SCRIPT = """\
 import collections, cProfile, json, pstats, sys, time
@@ -125,14 +125,15 @@ adapter, base, top = sys.argv[1], sys.argv[2], int(sys.argv[3])
 reads, calls = collections.Counter(), collections.Counter()
 try:
     from tieaudit.checkpoint.layout import Checkpoint
-    original = Checkpoint.read_rows
-    def counting(self, name, start, stop):
-        out = original(self, name, start, stop)
-        key = Path(str(self.root)).name + ": " + name
-        reads[key] += out.numel() * out.element_size()
-        calls[key] += 1
-        return out
-    Checkpoint.read_rows = counting
+    def counted(original):
+        def counting(self, name, start, stop):
+            key = Path(str(self.root)).name + ": " + name
+            reads[key] += (stop - start) * self.row_bytes(name)
+            calls[key] += 1
+            return original(self, name, start, stop)
+        return counting
+    Checkpoint.read_float32 = counted(Checkpoint.read_float32)  # numpy rows (the low-rank forecast)
+    Checkpoint.read_rows = counted(Checkpoint.read_rows)  # torch rows (streamed comparisons)
 except (ImportError, AttributeError):
     reads = None
 profile = cProfile.Profile()
@@ -405,7 +406,8 @@ def diagnosis_text(diag: dict[str, Any], ref_wall: float) -> str:
     if reads is not None:
         total = sum(n for _, n, _ in reads)
         out.append(
-            f"\nTensor bytes really read (`Checkpoint.read_rows`, counted per file): {bc._bytes(total)}; "
+            "\nTensor bytes really read (`Checkpoint.read_float32` and `read_rows`, counted per file): "
+            f"{bc._bytes(total)}; "
             f"the report's `stats.tensor_bytes_read` says {bc._bytes(diag['stats_tensor_bytes'])}.\n"
         )
         out.append("| checkpoint: tensor | bytes read | reads |\n|---|--:|--:|")

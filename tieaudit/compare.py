@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 # Rows per chunk are chosen so one float32 chunk stays under this many bytes.
@@ -109,12 +110,19 @@ class _Top1:
         return self.max_diff, float((self.arg[0] == self.arg[1]).float().mean())
 
 
+def probe_states(probes: int, hidden: int) -> np.ndarray:
+    """Deterministic probe hidden states (standard normal, numpy's PCG64 seeded with PROBE_SEED), float32: the same
+    on every run and machine, and the same for the numpy and the torch comparisons."""
+    import numpy as np
+
+    return np.random.default_rng(PROBE_SEED).standard_normal((probes, hidden), dtype=np.float32)
+
+
 def probe_hidden_states(probes: int, hidden: int) -> torch.Tensor:
-    """Deterministic probe hidden states (standard normal, seed 0): the same on every run and machine."""
+    """`probe_states` as a torch tensor."""
     import torch
 
-    gen = torch.Generator().manual_seed(PROBE_SEED)
-    return torch.randn(probes, hidden, generator=gen, dtype=torch.float32)
+    return torch.from_numpy(probe_states(probes, hidden))
 
 
 def logit_agreement(

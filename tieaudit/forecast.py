@@ -11,7 +11,9 @@ chunks, in float32, two ways:
   embeddings no longer share memory; `save_pretrained` keeps one tensor per storage, and transformers
   ties the pair again on load when the config says so.
 
-Nothing here builds a model: the base and adapter tensors are read through row readers.
+Nothing here builds a model: the base and adapter tensors are read in row chunks. Groups of LoRA deltas and
+trainable tokens are compared from the factors (`tieaudit.lowrank`, numpy only); a group with a full copy is
+streamed through torch.
 """
 
 from __future__ import annotations
@@ -26,9 +28,12 @@ from tieaudit.compare import LogitCache, StreamingDiff, TensorDiff, probe_hidden
 if TYPE_CHECKING:
     import torch
 
+    from tieaudit.checkpoint import Checkpoint
+
 RowReader = Callable[[int, int], "torch.Tensor"]
 REL_TOL = 1e-5  # relative Frobenius difference above which two float32 weights are "different"
 
+METHOD = "auto"  # forecast_group's default method (the tests set "stream" to run the reference path)
 MECH_SHARED = "shared-parameter-merge"
 MECH_DOUBLE = "double-merge-of-tied-factors"
 MECH_SUM = "both-deltas-merged-into-one-weight"
@@ -91,18 +96,137 @@ def forecast_group(
     source: str,
     members: tuple[str, ...],
     shape: tuple[int, int],
-    w0: RowReader,
+    base: Checkpoint,
+    w0_name: str,
     edits: dict[str, ModuleEdit],
-    adapter: TensorReader,
+    adapter: Checkpoint,
     settings: AdapterSettings,
     *,
     probes: int,
     probe_rows: list[int],
     embed_scale: float = 1.0,
     transposed: frozenset[str] = frozenset(),
+    method: str | None = None,
 ) -> GroupForecast:
-    """Run-time and merge-reload weights of one tied group, compared chunk by chunk."""
+    """Run-time and merge-reload weights of one tied group (``w0_name``: the base tensor they start from), compared.
 
+    ``method``: "lowrank" computes every comparison from the LoRA factors and one pass over W0 (numpy, see
+    `tieaudit.lowrank`); "stream" materialises every weight chunk by chunk (torch); "auto" (the default) takes
+    "lowrank" unless a member is a full `modules_to_save` copy, which only streaming can compare. None: METHOD."""
+    method = method or METHOD
+    structure = peft_merge_structure(members, edits, settings)
+    has_copy = any(e.full_copy for e in edits.values())
+    if method == "lowrank" and has_copy:
+        raise ValueError("the low-rank forecast cannot compare full modules_to_save copies")
+    if method == "stream" or has_copy:
+        adapter_diffs, merge_diffs, rows_worst = _stream_group(
+            source, members, shape, TensorReader(base).rows(w0_name), edits, TensorReader(adapter), settings,
+            structure, probes=probes, transposed=transposed,
+            probe_rows=probe_rows,
+        )  # fmt: skip
+    else:
+        adapter_diffs, merge_diffs, rows_worst = _lowrank_group(
+            source, members, shape, base, w0_name, edits, adapter, settings, structure,
+            probes=probes, transposed=transposed, probe_rows=probe_rows,
+        )  # fmt: skip
+    per_member = {}
+    for m in members:
+        if m not in merge_diffs:
+            per_member[m] = MemberForecast(m, edits.get(m), None, dropped=True)
+            continue
+        rows_diff = rows_worst[m] * embed_scale if probe_rows else None
+        per_member[m] = MemberForecast(m, edits.get(m), merge_diffs[m], embedding_rows_diff=rows_diff)
+    return GroupForecast(source, members, adapter_diffs, per_member, not structure.untied_after, structure.mechanisms)
+
+
+GroupDiffs = tuple[dict[str, TensorDiff], dict[str, TensorDiff], dict[str, float]]
+
+
+def _lowrank_group(
+    source: str,
+    members: tuple[str, ...],
+    shape: tuple[int, int],
+    base: Checkpoint,
+    w0_name: str,
+    edits: dict[str, ModuleEdit],
+    adapter: Checkpoint,
+    settings: AdapterSettings,
+    structure: MergeStructure,
+    *,
+    probes: int,
+    transposed: frozenset[str],
+    probe_rows: list[int],
+) -> GroupDiffs:
+    """The comparisons of `_stream_group`, from the factors (no full copy in the group)."""
+    import numpy as np
+
+    from tieaudit.compare import probe_states
+    from tieaudit.lowrank import Factor, LowRankWeight, compare_lowrank
+
+    def full(key: str) -> np.ndarray:
+        return adapter.read_float32(key, 0, adapter.row_count(key))
+
+    factors: list[Factor] = []
+    uses: dict[str, int] = {}  # member -> its delta in factors
+    for m, e in edits.items():
+        if e.lora is None:
+            continue
+        a, b = full(e.lora.a), full(e.lora.b)
+        left, right = (a.T, b.T) if e.lora.kind == "embedding" or m in transposed else (b, a)
+        f = Factor(np.ascontiguousarray(left), np.ascontiguousarray(right * np.float32(e.lora.scaling)))
+        # factors tied by ensure_weight_tying are one delta: equal weights must come out bitwise equal
+        same = [k for k, g in enumerate(factors) if np.array_equal(g.left, f.left) and np.array_equal(g.right, f.right)]
+        uses[m] = same[0] if same else len(factors)
+        if not same:
+            factors.append(f)
+    member_tokens = runtime_tokens(members, edits, settings)
+    loaded: dict[str, dict[int, np.ndarray]] = {}  # adapter key -> row -> values, each read once
+    for tok in member_tokens.values():
+        if tok is not None and tok[1] not in loaded:
+            values = full(tok[1])
+            loaded[tok[1]] = {int(t): values[i] for i, t in enumerate(tok[0])}
+    runtime = {
+        m: LowRankWeight(
+            tuple(1.0 if uses.get(m) == k else 0.0 for k in range(len(factors))),
+            loaded[tok[1]] if (tok := member_tokens[m]) is not None else {},
+        )
+        for m in members
+    }
+    merged_rows: dict[int, np.ndarray] = {}
+    for rows in loaded.values():  # every wrapped layer writes its rows into the one shared weight
+        merged_rows.update(rows)
+    merged = LowRankWeight(tuple(float(list(uses.values()).count(k)) for k in range(len(factors))), merged_rows)
+    targets = [t for t in members if t != source]
+    merge_members = [m for m in members if structure.reload[m] is not None]
+    pairs = [(runtime[source], runtime[t]) for t in targets] + [(merged, runtime[m]) for m in merge_members]
+    h = probe_states(probes, shape[1]) if probes > 0 else None
+    results = compare_lowrank(
+        lambda a, b: base.read_float32(w0_name, a, b), shape, factors, pairs, h=h, probe_rows=probe_rows
+    )
+    adapter_diffs = {t: results[k].diff for k, t in enumerate(targets)}
+    merge_results = dict(zip(merge_members, results[len(targets) :], strict=True))
+    return (
+        adapter_diffs,
+        {m: r.diff for m, r in merge_results.items()},
+        {m: r.probe_rows_max for m, r in merge_results.items()},
+    )
+
+
+def _stream_group(
+    source: str,
+    members: tuple[str, ...],
+    shape: tuple[int, int],
+    w0: RowReader,
+    edits: dict[str, ModuleEdit],
+    adapter: TensorReader,
+    settings: AdapterSettings,
+    structure: MergeStructure,
+    *,
+    probes: int,
+    transposed: frozenset[str],
+    probe_rows: list[int],
+) -> GroupDiffs:
+    """Every weight of the group materialised a row chunk at a time (torch), and compared."""
     vocab, hidden = shape
     deltas = {
         m: DeltaRows(e.lora, adapter, transposed=m in transposed)
@@ -123,9 +247,7 @@ def forecast_group(
             apply_tokens(rows, a, b, t)
         return rows
 
-    structure = peft_merge_structure(members, edits, settings)
-    reload, untied_after, mechanisms = structure.reload, structure.untied_after, structure.mechanisms
-
+    reload = structure.reload
     # one pass over the rows: W0 and each delta are read once per chunk, and the probe logits of every
     # distinct tensor are computed once per chunk, whatever the number of comparisons that use it
     targets = [t for t in members if t != source]
@@ -158,15 +280,11 @@ def forecast_group(
                     gap = float((after[row - start] - rt[m][row - start]).abs().max())
                     rows_worst[m] = max(rows_worst[m], gap)
         del w, d, held, rt, merged_rows, logits
-    adapter_diffs = {t: acc.result() for t, acc in adapter_acc.items()}
-    per_member = {}
-    for m in members:
-        if m not in merge_acc:
-            per_member[m] = MemberForecast(m, edits.get(m), None, dropped=True)
-            continue
-        rows_diff = rows_worst[m] * embed_scale if probe_rows else None
-        per_member[m] = MemberForecast(m, edits.get(m), merge_acc[m].result(), embedding_rows_diff=rows_diff)
-    return GroupForecast(source, members, adapter_diffs, per_member, not untied_after, mechanisms)
+    return (
+        {t: acc.result() for t, acc in adapter_acc.items()},
+        {m: acc.result() for m, acc in merge_acc.items()},
+        rows_worst,
+    )
 
 
 @dataclass(frozen=True)

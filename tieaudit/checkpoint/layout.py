@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
+from tieaudit.checkpoint.arrays import NUMPY_FLOAT_DTYPES, read_float32
 from tieaudit.checkpoint.config import load_json, read_config
 from tieaudit.checkpoint.pickled import BinFile, load_bin, read_bin_rows, torch_dtype
 from tieaudit.checkpoint.safetensors_header import SafetensorsHeader, open_regular_file, read_exact, read_header_fd
@@ -23,6 +24,7 @@ from tieaudit.checkpoint.types import DTYPE_SIZES, ConfigFile, IndexMismatch, Re
 from tieaudit.errors import InputError, NothingToAudit, TieauditError
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 CONFIG = "config.json"
@@ -68,6 +70,14 @@ class _SafetensorsSource:
         buf = read_exact(self.fd, self.header.data_start + begin + start * row_bytes, length, self.rel)
         return torch.frombuffer(buf, dtype=torch_dtype(info.dtype)).reshape(shape)
 
+    def read_float32(self, info: TensorInfo, start: int, stop: int, row_bytes: int) -> np.ndarray | None:
+        """Rows [start, stop) as float32 decoded by numpy (None: a dtype numpy cannot decode exactly)."""
+        if info.dtype not in NUMPY_FLOAT_DTYPES:
+            return None
+        begin, _ = self.header.offsets[info.name]
+        shape = (stop - start, *info.shape[1:]) if info.shape else ()
+        return read_float32(self.fd, self.header.data_start + begin + start * row_bytes, info.dtype, shape, self.rel)
+
     def close(self) -> None:
         """Close the descriptor (idempotent)."""
         if self.fd >= 0:
@@ -86,6 +96,10 @@ class _BinSource:
         if self.loaded is None:
             raise ValueError("checkpoint is closed")
         return read_bin_rows(self.loaded.tensors[info.name], start, stop)
+
+    def read_float32(self, info: TensorInfo, start: int, stop: int, row_bytes: int) -> np.ndarray | None:
+        """Pickled tensors are read through torch (None: let the caller convert)."""
+        return None
 
     def close(self) -> None:
         """Drop the tensors so the mapping can be released."""
@@ -177,6 +191,27 @@ class Checkpoint:
         tensor = source.read(info, start, stop, row_bytes)
         self.stats.tensor_bytes += (stop - start) * row_bytes
         return tensor
+
+    def read_float32(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of tensor ``name`` as a fresh float32 numpy array (see :meth:`read_rows`).
+
+        bf16, f16 and f32 are decoded exactly by numpy, without importing torch; other dtypes and pickled
+        tensors are read with :meth:`read_rows` and converted."""
+        info = self.tensors[name]
+        rows = self.row_count(name)
+        if not (0 <= start <= stop <= rows):
+            raise ValueError(f"rows [{start}, {stop}) out of range for {name!r} with {rows} rows")
+        source = self._sources.get(info.file)
+        if source is None:
+            raise ValueError("checkpoint is closed")
+        row_bytes = self.row_bytes(name)
+        out = source.read_float32(info, start, stop, row_bytes)
+        if out is None:
+            import torch
+
+            return self.read_rows(name, start, stop).to(torch.float32).numpy()
+        self.stats.tensor_bytes += (stop - start) * row_bytes
+        return out
 
     def byte_range(self, name: str) -> tuple[int, int, int] | None:
         """For a tensor of a safetensors file: (open descriptor, absolute offset, length); None for .bin tensors.

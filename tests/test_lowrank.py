@@ -1,0 +1,153 @@
+"""The low-rank forecast (tieaudit.lowrank) measures what materialising every weight measures.
+
+Two levels: `compare_lowrank` against the weights built explicitly in float64 (random factors, replaced rows,
+several chunks and blocks), and the whole adapter audit through the low-rank path against the streaming
+reference path (`forecast.METHOD = "stream"`) on the real peft adapters of the verdict tests.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from fixtures.adapter_builders import ADAPTER_ARCHS, ADAPTER_CASES, case_base_tied
+from tieaudit import audit, forecast, lowrank
+from tieaudit.compare import probe_states
+from tieaudit.lowrank import Factor, LowRankWeight, compare_lowrank
+
+
+def _explicit(w0: np.ndarray, factors: list[Factor], weight: LowRankWeight) -> np.ndarray:
+    out = w0.astype(np.float64).copy()
+    for c, f in zip(weight.coeffs, factors, strict=True):
+        out += c * (f.left.astype(np.float64) @ f.right.astype(np.float64))
+    for r, values in weight.rows.items():
+        out[r] = values
+    return out
+
+
+def _top1(h: np.ndarray, w: np.ndarray) -> np.ndarray:
+    return (h.astype(np.float64) @ w.T).argmax(axis=1)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_compare_lowrank_equals_the_materialised_weights(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(seed)
+    vocab, hidden = int(rng.integers(40, 90)), int(rng.integers(8, 24))
+    monkeypatch.setattr(lowrank, "BLOCK_ROWS", 7)  # blocks inside chunks, chunks not multiples of blocks
+    w0 = rng.standard_normal((vocab, hidden)).astype(np.float32)
+    factors = [
+        Factor(
+            rng.standard_normal((vocab, r)).astype(np.float32) * 0.3,
+            rng.standard_normal((r, hidden)).astype(np.float32) * 0.3,
+        )
+        for r in (2, 3)
+    ]
+    token_rows = {int(t): rng.standard_normal(hidden).astype(np.float32) for t in rng.choice(vocab, 4, replace=False)}
+    other_rows = {int(t): rng.standard_normal(hidden).astype(np.float32) for t in rng.choice(vocab, 2, replace=False)}
+    a = LowRankWeight((1.0, 0.0), token_rows)  # one member at run time, with trainable tokens
+    b = LowRankWeight((0.0, 1.0))  # the other member
+    merged = LowRankWeight((1.0, 2.0), {**token_rows, **other_rows})  # a double merge, rows of both
+    same_as_b = LowRankWeight((0.0, 1.0))  # equal to b by value: measured once, reported twice
+    pairs = [(a, b), (merged, a), (merged, b), (b, same_as_b), (same_as_b, b)]
+    h = probe_states(16, hidden)
+    probe_rows = sorted({int(x) for x in rng.integers(0, vocab, 10)} | set(token_rows))
+    results = compare_lowrank(
+        lambda s, e: w0[s:e].copy(), (vocab, hidden), factors, pairs, h=h, probe_rows=probe_rows, chunk_rows=11
+    )
+    for (x, y), got in zip(pairs, results, strict=True):
+        ex, ey = _explicit(w0, factors, x), _explicit(w0, factors, y)
+        d = ex - ey
+        if not d.any():
+            assert got.diff.bitwise_equal and got.diff.max_abs_diff == 0.0 and got.diff.top1_agreement == 1.0
+            continue
+        assert not got.diff.bitwise_equal
+        assert got.diff.max_abs_diff == pytest.approx(np.abs(d).max(), rel=1e-5)
+        assert got.diff.rel_diff == pytest.approx(np.linalg.norm(d) / np.linalg.norm(ex), rel=1e-5)
+        logits = h.astype(np.float64) @ d.T
+        assert got.diff.max_abs_logit_diff == pytest.approx(np.abs(logits).max(), rel=1e-4)
+        assert got.diff.top1_agreement == pytest.approx(float((_top1(h, ex) == _top1(h, ey)).mean()))
+        assert got.probe_rows_max == pytest.approx(np.abs(d[probe_rows]).max(), rel=1e-5)
+
+
+def test_compare_lowrank_without_probes_or_factors() -> None:
+    rng = np.random.default_rng(7)
+    w0 = rng.standard_normal((30, 6)).astype(np.float32)
+    row = rng.standard_normal(6).astype(np.float32)
+    a, b = LowRankWeight(()), LowRankWeight((), {3: row})
+    [got] = compare_lowrank(lambda s, e: w0[s:e].copy(), (30, 6), [], [(a, b)], chunk_rows=4)
+    d = w0[3].astype(np.float64) - row
+    assert got.diff.max_abs_logit_diff is None and got.diff.top1_agreement is None
+    assert got.diff.max_abs_diff == pytest.approx(np.abs(d).max())
+    assert got.diff.rel_diff == pytest.approx(np.linalg.norm(d) / np.linalg.norm(w0))
+    [same] = compare_lowrank(lambda s, e: w0[s:e].copy(), (30, 6), [], [(a, LowRankWeight(()))])
+    assert same.diff.bitwise_equal and same.diff.rel_diff == 0.0
+
+
+def test_zero_lora_b_is_no_difference() -> None:
+    """peft initialises B to zero: an untrained LoRA changes nothing, bitwise."""
+    rng = np.random.default_rng(3)
+    w0 = rng.standard_normal((20, 5)).astype(np.float32)
+    f = Factor(np.zeros((20, 2), np.float32), rng.standard_normal((2, 5)).astype(np.float32))  # linear: B is left
+    [got] = compare_lowrank(lambda s, e: w0[s:e].copy(), (20, 5), [f], [(LowRankWeight((1.0,)), LowRankWeight((0.0,)))])
+    assert got.diff.bitwise_equal
+
+
+CASES = [(a, c) for a in ADAPTER_ARCHS for c in ADAPTER_CASES if case_base_tied(c)]
+
+
+def _close(x: float | None, y: float | None, rel: float) -> bool:
+    if x is None or y is None:
+        return x is y
+    return math.isclose(x, y, rel_tol=rel, abs_tol=1e-6)
+
+
+@pytest.mark.parametrize("case", CASES, ids=["-".join(c) for c in CASES])
+def test_lowrank_audit_equals_the_streaming_reference(case, adapter_case, monkeypatch: pytest.MonkeyPatch) -> None:
+    arch, name = case
+    base, adapter, _ = adapter_case(arch, name)
+    fast = audit(adapter, base=base)
+    monkeypatch.setattr(forecast, "METHOD", "stream")
+    ref = audit(adapter, base=base)
+    assert [f.code for f in fast.findings] == [f.code for f in ref.findings]
+    assert len(fast.comparisons) == len(ref.comparisons)
+    for c, r in zip(fast.comparisons, ref.comparisons, strict=True):
+        assert (c.stage, c.source, c.target, c.tensor, c.bitwise_equal) == (
+            r.stage,
+            r.source,
+            r.target,
+            r.tensor,
+            r.bitwise_equal,
+        )
+        assert _close(c.max_abs_diff, r.max_abs_diff, 1e-4), (c, r)
+        assert _close(c.rel_diff, r.rel_diff, 1e-3), (c, r)
+        assert _close(c.max_abs_logit_diff, r.max_abs_logit_diff, 1e-3), (c, r)
+        assert c.top1_agreement == r.top1_agreement, (c, r)
+        assert _close(c.embedding_rows_max_abs_diff, r.embedding_rows_max_abs_diff, 1e-4), (c, r)
+
+
+@pytest.mark.parametrize(
+    ("arch", "case"), [("llama", "lora_embed"), ("gpt2", "lora_both_tying"), ("llama", "trainable_tokens")]
+)
+def test_adapter_check_on_a_cached_base_imports_no_torch(arch, case, adapter_case, tmp_path) -> None:
+    """What keeps the adapter check ~15x faster than the peft path (benchmarks/README.md): after the base's tie
+    map is cached, a LoRA / trainable-token forecast runs on numpy alone, with the same verdict and numbers."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    base, adapter, _ = adapter_case(arch, case)
+    expected = audit(adapter, base=base)  # in process: also fills the tie-map cache the subprocess reads
+    script = (
+        "import json, sys; from tieaudit import audit\n"
+        f"r = audit({str(adapter)!r}, base={str(base)!r})\n"
+        "heavy = sorted({'torch', 'transformers', 'peft'} & set(sys.modules))\n"
+        "print(json.dumps([[f.code for f in r.findings], [c.max_abs_diff for c in r.comparisons], heavy]))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], env=dict(os.environ), capture_output=True, text=True)
+    codes, diffs, heavy = json.loads(run.stdout)
+    assert heavy == []
+    assert codes == [f.code for f in expected.findings]
+    assert diffs == [c.max_abs_diff for c in expected.comparisons]

@@ -1,0 +1,233 @@
+"""Comparisons of weights that differ from one base weight W0 by LoRA deltas and replaced rows, from the factors.
+
+Every weight an adapter forecast compares without a `modules_to_save` copy (a tied member at run time, the shared
+weight after PEFT's merge) is
+
+    X = W0 + sum_k c_k * L_k @ R_k,  then some rows replaced by trained token rows,
+
+where ``L_k @ R_k`` is a LoRA delta of rank r (scaling folded into ``R_k``) and ``c_k`` is 0, 1 or 2. So:
+
+- the difference of two such weights is ``L @ (R_a - R_b)`` of rank sum(r) plus the replaced rows: W0 cancels, and
+  its max and Frobenius norm come from rank-r products, a block of rows at a time;
+- ``||X||_F^2 = ||W0||^2 + 2 <L^T W0, R_x> + <L^T L, R_x R_x^T>`` (corrected on replaced rows): the only full
+  matrix read is W0, once, in row chunks;
+- probe logits ``h @ X.T = h @ W0.T + (h @ R_x^T) @ L^T``: one product with W0 per chunk, shared by every weight.
+
+So a check reads W0 once and does one (probes x vocab x hidden) product instead of materialising each weight, and it
+needs numpy only (no torch import). `forecast.forecast_group` uses this for every group without a full copy; the
+streaming path there (every weight materialised) is its reference, and the two agree (tests/test_lowrank.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from tieaudit.compare import TensorDiff, rows_per_chunk
+
+if TYPE_CHECKING:
+    import numpy as np
+
+ArrayReader = Callable[[int, int], "np.ndarray"]  # (start, stop) -> float32 rows
+BLOCK_ROWS = 512  # rows of a difference materialised at a time (a few MB: stays in cache)
+
+
+@dataclass(frozen=True)
+class Factor:
+    """One LoRA delta: rows a..b of it are ``left[a:b] @ right`` (scaling already folded into ``right``)."""
+
+    left: np.ndarray  # [vocab, r] float32
+    right: np.ndarray  # [r, hidden] float32
+
+
+@dataclass(frozen=True)
+class LowRankWeight:
+    """``W0 + sum_k coeffs[k] * factor_k``, then the rows in ``rows`` (row index -> float32 values) replaced."""
+
+    coeffs: tuple[float, ...]
+    rows: Mapping[int, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PairResult:
+    diff: TensorDiff  # as `compare.StreamingDiff` measures it, the first weight being the reference
+    probe_rows_max: float  # max |a - b| over the probe rows given (0.0 when none)
+
+
+class _Top1:
+    """Running argmax of one weight's probe logits over vocabulary chunks."""
+
+    def __init__(self, probes: int) -> None:
+        import numpy as np
+
+        self.best = np.full(probes, -np.inf, dtype=np.float32)
+        self.arg = np.zeros(probes, dtype=np.int64)
+
+    def update(self, start: int, logits: np.ndarray) -> None:
+        import numpy as np
+
+        idx = logits.argmax(axis=1)
+        val = logits[np.arange(logits.shape[0]), idx]
+        better = val > self.best
+        self.best[better] = val[better]
+        self.arg[better] = idx[better] + start
+
+
+class _PairAcc:
+    def __init__(self) -> None:
+        self.equal = True
+        self.max_abs = 0.0
+        self.sq_diff = 0.0
+        self.max_logit = 0.0
+        self.rows_max = 0.0
+
+
+def compare_lowrank(
+    w0: ArrayReader,
+    shape: tuple[int, int],
+    factors: Sequence[Factor],
+    pairs: Sequence[tuple[LowRankWeight, LowRankWeight]],
+    *,
+    h: np.ndarray | None = None,
+    probe_rows: Sequence[int] = (),
+    chunk_rows: int | None = None,
+) -> list[PairResult]:
+    """Compare each pair ``(a, b)`` of weights built on W0 (read through ``w0``, once, in row chunks).
+
+    Returns, per pair, what `compare.StreamingDiff` would measure on the materialised float32 weights (``a`` the
+    reference of the relative difference; probe logits ``h @ W.T`` when ``h`` is given) and the max |a - b| over
+    ``probe_rows``. ``chunk_rows``: rows of W0 per read (default: ``compare.CHUNK_BYTES`` of float32). Working set: one chunk of W0 in float32 (``compare.CHUNK_BYTES``), one block of a difference
+    (``BLOCK_ROWS`` rows) and the probe logits of each distinct weight for one chunk."""
+    import numpy as np
+
+    vocab, hidden = shape
+    f32 = np.float32
+    rank = sum(f.left.shape[1] for f in factors)
+    left = np.hstack([f.left for f in factors]).astype(f32, copy=False) if factors else np.zeros((vocab, 0), f32)
+    left = np.ascontiguousarray(left)
+
+    # equal expressions (the same coefficients and the same replaced-row arrays) are one weight: e.g. the shared
+    # weight after a merge of one LoRA is the run-time weight of the layer that carries it
+    weights: list[LowRankWeight] = []
+    index: dict[int, int] = {}
+    by_value: dict[tuple[object, ...], int] = {}
+    for a, b in pairs:
+        for one in (a, b):
+            key = (tuple(one.coeffs), tuple(sorted((r, id(v)) for r, v in one.rows.items())))
+            if key not in by_value:
+                by_value[key] = len(weights)
+                weights.append(one)
+            index[id(one)] = by_value[key]
+
+    def right_of(coeffs: Sequence[float]) -> np.ndarray:
+        if not factors:
+            return np.zeros((0, hidden), f32)
+        return np.vstack([np.float32(c) * f.right for c, f in zip(coeffs, factors, strict=True)]).astype(f32)
+
+    right = [right_of(one.coeffs) for one in weights]
+    pair_ix = [(index[id(a)], index[id(b)]) for a, b in pairs]
+    right_diff = [right[i] - right[j] for i, j in pair_ix]
+    has_delta = [bool(rd.any()) for rd in right_diff]
+    pair_rows = [sorted(set(weights[i].rows) | set(weights[j].rows)) for i, j in pair_ix]
+    probe_set = sorted(set(probe_rows))
+
+    probes = h.shape[0] if h is not None else 0
+    h_right = [h @ r.T for r in right] if h is not None else []  # [probes, rank] each
+    top1 = [_Top1(probes) for _ in weights] if h is not None else []
+    distinct = {ij: k for k, ij in reversed(list(enumerate(pair_ix)))}  # (i, j) -> first pair measuring it
+    accs = [_PairAcc() for _ in pairs]
+
+    sq0 = 0.0
+    cross = np.zeros((rank, hidden), np.float64)  # L^T W0
+    row_fix = [0.0] * len(weights)  # ||replaced rows||^2 - ||the rows they replace||^2
+
+    def rows_of(wi: int, rows: list[int], start: int, w: np.ndarray, lc: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` (absolute) of weight ``wi``, from the chunk ``w`` of W0 starting at ``start``."""
+        own = weights[wi].rows
+        out: np.ndarray = w[[r - start for r in rows]] + lc[[r - start for r in rows]] @ right[wi]
+        for k, r in enumerate(rows):
+            if r in own:
+                out[k] = own[r]
+        return out
+
+    step = chunk_rows or rows_per_chunk(shape)
+    for start in range(0, vocab, step):
+        stop = min(vocab, start + step)
+        w = w0(start, stop)
+        flat = w.reshape(-1)
+        sq0 += float(np.dot(flat, flat))
+        lc = left[start:stop]
+        if rank:
+            cross += lc.T @ w
+        for wi, wt in enumerate(weights):
+            replaced = [r for r in wt.rows if start <= r < stop]
+            if replaced:
+                before = w[[r - start for r in replaced]] + lc[[r - start for r in replaced]] @ right[wi]
+                after = np.stack([np.asarray(wt.rows[r], dtype=f32) for r in replaced])
+                row_fix[wi] += float(np.sum(np.square(after, dtype=np.float64))) - float(
+                    np.sum(np.square(before, dtype=np.float64))
+                )
+        logits: list[np.ndarray] = []
+        if h is not None:
+            base_logits = h @ w.T  # [probes, rows]: the one product with W0
+            for wi, wt in enumerate(weights):
+                lg = base_logits + h_right[wi] @ lc.T if rank and right[wi].any() else base_logits.copy()
+                for r, values in wt.rows.items():
+                    if start <= r < stop:
+                        lg[:, r - start] = h @ np.asarray(values, dtype=f32)
+                top1[wi].update(start, lg)
+                logits.append(lg)
+        for p, (i, j) in enumerate(pair_ix):
+            acc = accs[p]
+            if distinct[(i, j)] != p or i == j:
+                continue
+            fixed = [r for r in pair_rows[p] if start <= r < stop]
+            if not has_delta[p] and not fixed:
+                continue
+            if fixed:
+                exact = dict(zip(fixed, rows_of(i, fixed, start, w, lc) - rows_of(j, fixed, start, w, lc), strict=True))
+            else:
+                exact = {}
+            for b0 in range(start, stop, BLOCK_ROWS):
+                b1 = min(stop, b0 + BLOCK_ROWS)
+                d = lc[b0 - start : b1 - start] @ right_diff[p] if has_delta[p] else np.zeros((b1 - b0, hidden), f32)
+                for r, values in exact.items():
+                    if b0 <= r < b1:
+                        d[r - b0] = values
+                if not d.any():
+                    continue
+                acc.equal = False
+                worst = max(float(d.max()), -float(d.min()))
+                acc.max_abs = max(acc.max_abs, math.inf if worst != worst else worst)
+                flat_d = d.reshape(-1)
+                acc.sq_diff += float(np.dot(flat_d, flat_d))  # float32 within a block, summed in float64
+                for r in probe_set:
+                    if b0 <= r < b1:
+                        acc.rows_max = max(acc.rows_max, float(np.abs(d[r - b0]).max()))
+            if h is not None:
+                gap = np.abs(logits[i] - logits[j])
+                worst_logit = float(gap.max()) if gap.size else 0.0
+                acc.max_logit = max(acc.max_logit, math.inf if worst_logit != worst_logit else worst_logit)
+        del w, logits
+
+    gram = left.T.astype(np.float64) @ left.astype(np.float64)  # L^T L
+    results = []
+    for i, j in pair_ix:
+        acc = accs[distinct[(i, j)]]
+        if acc.equal:
+            diff = TensorDiff(True, 0.0, 0.0, 0.0 if h is not None else None, 1.0 if h is not None else None)
+            results.append(PairResult(diff, 0.0))
+            continue
+        r64 = right[i].astype(np.float64)
+        sq_ref = sq0 + 2.0 * float(np.sum(cross * r64)) + float(np.sum(gram * (r64 @ r64.T))) + row_fix[i]
+        sq_ref = max(sq_ref, 0.0)
+        rel = math.sqrt(acc.sq_diff) / math.sqrt(sq_ref) if sq_ref > 0 else 0.0 if acc.sq_diff == 0 else math.inf
+        if h is None:
+            diff = TensorDiff(False, acc.max_abs, rel)
+        else:
+            agree = float((top1[i].arg == top1[j].arg).mean()) if probes else 1.0
+            diff = TensorDiff(False, acc.max_abs, rel, acc.max_logit, agree)
+        results.append(PairResult(diff, acc.rows_max))
+    return results
