@@ -151,3 +151,27 @@ def test_adapter_check_on_a_cached_base_imports_no_torch(arch, case, adapter_cas
     assert heavy == []
     assert codes == [f.code for f in expected.findings]
     assert diffs == [c.max_abs_diff for c in expected.comparisons]
+
+
+@pytest.mark.parametrize("chunk", [8, 24, 1000])
+def test_same_bytes_compares_every_byte(chunk: int, tmp_path) -> None:
+    """The base-copy check compares 8 bytes at a time plus the tail: a difference in any byte is found."""
+    import torch
+    from safetensors.torch import save_file
+
+    from tieaudit.adapter_analysis import same_bytes
+    from tieaudit.checkpoint import open_checkpoint
+
+    values = torch.arange(101, dtype=torch.uint8).reshape(101, 1)  # 101 bytes: not a multiple of 8
+    for i, where in enumerate([None, 0, 50, 99, 100]):
+        other = values.clone()
+        if where is not None:
+            other[where] += 1
+        for name, t in (("a", values), ("b", other)):
+            d = tmp_path / f"{name}{i}"
+            d.mkdir()
+            save_file({"w": t}, str(d / "model.safetensors"))
+        with open_checkpoint(tmp_path / f"a{i}") as a, open_checkpoint(tmp_path / f"b{i}") as b:
+            equal, read = same_bytes(a, "w", b, "w", chunk=chunk)
+        assert equal is (where is None), where
+        assert 0 < read <= 101

@@ -66,10 +66,13 @@ class _Top1:
         self.arg = np.zeros(probes, dtype=np.int64)
 
     def update(self, start: int, logits: np.ndarray) -> None:
+        """``logits``: [rows, probes] for the vocabulary rows start..start+rows."""
         import numpy as np
 
-        idx = logits.argmax(axis=1)
-        val = logits[np.arange(logits.shape[0]), idx]
+        if not logits.shape[0]:
+            return
+        idx = logits.argmax(axis=0)
+        val = logits[idx, np.arange(logits.shape[1])]
         better = val > self.best
         self.best[better] = val[better]
         self.arg[better] = idx[better] + start
@@ -98,8 +101,10 @@ def compare_lowrank(
 
     Returns, per pair, what `compare.StreamingDiff` would measure on the materialised float32 weights (``a`` the
     reference of the relative difference; probe logits ``h @ W.T`` when ``h`` is given) and the max |a - b| over
-    ``probe_rows``. ``chunk_rows``: rows of W0 per read (default: ``compare.CHUNK_BYTES`` of float32). Working set: one chunk of W0 in float32 (``compare.CHUNK_BYTES``), one block of a difference
-    (``BLOCK_ROWS`` rows) and the probe logits of each distinct weight for one chunk."""
+    ``probe_rows``. ``chunk_rows``: rows of W0 per read (default: ``compare.CHUNK_BYTES`` of float32).
+
+    Working set: one chunk of W0 in float32 (``compare.CHUNK_BYTES``), one block of a difference (``BLOCK_ROWS``
+    rows) and the probe logits of each distinct weight for one chunk."""
     import numpy as np
 
     vocab, hidden = shape
@@ -134,13 +139,17 @@ def compare_lowrank(
     probe_set = sorted(set(probe_rows))
 
     probes = h.shape[0] if h is not None else 0
-    h_right = [h @ r.T for r in right] if h is not None else []  # [probes, rank] each
+    h_right_t = [(h @ r.T).T.copy() for r in right] if h is not None else []  # [rank, probes] each
+    # one product per chunk gives the probe logits and W0 @ R_k^T (for <W0, delta_k>): w @ [h; R_1; ...; R_n].T
+    factor_right = np.vstack([f.right for f in factors]).astype(f32) if factors else np.zeros((0, hidden), f32)
+    product = np.ascontiguousarray(np.vstack([h, factor_right]) if h is not None else factor_right)
+    col_coeff = [np.repeat(np.asarray(one.coeffs, np.float64), [f.left.shape[1] for f in factors]) for one in weights]
     top1 = [_Top1(probes) for _ in weights] if h is not None else []
     distinct = {ij: k for k, ij in reversed(list(enumerate(pair_ix)))}  # (i, j) -> first pair measuring it
     accs = [_PairAcc() for _ in pairs]
 
     sq0 = 0.0
-    cross = np.zeros((rank, hidden), np.float64)  # L^T W0
+    cross = np.zeros(rank, np.float64)  # per column c of L: sum over rows of L[:, c] * (W0 @ R^T)[:, c]
     row_fix = [0.0] * len(weights)  # ||replaced rows||^2 - ||the rows they replace||^2
 
     def rows_of(wi: int, rows: list[int], start: int, w: np.ndarray, lc: np.ndarray) -> np.ndarray:
@@ -159,8 +168,9 @@ def compare_lowrank(
         flat = w.reshape(-1)
         sq0 += float(np.dot(flat, flat))
         lc = left[start:stop]
-        if rank:
-            cross += lc.T @ w
+        both = w @ product.T if product.shape[0] else None  # [rows, probes + rank]: the one product with W0
+        if rank and both is not None:
+            cross += np.einsum("ij,ij->j", lc, both[:, probes:], dtype=np.float64)
         for wi, wt in enumerate(weights):
             replaced = [r for r in wt.rows if start <= r < stop]
             if replaced:
@@ -170,13 +180,13 @@ def compare_lowrank(
                     np.sum(np.square(before, dtype=np.float64))
                 )
         logits: list[np.ndarray] = []
-        if h is not None:
-            base_logits = h @ w.T  # [probes, rows]: the one product with W0
+        if h is not None and both is not None:
+            base_logits = both[:, :probes]  # [rows, probes]
             for wi, wt in enumerate(weights):
-                lg = base_logits + h_right[wi] @ lc.T if rank and right[wi].any() else base_logits.copy()
+                lg = base_logits + lc @ h_right_t[wi] if rank and right[wi].any() else base_logits.copy()
                 for r, values in wt.rows.items():
                     if start <= r < stop:
-                        lg[:, r - start] = h @ np.asarray(values, dtype=f32)
+                        lg[r - start] = h @ np.asarray(values, dtype=f32)
                 top1[wi].update(start, lg)
                 logits.append(lg)
         for p, (i, j) in enumerate(pair_ix):
@@ -196,10 +206,11 @@ def compare_lowrank(
                 for r, values in exact.items():
                     if b0 <= r < b1:
                         d[r - b0] = values
-                if not d.any():
+                high, low = float(d.max()), float(d.min())
+                if high == 0.0 and low == 0.0:
                     continue
                 acc.equal = False
-                worst = max(float(d.max()), -float(d.min()))
+                worst = max(high, -low)
                 acc.max_abs = max(acc.max_abs, math.inf if worst != worst else worst)
                 flat_d = d.reshape(-1)
                 acc.sq_diff += float(np.dot(flat_d, flat_d))  # float32 within a block, summed in float64
@@ -221,7 +232,7 @@ def compare_lowrank(
             results.append(PairResult(diff, 0.0))
             continue
         r64 = right[i].astype(np.float64)
-        sq_ref = sq0 + 2.0 * float(np.sum(cross * r64)) + float(np.sum(gram * (r64 @ r64.T))) + row_fix[i]
+        sq_ref = sq0 + 2.0 * float(cross @ col_coeff[i]) + float(np.sum(gram * (r64 @ r64.T))) + row_fix[i]
         sq_ref = max(sq_ref, 0.0)
         rel = math.sqrt(acc.sq_diff) / math.sqrt(sq_ref) if sq_ref > 0 else 0.0 if acc.sq_diff == 0 else math.inf
         if h is None:

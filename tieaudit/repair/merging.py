@@ -320,7 +320,7 @@ class _BaseCopyCheck:
         for key, name in self.pairs:
             try:
                 equal, read = same_bytes(self.ad, key, self.base, name)
-            except OSError:
+            except (OSError, InputError):
                 return  # the main thread's own comparison will report it
             self.read += read
             if equal:
