@@ -118,17 +118,13 @@ def forecast_group(
     has_copy = any(e.full_copy for e in edits.values())
     if method == "lowrank" and has_copy:
         raise ValueError("the low-rank forecast cannot compare full modules_to_save copies")
+    group = _Group(source, members, shape, edits, settings, structure, probes, probe_rows, transposed)
     if method == "stream" or has_copy:
         adapter_diffs, merge_diffs, rows_worst = _stream_group(
-            source, members, shape, TensorReader(base).rows(w0_name), edits, TensorReader(adapter), settings,
-            structure, probes=probes, transposed=transposed,
-            probe_rows=probe_rows,
-        )  # fmt: skip
+            group, TensorReader(base).rows(w0_name), TensorReader(adapter)
+        )
     else:
-        adapter_diffs, merge_diffs, rows_worst = _lowrank_group(
-            source, members, shape, base, w0_name, edits, adapter, settings, structure,
-            probes=probes, transposed=transposed, probe_rows=probe_rows,
-        )  # fmt: skip
+        adapter_diffs, merge_diffs, rows_worst = _lowrank_group(group, base, w0_name, adapter)
     per_member = {}
     for m in members:
         if m not in merge_diffs:
@@ -142,22 +138,24 @@ def forecast_group(
 GroupDiffs = tuple[dict[str, TensorDiff], dict[str, TensorDiff], dict[str, float]]
 
 
-def _lowrank_group(
-    source: str,
-    members: tuple[str, ...],
-    shape: tuple[int, int],
-    base: Checkpoint,
-    w0_name: str,
-    edits: dict[str, ModuleEdit],
-    adapter: Checkpoint,
-    settings: AdapterSettings,
-    structure: MergeStructure,
-    *,
-    probes: int,
-    transposed: frozenset[str],
-    probe_rows: list[int],
-) -> GroupDiffs:
+@dataclass(frozen=True)
+class _Group:
+    """What both forecast paths need of one tied group."""
+
+    source: str
+    members: tuple[str, ...]
+    shape: tuple[int, int]
+    edits: dict[str, ModuleEdit]
+    settings: AdapterSettings
+    structure: MergeStructure
+    probes: int
+    probe_rows: list[int]
+    transposed: frozenset[str]
+
+
+def _lowrank_group(g: _Group, base: Checkpoint, w0_name: str, adapter: Checkpoint) -> GroupDiffs:
     """The comparisons of `_stream_group`, from the factors (no full copy in the group)."""
+    source, members, shape, edits, transposed = g.source, g.members, g.shape, g.edits, g.transposed
     import numpy as np
 
     from tieaudit.compare import probe_states
@@ -179,7 +177,7 @@ def _lowrank_group(
         uses[m] = same[0] if same else len(factors)
         if not same:
             factors.append(f)
-    member_tokens = runtime_tokens(members, edits, settings)
+    member_tokens = runtime_tokens(members, edits, g.settings)
     loaded: dict[str, dict[int, np.ndarray]] = {}  # adapter key -> row -> values, each read once
     for tok in member_tokens.values():
         if tok is not None and tok[1] not in loaded:
@@ -197,11 +195,11 @@ def _lowrank_group(
         merged_rows.update(rows)
     merged = LowRankWeight(tuple(float(list(uses.values()).count(k)) for k in range(len(factors))), merged_rows)
     targets = [t for t in members if t != source]
-    merge_members = [m for m in members if structure.reload[m] is not None]
+    merge_members = [m for m in members if g.structure.reload[m] is not None]
     pairs = [(runtime[source], runtime[t]) for t in targets] + [(merged, runtime[m]) for m in merge_members]
-    h = probe_states(probes, shape[1]) if probes > 0 else None
+    h = probe_states(g.probes, shape[1]) if g.probes > 0 else None
     results = compare_lowrank(
-        lambda a, b: base.read_float32(w0_name, a, b), shape, factors, pairs, h=h, probe_rows=probe_rows
+        lambda a, b: base.read_float32(w0_name, a, b), shape, factors, pairs, h=h, probe_rows=g.probe_rows
     )
     adapter_diffs = {t: results[k].diff for k, t in enumerate(targets)}
     merge_results = dict(zip(merge_members, results[len(targets) :], strict=True))
@@ -212,21 +210,10 @@ def _lowrank_group(
     )
 
 
-def _stream_group(
-    source: str,
-    members: tuple[str, ...],
-    shape: tuple[int, int],
-    w0: RowReader,
-    edits: dict[str, ModuleEdit],
-    adapter: TensorReader,
-    settings: AdapterSettings,
-    structure: MergeStructure,
-    *,
-    probes: int,
-    transposed: frozenset[str],
-    probe_rows: list[int],
-) -> GroupDiffs:
+def _stream_group(g: _Group, w0: RowReader, adapter: TensorReader) -> GroupDiffs:
     """Every weight of the group materialised a row chunk at a time (torch), and compared."""
+    source, members, shape, edits, transposed = g.source, g.members, g.shape, g.edits, g.transposed
+    settings, structure, probes, probe_rows = g.settings, g.structure, g.probes, g.probe_rows
     vocab, hidden = shape
     deltas = {
         m: DeltaRows(e.lora, adapter, transposed=m in transposed)

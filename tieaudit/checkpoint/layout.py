@@ -180,6 +180,13 @@ class Checkpoint:
         A 1-D tensor's rows are its elements; a 0-d tensor is one row (``read_rows(name, 0, 1)`` returns
         it with shape ``()``). The bytes requested are added to ``stats.tensor_bytes``.
         """
+        info, source, row_bytes = self._rows_source(name, start, stop)
+        tensor = source.read(info, start, stop, row_bytes)
+        self.stats.tensor_bytes += (stop - start) * row_bytes
+        return tensor
+
+    def _rows_source(self, name: str, start: int, stop: int) -> tuple[TensorInfo, _Source, int]:
+        """The tensor, its open file and its row size, once the row range is checked."""
         info = self.tensors[name]
         rows = self.row_count(name)
         if not (0 <= start <= stop <= rows):
@@ -187,24 +194,14 @@ class Checkpoint:
         source = self._sources.get(info.file)
         if source is None:
             raise ValueError("checkpoint is closed")
-        row_bytes = self.row_bytes(name)
-        tensor = source.read(info, start, stop, row_bytes)
-        self.stats.tensor_bytes += (stop - start) * row_bytes
-        return tensor
+        return info, source, self.row_bytes(name)
 
     def read_float32(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of tensor ``name`` as a fresh float32 numpy array (see :meth:`read_rows`).
 
         bf16, f16 and f32 are decoded exactly by numpy, without importing torch; other dtypes and pickled
         tensors are read with :meth:`read_rows` and converted."""
-        info = self.tensors[name]
-        rows = self.row_count(name)
-        if not (0 <= start <= stop <= rows):
-            raise ValueError(f"rows [{start}, {stop}) out of range for {name!r} with {rows} rows")
-        source = self._sources.get(info.file)
-        if source is None:
-            raise ValueError("checkpoint is closed")
-        row_bytes = self.row_bytes(name)
+        info, source, row_bytes = self._rows_source(name, start, stop)
         out = source.read_float32(info, start, stop, row_bytes)
         if out is None:
             import torch
