@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tieaudit.adapters import SUPPORTED_TYPES, AdapterSettings, ModuleEdit, module_edits, read_settings, resolve_base
+from tieaudit.compare import PROBE_SEED
 from tieaudit.model import Comparison, Skipped, TieStatus
 
 if TYPE_CHECKING:
@@ -19,8 +20,6 @@ if TYPE_CHECKING:
     from tieaudit.forecast import GroupForecast
     from tieaudit.graph import TieGraph
     from tieaudit.rules.context import AdapterContext, BaseMismatch
-
-PROBE_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -280,7 +279,7 @@ def same_bytes(a: Checkpoint, name_a: str, b: Checkpoint, name_b: str, chunk: in
     The two buffers are allocated once and refilled (fresh buffers per chunk cost a page fault per 4 KiB)."""
     import numpy as np
 
-    from tieaudit.checkpoint.arrays import read_into
+    from tieaudit.checkpoint.safetensors_header import read_into
 
     ia, ib = a.tensors[name_a], b.tensors[name_b]
     ra, rb = a.byte_range(name_a), b.byte_range(name_b)

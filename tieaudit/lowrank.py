@@ -152,10 +152,17 @@ def compare_lowrank(
     cross = np.zeros(rank, np.float64)  # per column c of L: sum over rows of L[:, c] * (W0 @ R^T)[:, c]
     row_fix = [0.0] * len(weights)  # ||replaced rows||^2 - ||the rows they replace||^2
 
+    def unreplaced(wi: int, rows: list[int], start: int, w: np.ndarray, lc: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` (absolute) of ``W0 + deltas`` of weight ``wi``, before any replacement, from the chunk ``w``
+        of W0 starting at ``start``."""
+        at = [r - start for r in rows]
+        out: np.ndarray = w[at] + lc[at] @ right[wi]
+        return out
+
     def rows_of(wi: int, rows: list[int], start: int, w: np.ndarray, lc: np.ndarray) -> np.ndarray:
-        """Rows ``rows`` (absolute) of weight ``wi``, from the chunk ``w`` of W0 starting at ``start``."""
+        """Rows ``rows`` (absolute) of weight ``wi``, replacements applied."""
         own = weights[wi].rows
-        out: np.ndarray = w[[r - start for r in rows]] + lc[[r - start for r in rows]] @ right[wi]
+        out = unreplaced(wi, rows, start, w, lc)
         for k, r in enumerate(rows):
             if r in own:
                 out[k] = own[r]
@@ -174,7 +181,7 @@ def compare_lowrank(
         for wi, wt in enumerate(weights):
             replaced = [r for r in wt.rows if start <= r < stop]
             if replaced:
-                before = w[[r - start for r in replaced]] + lc[[r - start for r in replaced]] @ right[wi]
+                before = unreplaced(wi, replaced, start, w, lc)
                 after = np.stack([np.asarray(wt.rows[r], dtype=f32) for r in replaced])
                 row_fix[wi] += float(np.sum(np.square(after, dtype=np.float64))) - float(
                     np.sum(np.square(before, dtype=np.float64))

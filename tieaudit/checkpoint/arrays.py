@@ -8,29 +8,15 @@ Other dtypes (float8, integers) and pickled tensors go through torch (:meth:`Che
 
 from __future__ import annotations
 
-import os
+import math
 from typing import TYPE_CHECKING
 
-from tieaudit.errors import InputError
+from tieaudit.checkpoint.safetensors_header import read_into
 
 if TYPE_CHECKING:
     import numpy as np
 
 NUMPY_FLOAT_DTYPES = frozenset({"F32", "F16", "BF16", "F64"})
-
-
-def read_into(fd: int, offset: int, out: np.ndarray, label: str) -> None:
-    """Fill ``out`` (a contiguous numpy buffer) with the bytes at ``offset``; a short file is an InputError."""
-    view = memoryview(out).cast("B")  # type: ignore[arg-type]  # numpy arrays are buffers
-    length = len(view)
-    done = 0
-    while done < length:
-        got = os.preadv(fd, [view[done:]], offset + done)
-        if got == 0:
-            raise InputError(
-                f"{label}: file ended after {offset + done} bytes, expected {offset + length} (truncated?)"
-            )
-        done += got
 
 
 def read_float32(fd: int, offset: int, dtype: str, shape: tuple[int, ...], label: str) -> np.ndarray:
@@ -41,9 +27,7 @@ def read_float32(fd: int, offset: int, dtype: str, shape: tuple[int, ...], label
     """
     import numpy as np
 
-    count = 1
-    for n in shape:
-        count *= n
+    count = math.prod(shape)
     if dtype == "F32":
         out = np.empty(shape, dtype="<f4")
         read_into(fd, offset, out, label)

@@ -73,7 +73,15 @@ def open_regular_file(path: Path, label: str) -> int:
 def read_exact(fd: int, offset: int, length: int, label: str) -> bytearray:
     """Read exactly ``length`` bytes at ``offset`` into a fresh buffer (pread never moves a shared file position)."""
     buf = bytearray(length)
-    view = memoryview(buf)
+    read_into(fd, offset, buf, label)
+    return buf
+
+
+def read_into(fd: int, offset: int, out: Any, label: str) -> None:
+    """Fill the writable contiguous buffer ``out`` (a bytearray, a numpy array) with the bytes at ``offset``;
+    a file that ends first is an InputError."""
+    view = memoryview(out).cast("B")
+    length = len(view)
     done = 0
     while done < length:
         if hasattr(os, "preadv"):
@@ -87,7 +95,6 @@ def read_exact(fd: int, offset: int, length: int, label: str) -> bytearray:
                 f"{label}: file ended after {offset + done} bytes, expected {offset + length} (truncated?)"
             )
         done += got
-    return buf
 
 
 def parse_header(
