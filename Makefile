@@ -1,20 +1,32 @@
 # Set-up is part of every target: a fresh clone needs only `make demo` or `make test`.
+# They install the exact versions of constraints.txt (the lock the suite was verified with); pyproject.toml keeps
+# the ranges users install against. `make test-latest` runs the suite on the newest allowed versions instead, and
+# `make lock` rewrites constraints.txt from them once that suite passes.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-# The CPU build of torch is installed first: a plain `torch` requirement would pull a multi-GB CUDA build.
-TORCH_SPEC ?= torch==2.13.0
+LOCK   := constraints.txt
+LATEST := .venv-latest
+# torch comes first, from the PyTorch CPU index: on Linux x86-64 a plain `torch` requirement resolves to the CUDA
+# build (several GB). Where that index does not answer within 5 s, the default index is used, with one line saying
+# so. Override: TORCH_INDEX_URL=<a CUDA or mirror index> (empty: the default index), TORCH_SPEC=torch==<version>.
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
+TORCH_SPEC ?= torch==$(shell sed -n 's/^torch==//p' $(LOCK))
+PIP_QUIET := --quiet --disable-pip-version-check
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean test-latest lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[test]"
+# torch is installed on its own (its spec may be overridden), the rest under the lock without torch's line
+$(STAMP): pyproject.toml $(LOCK) tools/envlock.py | $(BIN)/python
+	$(BIN)/python -m pip install $(PIP_QUIET) -c $(LOCK) pip
+	$(BIN)/python tools/envlock.py install-torch "$(TORCH_SPEC)" "$(TORCH_INDEX_URL)"
+	$(BIN)/python tools/envlock.py without torch $(LOCK) $(VENV)/constraints.txt
+	PIP_CONSTRAINT=$(VENV)/constraints.txt $(BIN)/python -m pip install $(PIP_QUIET) -e ".[test]"
+	$(BIN)/python tools/envlock.py check $(LOCK) torch
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -49,5 +61,20 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_merge.py
 	$(BIN)/python benchmarks/bench_scale.py
 
+# Not part of CI: the suite on the newest versions pyproject.toml allows, in a separate venv made anew each time,
+# so a new transformers or peft release is checked on purpose. Prints what differs from the lock first.
+test-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install $(PIP_QUIET) --upgrade pip
+	$(LATEST)/bin/python tools/envlock.py install-torch torch "$(TORCH_INDEX_URL)"
+	$(LATEST)/bin/python -m pip install $(PIP_QUIET) --upgrade --upgrade-strategy eager -e ".[test]"
+	$(LATEST)/bin/python tools/envlock.py diff $(LOCK)
+	$(LATEST)/bin/python -m pytest -n 2 -q -p no:cacheprovider
+
+# A deliberate update of the lock: the suite must pass on the newest versions before they are written down.
+lock: test-latest
+	$(LATEST)/bin/python tools/envlock.py freeze $(LOCK)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LATEST) .pytest_cache .ruff_cache

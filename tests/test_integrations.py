@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -76,10 +77,79 @@ def test_action_check_step_exits_with_the_worst_and_writes_sarif(tmp_path: Path)
     assert proc.returncode == 0 and outputs["exit-code"] == "0"
 
 
-def test_pre_commit_hook() -> None:
-    [hook] = yaml.safe_load((ROOT / ".pre-commit-hooks.yaml").read_text())
-    assert hook["id"] == "tieaudit" and hook["entry"] == "tieaudit check" and hook["pass_filenames"] is False
-    pattern = re.compile(hook["files"])
-    for changed in ("ckpt/config.json", "ckpt/model-00001-of-00002.safetensors", "lora/adapter_config.json"):
-        assert pattern.search(changed), changed
-    assert not pattern.search("src/train.py")
+def test_pre_commit_hooks() -> None:
+    hooks = {h["id"]: h for h in yaml.safe_load((ROOT / ".pre-commit-hooks.yaml").read_text())}
+    assert set(hooks) == {"tieaudit", "tieaudit-system"}
+    assert hooks["tieaudit"]["language"] == "python" and hooks["tieaudit-system"]["language"] == "system"
+    for hook in hooks.values():
+        assert hook["entry"] == "tieaudit check" and hook["pass_filenames"] is False
+        pattern = re.compile(hook["files"])
+        for changed in ("ckpt/config.json", "ckpt/model-00001-of-00002.safetensors", "lora/adapter_config.json"):
+            assert pattern.search(changed), changed
+        assert not pattern.search("src/train.py")
+    assert hooks["tieaudit"]["files"] == hooks["tieaudit-system"]["files"]
+
+
+def _git(cwd: Path, *args: str) -> None:
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True)
+
+
+def test_pre_commit_system_hook_runs_for_real(tmp_path: Path) -> None:
+    """pre-commit itself runs the `tieaudit-system` hook of this repository's .pre-commit-hooks.yaml on a commit
+    that changes a broken checkpoint: the hook fails with the finding, and installs no environment."""
+    hook_repo = tmp_path / "hooks"
+    hook_repo.mkdir()
+    shutil.copy(ROOT / ".pre-commit-hooks.yaml", hook_repo)
+    _git(hook_repo, "init", "-q")
+    _git(hook_repo, "add", ".")
+    _git(hook_repo, "commit", "-q", "-m", "hooks")
+    rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=hook_repo, capture_output=True, text=True).stdout.strip()
+    project = tmp_path / "project"
+    shutil.copytree(DEMO / "llama-untied-missing-head", project / "ckpt")
+    config = {
+        "repos": [
+            {
+                "repo": str(hook_repo),
+                "rev": rev,
+                "hooks": [{"id": "tieaudit-system", "args": ["ckpt", "--fail-on", "error"]}],
+            }
+        ]
+    }
+    (project / ".pre-commit-config.yaml").write_text(yaml.safe_dump(config))
+    _git(project, "init", "-q")
+    _git(project, "add", ".")
+    env = {
+        **os.environ,
+        "PRE_COMMIT_HOME": str(tmp_path / "pre-commit-home"),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "pre_commit", "run", "--all-files"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "tieaudit check (the installed tieaudit)" in proc.stdout and "Failed" in proc.stdout
+    assert "TIE002 untied-weight-missing error" in proc.stdout
+    (project / "ckpt").rename(project / "moved")  # nothing the hook watches changed: skipped, not failed
+    shutil.copytree(DEMO / "llama-clean", project / "ckpt")
+    _git(project, "add", "-A")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pre_commit", "run", "--all-files"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0 and "Passed" in proc.stdout, proc.stdout + proc.stderr

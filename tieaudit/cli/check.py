@@ -35,6 +35,7 @@ def check(
     verbose: o.VerboseOpt = False,
     progress: o.ProgressOpt = None,
     color: o.ColorOpt = "auto",
+    timings: o.TimingsOpt = False,
     config: o.ConfigOpt = None,
     isolated: o.IsolatedOpt = False,
     no_cache: o.NoCacheOpt = False,
@@ -94,11 +95,11 @@ def check(
             )
     # the report is written once the progress display has stopped (while it runs, rich redirects stdout)
     if not batch:
-        emit_report(report, first.format, output, color, quiet, verbose)
+        emit_report(report, first.format, output, color, quiet, verbose, timings)
         if not quiet:
             err(summary_line(report))
         raise typer.Exit(report.exit_code)
-    emit_batch(result, first.format, output, color, quiet, verbose)
+    emit_batch(result, first.format, output, color, quiet, verbose, timings)
     if not quiet:
         err(batch_summary_line(result))
     raise typer.Exit(result.exit_code)

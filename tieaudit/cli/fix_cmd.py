@@ -55,6 +55,7 @@ def fix(
     verbose: o.VerboseOpt = False,
     progress: o.ProgressOpt = None,
     color: o.ColorOpt = "auto",
+    timings: o.TimingsOpt = False,
     config: o.ConfigOpt = None,
     isolated: o.IsolatedOpt = False,
 ) -> None:
@@ -97,7 +98,7 @@ def fix(
             probe_tokens=probe_tokens,
             progress=callback,
         )
-    emit_report(report, fmt, output, color, quiet, verbose)
+    emit_report(report, fmt, output, color, quiet, verbose, timings)
     if not quiet:
         err(fix_summary_line(report))
         if not preview and report.fix_run and report.fix_run.written_to:

@@ -31,6 +31,7 @@ def merge(
     verbose: o.VerboseOpt = False,
     progress: o.ProgressOpt = None,
     color: o.ColorOpt = "auto",
+    timings: o.TimingsOpt = False,
     config: o.ConfigOpt = None,
     isolated: o.IsolatedOpt = False,
 ) -> None:
@@ -58,7 +59,7 @@ def merge(
             probe_tokens=probe_tokens,
             progress=callback,
         )
-    emit_report(report, fmt, output, color, quiet, verbose)
+    emit_report(report, fmt, output, color, quiet, verbose, timings)
     if not quiet:
         err(merge_summary_line(report))
         err(summary_line(report))

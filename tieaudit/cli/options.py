@@ -79,6 +79,13 @@ NoCacheOpt = Annotated[
     bool,
     typer.Option("--no-cache", help="Do not read or write the tie-map cache (also: TIEAUDIT_NO_CACHE=1)."),
 ]
+TimingsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--timings",
+        help="JSON: record wall-clock seconds (otherwise null, so the same input gives the same report).",
+    ),
+]
 ColorOpt = Annotated[str, typer.Option("--color", help="auto, always or never (NO_COLOR is honoured).")]
 
 

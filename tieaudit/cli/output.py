@@ -92,21 +92,25 @@ def settings_for(
     return result
 
 
-def emit_report(report: Report, fmt: str, output: Path | None, color: str, quiet: bool, verbose: bool) -> None:
+def emit_report(
+    report: Report, fmt: str, output: Path | None, color: str, quiet: bool, verbose: bool, timings: bool = False
+) -> None:
     """Render `report` in `fmt` and write it to stdout or `output` (colour only for text on a terminal)."""
     from tieaudit.report import render
 
-    emit(render(report, fmt, _options(fmt, output, color, quiet, verbose)), output)
+    emit(render(report, fmt, _options(fmt, output, color, quiet, verbose, timings)), output)
 
 
-def emit_batch(batch: BatchReport, fmt: str, output: Path | None, color: str, quiet: bool, verbose: bool) -> None:
+def emit_batch(
+    batch: BatchReport, fmt: str, output: Path | None, color: str, quiet: bool, verbose: bool, timings: bool = False
+) -> None:
     """`emit_report` for the one document covering every target of a batch."""
     from tieaudit.report import render_batch
 
-    emit(render_batch(batch, fmt, _options(fmt, output, color, quiet, verbose)), output)
+    emit(render_batch(batch, fmt, _options(fmt, output, color, quiet, verbose, timings)), output)
 
 
-def _options(fmt: str, output: Path | None, color: str, quiet: bool, verbose: bool) -> RenderOptions:
+def _options(fmt: str, output: Path | None, color: str, quiet: bool, verbose: bool, timings: bool) -> RenderOptions:
     from tieaudit.cli.console import use_color
     from tieaudit.report import RenderOptions
 
@@ -114,6 +118,7 @@ def _options(fmt: str, output: Path | None, color: str, quiet: bool, verbose: bo
         color=fmt == "text" and use_color(color, sys.stdout if output is None else None),
         verbosity=-1 if quiet else (1 if verbose else 0),
         rules=rule_docs() if fmt == "sarif" else (),
+        timings=timings,
     )
 
 

@@ -15,6 +15,8 @@ class RenderOptions:
     verbosity: int = 0  # -1 quiet, 0 normal, 1 verbose
     width: int = 100
     rules: tuple[RuleDoc, ...] = ()  # every rule's documentation (SARIF's driver.rules); the CLI passes the registry
+    # wall-clock seconds in the JSON report (--timings); without them a report is a function of its input alone
+    timings: bool = False
 
 
 Renderer = Callable[[Report, RenderOptions], str]

@@ -116,7 +116,7 @@ def change_dict(c: FileChange) -> dict[str, Any]:
     }
 
 
-def fix_run_dict(run: FixRun) -> dict[str, Any]:
+def fix_run_dict(run: FixRun, timings: bool = False) -> dict[str, Any]:
     return {
         "mode": run.mode,
         "dry_run": run.dry_run,
@@ -125,14 +125,14 @@ def fix_run_dict(run: FixRun) -> dict[str, Any]:
         "fixed": run.fixed,
         "total": run.total,
         "bytes_written": run.bytes_written,
-        "seconds": run.seconds,
+        "seconds": run.seconds if timings else None,
         "changes": [change_dict(c) for c in run.changes],
         "notes": list(run.notes),
         "diffs": list(run.diffs),
     }
 
 
-def merge_run_dict(run: MergeRun) -> dict[str, Any]:
+def merge_run_dict(run: MergeRun, timings: bool = False) -> dict[str, Any]:
     return {
         "adapter_path": run.adapter_path,
         "base_path": run.base_path,
@@ -152,13 +152,15 @@ def merge_run_dict(run: MergeRun) -> dict[str, Any]:
         "replaced": list(run.replaced),
         "bytes_written": run.bytes_written,
         "base_bytes_read": run.base_bytes_read,
-        "seconds": run.seconds,
+        "seconds": run.seconds if timings else None,
         "changes": [change_dict(c) for c in run.changes],
         "notes": list(run.notes),
     }
 
 
-def report_dict(r: Report) -> dict[str, Any]:
+def report_dict(r: Report, timings: bool = False) -> dict[str, Any]:
+    """The report as JSON data; `seconds` fields are null unless `timings` (then the same input gives the same
+    document on every run)."""
     return {
         "schema_version": SCHEMA_VERSION,
         "tool": {"name": "tieaudit", "version": r.tool_version},
@@ -178,28 +180,28 @@ def report_dict(r: Report) -> dict[str, Any]:
         "findings": [finding_dict(f) for f in r.findings],
         "skipped": [{"check": s.check, "reason": s.reason} for s in r.skipped],
         "fixes": [outcome_dict(x) for x in r.fixes],
-        "fix_run": None if r.fix_run is None else fix_run_dict(r.fix_run),
-        "merge_run": None if r.merge_run is None else merge_run_dict(r.merge_run),
+        "fix_run": None if r.fix_run is None else fix_run_dict(r.fix_run, timings),
+        "merge_run": None if r.merge_run is None else merge_run_dict(r.merge_run, timings),
         "stats": {
             "header_bytes_read": r.stats.header_bytes_read,
             "tensor_bytes_read": r.stats.tensor_bytes_read,
-            "seconds": r.stats.seconds,
+            "seconds": r.stats.seconds if timings else None,
         },
         "summary": {"findings": r.counts(), "fail_on": r.fail_on.value, "exit_code": r.exit_code},
     }
 
 
 def render(report: Report, options: RenderOptions) -> str:
-    return json.dumps(report_dict(report), indent=2, allow_nan=False) + "\n"
+    return json.dumps(report_dict(report, options.timings), indent=2, allow_nan=False) + "\n"
 
 
-def batch_dict(b: BatchReport) -> dict[str, Any]:
+def batch_dict(b: BatchReport, timings: bool = False) -> dict[str, Any]:
     """Many targets: each audited target's report exactly as `check PATH -f json` prints it, in order, the targets
     that could not be audited, and a combined summary whose exit code is the worst."""
     return {
         "schema_version": SCHEMA_VERSION,
         "tool": {"name": "tieaudit", "version": b.tool_version},
-        "reports": [report_dict(r) for r in b.reports],
+        "reports": [report_dict(r, timings) for r in b.reports],
         "errors": [{"path": e.path, "message": e.message, "exit_code": e.exit_code} for e in b.errors],
         "summary": {
             "targets": len(b.items),
@@ -213,4 +215,4 @@ def batch_dict(b: BatchReport) -> dict[str, Any]:
 
 
 def render_batch(batch: BatchReport, options: RenderOptions) -> str:
-    return json.dumps(batch_dict(batch), indent=2, allow_nan=False) + "\n"
+    return json.dumps(batch_dict(batch, options.timings), indent=2, allow_nan=False) + "\n"
