@@ -1,0 +1,348 @@
+"""peft itself as the judge of an adapter's tied layers.
+
+tieaudit's forecast (`tieaudit.forecast`) and merge (`tieaudit.repair.merging`) compute what peft does from a model of
+peft. This module asks peft instead, at the cost of the tied layers only:
+
+1. the base's model class is built on the meta device from its own config (no memory), and only the modules that
+   own the asked parameters (the embedding, the head: the members of the tied groups an adapter touches) are
+   materialised on the CPU in float32, with the base's real values, the class's own buffers (e.g. Gemma's embedding
+   scale) and the ties transformers made (tied members stay one Parameter);
+2. the adapter is applied with `PeftModel.from_pretrained`: peft's own injection, naming rules, modules_to_save,
+   trainable tokens, LoRA variants and `ensure_weight_tying` handling. Adapter layers on the other modules stay on
+   the meta device and cost nothing;
+3. each asked parameter is evaluated through its module's own forward, as the adapted model runs it: its weight's
+   rows for probe token ids, and logits ``h @ W.T`` for probe hidden states (streamed over the vocabulary for an
+   embedding, so memory stays that of the tied weights);
+4. optionally peft's `merge_and_unload` runs on the same modules, the merged tensors go through transformers' own
+   `remove_tied_weights_from_state_dict` (what `save_pretrained` keeps) and `tie_weights` of a model rebuilt from the
+   merged config with the saved names (what `from_pretrained` ties), and the reloaded parameters are evaluated the
+   same way.
+
+Memory is bounded by `MAX_BYTES` (the float32 tied weights and the copies peft makes of them); above it, or when peft
+cannot apply the adapter, `OracleUnavailable` says why and the caller must not claim what only the oracle can confirm.
+Imports torch, transformers and peft: only called where they are needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tieaudit.errors import TieauditError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from tieaudit.checkpoint import Checkpoint
+
+MAX_BYTES = 6 * 2**30  # float32 bytes the oracle may hold: the tied weights, peft's copies of them, the merge
+CHUNK_BYTES = 32 * 2**20  # the largest float32 block one evaluation step holds (embedding rows, identity blocks)
+
+
+class OracleUnavailable(TieauditError):
+    """peft could not be asked (too large, the class cannot be built, peft refuses the adapter): why, in one line."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class MemberProbe:
+    """One tied parameter as a model uses it, seen through its module's forward.
+
+    ``rows``: the weight's rows for the probe token ids, float32 ``[n_ids, hidden]`` (an embedding's output divided by
+    its scale; a head's rows measured through identity inputs). ``logits``: ``h @ W.T`` for the probe hidden states,
+    ``[n_h, vocab]``, without bias. ``bias``: the module's bias as it runs (None: no bias)."""
+
+    name: str
+    kind: str  # "embedding" | "linear"
+    rows: np.ndarray
+    logits: np.ndarray
+    bias: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class OracleResult:
+    """What peft (and transformers, for the reload) really make of the asked parameters."""
+
+    runtime: dict[str, MemberProbe]  # the unmerged PeftModel
+    merged: dict[str, MemberProbe | None] | None  # merge_and_unload -> save -> reload (None: dropped, random init)
+    merged_config_tied: bool | None  # the governing flag after peft's merge
+    peft_version: str
+    notes: tuple[str, ...] = ()
+
+
+def ask_peft(
+    base: Checkpoint,
+    adapter_dir: str | os.PathLike[str],
+    values: Mapping[str, str],
+    probe_ids: Sequence[int],
+    h: np.ndarray,
+    *,
+    merge: bool = False,
+    max_bytes: int = MAX_BYTES,
+) -> OracleResult:
+    """Apply the adapter at ``adapter_dir`` to the modules owning ``values``' parameters (in-memory names -> the
+    stored base tensor each loads) and evaluate them on ``probe_ids`` and ``h`` (``[n, hidden]``, float32)."""
+    from tieaudit.declared import quiet_libraries
+
+    with quiet_libraries(), _offline():
+        import peft
+        import torch
+
+        model = _meta_model(base)
+        members = list(values)
+        _check_size(model, members, max_bytes)
+        notes = _materialise(model, base, values)
+        runtime_model = _apply_adapter(model, Path(adapter_dir))
+        ids = torch.tensor(list(probe_ids), dtype=torch.long)
+        ht = torch.from_numpy(h).to(torch.float32)
+        with torch.no_grad():
+            runtime = {m: _probe(runtime_model, m, ids, ht) for m in members}
+            merged: dict[str, MemberProbe | None] | None = None
+            flag: bool | None = None
+            if merge:
+                merged, flag = _merge_save_reload(runtime_model, base, members, ids, ht)
+        return OracleResult(runtime, merged, flag, str(peft.__version__), tuple(notes))
+
+
+@contextlib.contextmanager
+def _offline() -> Iterator[None]:
+    """peft and transformers never reach the Hub from here (everything is local)."""
+    old = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    os.environ.update({k: "1" for k in old})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _meta_model(base: Checkpoint) -> Any:
+    """The base's model class, built on the meta device from its config, as `from_pretrained` would build it."""
+    import torch
+    import transformers
+
+    from tieaudit.declared import architecture_of
+
+    if base.config is None:
+        raise OracleUnavailable("the base has no config.json")
+    arch = architecture_of(base.config)
+    cls = getattr(transformers, arch, None) if arch else None
+    if not isinstance(cls, type):
+        raise OracleUnavailable(f"the base's architecture {arch} is not a class of transformers")
+    try:
+        hf_config = transformers.AutoConfig.from_pretrained(base.root, local_files_only=True, trust_remote_code=False)
+        with torch.device("meta"):
+            model = cls(hf_config)
+    except Exception as exc:  # transformers raises many types for configs it does not understand
+        raise OracleUnavailable(f"cannot build {arch} from the base's config: {type(exc).__name__}: {exc}") from exc
+    return model.eval()
+
+
+def _check_size(model: nn.Module, members: Sequence[str], max_bytes: int) -> None:
+    seen: set[int] = set()
+    total = 0
+    for m in members:
+        p = model.get_parameter(m)
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel() * 4
+    # peft may copy each (modules_to_save), and a merge holds the merged weights beside the run-time ones
+    need = 3 * total
+    if need > max_bytes:
+        raise OracleUnavailable(
+            f"the tied weights need about {need / 2**30:.1f} GiB in float32 to be checked by peft, over the "
+            f"bound of {max_bytes / 2**30:.1f} GiB"
+        )
+
+
+def _tie_classes(model: nn.Module) -> dict[int, list[str]]:
+    """Parameter identity -> every name it has (tied parameters are one object with several names)."""
+    out: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        out.setdefault(id(p), []).append(name)
+    return out
+
+
+def _materialise(model: Any, base: Checkpoint, values: Mapping[str, str]) -> list[str]:
+    """Give the modules owning ``values``' parameters real float32 tensors on the CPU; returns notes."""
+    import torch
+    from torch import nn
+
+    from tieaudit.declared import _reverse_renamer
+
+    classes = _tie_classes(model)
+    owner_names = sorted({m.rpartition(".")[0] for m in values})
+    meta_ids: dict[str, int] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        meta_ids[name] = id(p)
+    to_disk = _reverse_renamer(model)
+    notes: list[str] = []
+    real: dict[int, nn.Parameter] = {}  # meta parameter identity -> its real Parameter (shared by tied names)
+
+    def load(name: str) -> torch.Tensor | None:
+        disk = values.get(name)
+        if disk is None:
+            candidate = to_disk(name)
+            disk = candidate if candidate in base.tensors else (name if name in base.tensors else None)
+        if disk is None:
+            return None
+        info = base.tensors[disk]
+        rows = info.shape[0] if info.shape else 1
+        arr = base.read_float32(disk, 0, rows)
+        return torch.from_numpy(arr.reshape(tuple(info.shape)))
+
+    for owner in owner_names:
+        module = model.get_submodule(owner)
+        module.to_empty(device="cpu", recurse=False)
+        with contextlib.suppress(Exception):  # buffers such as an embedding scale come from the class's own init
+            model._init_weights(module)
+        for leaf, _ in list(module.named_parameters(recurse=False)):
+            name = f"{owner}.{leaf}" if owner else leaf
+            pid = meta_ids[name]
+            if pid not in real:
+                value = load(name)
+                if value is None:
+                    value = torch.zeros_like(module.get_parameter(leaf), device="cpu", dtype=torch.float32)
+                    notes.append(f"{name} is not stored in the base: zeros in peft's check")
+                real[pid] = nn.Parameter(value.to(torch.float32).contiguous(), requires_grad=False)
+        module.to(torch.float32)
+    # every name of a materialised parameter points at the one real Parameter, as transformers tied them
+    for pid, param in real.items():
+        for name in classes[pid]:
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, param)
+    return notes
+
+
+def _apply_adapter(model: Any, adapter_dir: Path) -> Any:
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).eval()
+    except Exception as exc:  # peft's refusal is the answer
+        raise OracleUnavailable(f"peft cannot apply the adapter: {type(exc).__name__}: {exc}") from exc
+
+
+def _module(root: Any, param: str) -> Any:
+    owner = param.rpartition(".")[0]
+    return root.get_submodule(owner) if owner else root
+
+
+def _plain(module: Any) -> Any:
+    """The plain transformers layer under peft's wrappers (LoRA layers, modules_to_save, trainable tokens)."""
+    seen = 0
+    while seen < 8:
+        seen += 1
+        if hasattr(module, "original_module"):
+            module = module.original_module
+        elif hasattr(module, "get_base_layer") and module.get_base_layer() is not module:
+            module = module.get_base_layer()
+        else:
+            return module
+    return module
+
+
+def _probe(root: Any, param: str, ids: torch.Tensor, h: torch.Tensor) -> MemberProbe:
+    """Evaluate the module owning ``param`` (in the PeftModel's inner model, or a plain model) on the probes."""
+    import torch
+    from torch import nn
+
+    inner = root.get_base_model() if hasattr(root, "get_base_model") else root
+    module = _module(inner, param)
+    plain = _plain(module)
+    weight = plain.weight
+    vocab, hidden = int(weight.shape[0]), int(weight.shape[1])
+    if isinstance(plain, nn.Embedding):
+        scale = _embedding_scale(plain, vocab)
+        rows = (module(ids[None])[0] / scale).float()
+        step = max(1, CHUNK_BYTES // (4 * hidden))
+        logits = torch.empty(h.shape[0], vocab, dtype=torch.float32)
+        for a in range(0, vocab, step):
+            b = min(vocab, a + step)
+            block = module(torch.arange(a, b)[None])[0].float() / scale
+            logits[:, a:b] = h @ block.T
+        return MemberProbe(param, "embedding", rows.numpy(), logits.numpy())
+    # a head (Linear, Conv1D): logits directly; rows through identity inputs, a block of hidden units at a time
+    bias_rt = module(torch.zeros(1, hidden))[0].float()
+    logits = module(h).float() - bias_rt
+    rows = torch.empty(len(ids), hidden, dtype=torch.float32)
+    step = max(1, CHUNK_BYTES // (4 * vocab))
+    for a in range(0, hidden, step):
+        b = min(hidden, a + step)
+        eye = torch.zeros(b - a, hidden)
+        eye[torch.arange(b - a), torch.arange(a, b)] = 1.0
+        cols = module(eye).float() - bias_rt  # [b - a, vocab] = W[:, a:b].T
+        rows[:, a:b] = cols[:, ids].T
+    has_bias = getattr(plain, "bias", None) is not None
+    return MemberProbe(param, "linear", rows.numpy(), logits.numpy(), bias_rt.numpy() if has_bias else None)
+
+
+def _embedding_scale(plain: nn.Embedding, vocab: int) -> float:
+    """The factor the embedding class multiplies its rows by (Gemma: sqrt(hidden)), measured on its own forward."""
+    import torch
+
+    w = plain.weight
+    row = int(torch.argmax(w.abs().amax(dim=1)))
+    col = int(torch.argmax(w[row].abs()))
+    if float(w[row, col]) == 0.0:
+        return 1.0
+    out = plain(torch.tensor([[row]]))[0, 0, col]
+    return float(out / w[row, col])
+
+
+def _merge_save_reload(
+    runtime_model: Any, base: Checkpoint, members: Sequence[str], ids: torch.Tensor, h: torch.Tensor
+) -> tuple[dict[str, MemberProbe | None], bool | None]:
+    """peft's merge_and_unload, then what save_pretrained keeps and from_pretrained ties (transformers' own code)."""
+    import torch
+    from torch import nn
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    try:
+        merged = runtime_model.merge_and_unload()
+    except Exception as exc:
+        raise OracleUnavailable(f"peft's merge_and_unload fails on this adapter: {type(exc).__name__}: {exc}") from exc
+    owners = sorted({m.rpartition(".")[0] for m in members})
+    state: dict[str, torch.Tensor] = {}
+    for owner in owners:
+        module = merged.get_submodule(owner)
+        for leaf, p in module.named_parameters(recurse=False):
+            state[f"{owner}.{leaf}" if owner else leaf] = p.detach()
+    saved = remove_tied_weights_from_state_dict(dict(state), merged)
+    flag = getattr(merged.config, "tie_word_embeddings", None)
+    # from_pretrained: a model built from the merged config, the saved tensors loaded, transformers' symmetric tying
+    with torch.device("meta"):
+        reloaded = type(merged)(merged.config)
+    reloaded.eval()
+    for owner in owners:
+        module = reloaded.get_submodule(owner)
+        module.to_empty(device="cpu", recurse=False)
+        with contextlib.suppress(Exception):
+            reloaded._init_weights(module)
+        module.to(torch.float32)
+        for leaf, _ in list(module.named_parameters(recurse=False)):
+            name = f"{owner}.{leaf}" if owner else leaf
+            if name in saved:
+                setattr(module, leaf, nn.Parameter(saved[name].clone(), requires_grad=False))
+            else:
+                setattr(module, leaf, nn.Parameter(torch.full_like(getattr(module, leaf), float("nan"))))
+    missing = {n for n in state if n not in saved}
+    reloaded.tie_weights(missing_keys=set(missing), recompute_mapping=False)
+    out: dict[str, MemberProbe | None] = {}
+    for m in members:
+        p = reloaded.get_parameter(m)
+        if bool(torch.isnan(p).all()):
+            out[m] = None  # neither saved nor tied on load: transformers initialises it randomly
+        else:
+            out[m] = _probe(reloaded, m, ids, h)
+    return out, (bool(flag) if flag is not None else None)
