@@ -108,6 +108,11 @@ def test_merge_reproduces_the_adapter(case: tuple[str, str], adapter_case, tmp_p
         assert config["tie_word_embeddings"] is False and {spec.head_weight, spec.embed_weight} <= stored
         if case_base_tied(name):
             assert [g.result for g in report.merge_run.groups] == ["untied"]
+    # the written tied weights, loaded as transformers loads them, reproduce what peft itself computes
+    assert report.merge_run.verified_by.startswith("peft ")
+    checked = [c for c in report.comparisons if c.stage == "peft"]
+    assert {c.tensor for c in checked} == {spec.embed_weight, spec.head_weight}
+    assert all(c.rel_diff <= 1e-5 and c.top1_agreement == 1.0 for c in checked), checked
     # every written weight was measured against the adapter's run-time weight; float32 in, float32 out: exact
     measured = [c for c in report.comparisons if c.stage == "merged"]
     assert measured and all(c.max_abs_diff == 0.0 for c in measured), measured
@@ -352,7 +357,7 @@ def _cli(args: list[str], env: dict[str, str] | None = None, fsize: int | None =
     )
 
 
-@pytest.mark.parametrize("point", ["staged", "weights", "index", "config", "verified"])
+@pytest.mark.parametrize("point", ["staged", "weights", "index", "config", "peft-checked", "verified"])
 def test_sigkill_leaves_nothing_half_written(point: str, adapter_case, tmp_path: Path) -> None:
     base, adapter, real = adapter_case("llama", "lora_both")
     out = tmp_path / "merged"
@@ -378,8 +383,9 @@ def test_full_disk_writes_nothing(adapter_case, tmp_path: Path) -> None:
 
 def test_base_bytes_read_are_bounded(adapter_case, tmp_path: Path) -> None:
     """What merge reads of the base, exactly: every tensor once to write it (the untied head is written from the
-    embedding, a second read), and the embedding once per `base_layer` copy the adapter carries (checked against
-    the base). Never the model a second time: the decision to keep or untie the pair reads only adapter tensors."""
+    embedding, a second read), the embedding once per `base_layer` copy the adapter carries (checked against
+    the base), and once for peft's own run of the tied layers. Never the model a second time: the decision to keep or
+    untie the pair reads only adapter tensors."""
     from tieaudit.checkpoint import open_checkpoint
 
     base, adapter, _ = adapter_case("llama", "lora_both")
@@ -391,7 +397,7 @@ def test_base_bytes_read_are_bounded(adapter_case, tmp_path: Path) -> None:
     report = merge(adapter, base=base, output_dir=tmp_path / "m")
     assert report.merge_run is not None
     assert report.merge_run.bytes_written >= total
-    assert report.merge_run.base_bytes_read == total + embed * (1 + copies)
+    assert report.merge_run.base_bytes_read == total + embed * (1 + copies + 1)
 
 
 # -- cases found in review: each is checked against what peft really does (fixtures.adapter_builders.reality) ----
@@ -468,3 +474,55 @@ def test_refused_merge_creates_no_directories(adapter_case, tmp_path: Path) -> N
     out = tmp_path / "deep" / "a" / "b" / "out"
     _fails([str(adapter), "--base", str(base)], out, "DoRA")
     assert not (tmp_path / "deep").exists()
+
+
+@pytest.mark.parametrize("case", ["lora_both", "trainable_tokens", "mts_embed"])
+def test_a_wrong_internal_model_is_stopped_by_peft(
+    case: str, adapter_case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tieaudit's own model of peft made wrong on purpose (LoRA deltas scaled twice, trainable-token rows not
+    applied, modules_to_save copies ignored): the merge's internal checks agree with the wrong model, so only peft
+    itself can tell. The commit is stopped: exit 2, nothing written, one line naming the tensor."""
+    import tieaudit.forecast as forecast
+    import tieaudit.repair.merging as merging
+
+    if case == "lora_both":
+        original = forecast.DeltaRows.__init__
+
+        def doubled(self, lora, adapter, *, transposed=False):
+            original(self, lora, adapter, transposed=transposed)
+            self.s *= 2
+
+        monkeypatch.setattr(forecast.DeltaRows, "__init__", doubled)
+    elif case == "trainable_tokens":
+        monkeypatch.setattr(forecast, "apply_tokens", lambda rows, start, stop, tokens: rows)
+    else:
+        plan = merging.adapter_edits
+
+        def no_copies(*args, **kwargs):
+            from dataclasses import replace
+
+            return {k: replace(e, full_copy=None) for k, e in plan(*args, **kwargs).items()}
+
+        monkeypatch.setattr(merging, "adapter_edits", no_copies)
+    base, adapter, _ = adapter_case("llama", case)
+    out = tmp_path / "merged"
+    result = CliRunner().invoke(app, ["merge", str(adapter), "--base", str(base), "--output-dir", str(out)])
+    assert result.exit_code == 2, result.output
+    [line] = result.stderr.strip().splitlines()
+    assert (
+        "merge refused" in line and "does not reproduce the adapter as peft" in line and "nothing was written" in line
+    )
+    assert not out.exists() and not list(tmp_path.glob(".merged.tieaudit-tmp-*"))
+
+
+def test_merge_refuses_when_peft_cannot_be_asked(adapter_case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tieaudit.peft_oracle as oracle
+
+    monkeypatch.setattr(oracle, "MAX_BYTES", 1000)
+    monkeypatch.setattr(oracle.ask_peft, "__kwdefaults__", {"merge": False, "max_bytes": 1000})
+    base, adapter, _ = adapter_case("llama", "lora_both")
+    out = tmp_path / "merged"
+    result = CliRunner().invoke(app, ["merge", str(adapter), "--base", str(base), "--output-dir", str(out)])
+    assert result.exit_code == 2 and "cannot verify the merge against peft" in result.stderr, result.output
+    assert "GiB" in result.stderr and not out.exists()

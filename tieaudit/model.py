@@ -95,7 +95,7 @@ class TieGroup:
 class Comparison:
     """A measured difference between two tensors of a tie group (weights in float32)."""
 
-    stage: str  # "on-disk" | "adapter" | "merge-reload" | "merged"
+    stage: str  # "on-disk" | "adapter" | "merge-reload" | "merged" | "peft" (a merge's tied weights vs peft's own)
     source: str
     target: str
     tensor: str | None
@@ -222,6 +222,7 @@ class MergeRun:
     base_bytes_read: int = 0  # tensor bytes read from the base (copies included)
     seconds: float = 0.0
     notes: tuple[str, ...] = ()
+    verified_by: str | None = None  # the library the written tied weights were checked against ("peft 0.21.2")
 
 
 @dataclass(frozen=True)

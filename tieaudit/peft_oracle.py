@@ -202,7 +202,7 @@ def _materialise(model: Any, base: Checkpoint, values: Mapping[str, str]) -> lis
         return torch.from_numpy(arr.reshape(tuple(info.shape)))
 
     for owner in owner_names:
-        module = model.get_submodule(owner)
+        module = _owner(model, owner)
         module.to_empty(device="cpu", recurse=False)
         with contextlib.suppress(Exception):  # buffers such as an embedding scale come from the class's own init
             model._init_weights(module)
@@ -233,9 +233,13 @@ def _apply_adapter(model: Any, adapter_dir: Path) -> Any:
         raise OracleUnavailable(f"peft cannot apply the adapter: {type(exc).__name__}: {exc}") from exc
 
 
-def _module(root: Any, param: str) -> Any:
-    owner = param.rpartition(".")[0]
+def _owner(root: Any, owner: str) -> Any:
     return root.get_submodule(owner) if owner else root
+
+
+def _module(root: Any, param: str) -> Any:
+    """The module that owns parameter ``param``."""
+    return _owner(root, param.rpartition(".")[0])
 
 
 def _plain(module: Any) -> Any:
@@ -305,44 +309,74 @@ def _merge_save_reload(
 ) -> tuple[dict[str, MemberProbe | None], bool | None]:
     """peft's merge_and_unload, then what save_pretrained keeps and from_pretrained ties (transformers' own code)."""
     import torch
-    from torch import nn
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
     try:
         merged = runtime_model.merge_and_unload()
     except Exception as exc:
         raise OracleUnavailable(f"peft's merge_and_unload fails on this adapter: {type(exc).__name__}: {exc}") from exc
-    owners = sorted({m.rpartition(".")[0] for m in members})
-    state: dict[str, torch.Tensor] = {}
-    for owner in owners:
-        module = merged.get_submodule(owner)
-        for leaf, p in module.named_parameters(recurse=False):
+    state = {}
+    for owner in sorted({m.rpartition(".")[0] for m in members}):
+        for leaf, p in _owner(merged, owner).named_parameters(recurse=False):
             state[f"{owner}.{leaf}" if owner else leaf] = p.detach()
     saved = remove_tied_weights_from_state_dict(dict(state), merged)
     flag = getattr(merged.config, "tie_word_embeddings", None)
-    # from_pretrained: a model built from the merged config, the saved tensors loaded, transformers' symmetric tying
     with torch.device("meta"):
         reloaded = type(merged)(merged.config)
-    reloaded.eval()
+    return _load_and_probe(reloaded.eval(), saved, members, ids, h), (bool(flag) if flag is not None else None)
+
+
+def _load_and_probe(
+    model: Any, saved: Mapping[str, torch.Tensor], members: Sequence[str], ids: torch.Tensor, h: torch.Tensor
+) -> dict[str, MemberProbe | None]:
+    """`from_pretrained` for the modules owning ``members``: the saved tensors loaded by name, transformers'
+    symmetric `tie_weights` for the names not saved, then each member probed (None: still missing after tying,
+    which transformers initialises randomly)."""
+    import torch
+    from torch import nn
+
+    owners = sorted({m.rpartition(".")[0] for m in members})
+    names: list[str] = []
     for owner in owners:
-        module = reloaded.get_submodule(owner)
+        module = _owner(model, owner)
         module.to_empty(device="cpu", recurse=False)
-        with contextlib.suppress(Exception):
-            reloaded._init_weights(module)
+        with contextlib.suppress(Exception):  # buffers such as an embedding scale come from the class's own init
+            model._init_weights(module)
         module.to(torch.float32)
-        for leaf, _ in list(module.named_parameters(recurse=False)):
+        for leaf, p in list(module.named_parameters(recurse=False)):
             name = f"{owner}.{leaf}" if owner else leaf
-            if name in saved:
-                setattr(module, leaf, nn.Parameter(saved[name].clone(), requires_grad=False))
-            else:
-                setattr(module, leaf, nn.Parameter(torch.full_like(getattr(module, leaf), float("nan"))))
-    missing = {n for n in state if n not in saved}
-    reloaded.tie_weights(missing_keys=set(missing), recompute_mapping=False)
+            names.append(name)
+            value = saved[name].to(torch.float32).clone() if name in saved else torch.full_like(p, float("nan"))
+            setattr(module, leaf, nn.Parameter(value, requires_grad=False))
+    model.tie_weights(missing_keys={n for n in names if n not in saved}, recompute_mapping=False)
     out: dict[str, MemberProbe | None] = {}
     for m in members:
-        p = reloaded.get_parameter(m)
-        if bool(torch.isnan(p).all()):
-            out[m] = None  # neither saved nor tied on load: transformers initialises it randomly
-        else:
-            out[m] = _probe(reloaded, m, ids, h)
-    return out, (bool(flag) if flag is not None else None)
+        p = model.get_parameter(m)
+        out[m] = None if bool(torch.isnan(p).all()) else _probe(model, m, ids, h)
+    return out
+
+
+def probe_checkpoint(
+    ckpt: Checkpoint, members: Sequence[str], probe_ids: Sequence[int], h: np.ndarray
+) -> dict[str, MemberProbe | None]:
+    """The ``members`` of a written model (e.g. a merge's staging directory) as transformers loads them: the stored
+    tensors of their modules by their on-disk names, tied by the written config, evaluated like `ask_peft`."""
+    import torch
+
+    from tieaudit.declared import _reverse_renamer, quiet_libraries
+
+    with quiet_libraries(), _offline():
+        model = _meta_model(ckpt)
+        to_disk = _reverse_renamer(model)
+        saved: dict[str, torch.Tensor] = {}
+        for owner in sorted({m.rpartition(".")[0] for m in members}):
+            for leaf, _ in _owner(model, owner).named_parameters(recurse=False):
+                name = f"{owner}.{leaf}" if owner else leaf
+                disk = next((d for d in (to_disk(name), name) if d in ckpt.tensors), None)
+                if disk is not None:
+                    info = ckpt.tensors[disk]
+                    arr = ckpt.read_float32(disk, 0, info.shape[0] if info.shape else 1)
+                    saved[name] = torch.from_numpy(arr.reshape(tuple(info.shape)))
+        ids = torch.tensor(list(probe_ids), dtype=torch.long)
+        with torch.no_grad():
+            return _load_and_probe(model, saved, members, ids, torch.from_numpy(h).to(torch.float32))

@@ -54,12 +54,14 @@ from tieaudit.repair.write import (
 )
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
     from tieaudit.adapters import AdapterSettings
     from tieaudit.checkpoint import Checkpoint
     from tieaudit.compare import StreamingDiff
     from tieaudit.forecast import TensorReader
+    from tieaudit.peft_oracle import OracleResult
 
 Progress = Callable[[str, int, int], None]
 
@@ -150,7 +152,12 @@ def merge(
             raise InputError(f"cannot merge {display}: {exc}") from None
         finally:
             copies.thread.join()  # never leave it reading files the stack is about to close
-        after, written, comparisons = _write(ad, base_ckpt, job, dest, fail_level, exit_zero, probe_tokens, progress)
+        if progress:
+            progress("asking peft how the adapter runs its tied layers", 0, 0)
+        check = PeftCheck.ask(base_ckpt, Path(ad.root), job.verify, settings, probe_tokens)
+        after, written, comparisons = _write(
+            ad, base_ckpt, job, dest, fail_level, exit_zero, probe_tokens, progress, check
+        )
         base_read = base_ckpt.stats.tensor_bytes
     run = MergeRun(
         adapter_path=display,
@@ -164,6 +171,7 @@ def merge(
         base_bytes_read=base_read,
         seconds=round(time.perf_counter() - started, 3),
         notes=job.notes,
+        verified_by=check.verified_by,
     )
     target = replace(after.target, path=os.fspath(output_dir), base=os.fspath(base_path))
     return replace(after, target=target, comparisons=(*after.comparisons, *comparisons), merge_run=run)
@@ -179,6 +187,7 @@ class _Job:
     changes: list[FileChange]
     notes: tuple[str, ...]
     logit_params: frozenset[str]  # members of tie groups: their comparisons include probe logits
+    verify: Mapping[str, str]  # members of the tied groups the adapter touches -> the base tensor each loads
 
 
 def _prepare(ad: Checkpoint, base_ckpt: Checkpoint, settings: AdapterSettings, copies: _BaseCopyCheck) -> _Job:
@@ -256,7 +265,10 @@ def _prepare(ad: Checkpoint, base_ckpt: Checkpoint, settings: AdapterSettings, c
     )
     changes = _changes(layout, config, config_old)
     in_groups = frozenset(m for g in graph.groups for m in g.members)
-    return _Job(layout, config, tuple(groups), changes, tuple(notes), in_groups)
+    # peft checks every member of every declared group, tied in the base or not, edited by the adapter as tieaudit
+    # reads it or not: what tieaudit's own reading misses is what the check is for
+    verify = {m: values[m].name for g in graph.groups for m in g.members if m in values and len(values[m].shape) == 2}
+    return _Job(layout, config, tuple(groups), changes, tuple(notes), in_groups, verify)
 
 
 def _changes(layout: MergeLayout, config: Mapping[str, Any], config_old: Mapping[str, Any]) -> list[FileChange]:
@@ -359,6 +371,107 @@ class _AdapterTensorsEqual:
         )
 
 
+# -- the check against peft ----------------------------------------------------------------------------------
+
+# how far the written tied weights may be from peft's run-time ones, relative to their scale: float32 arithmetic in
+# another order, or the rounding of a float32 merge to the stored dtype
+PEFT_TOLERANCE = {"F64": 1e-4, "F32": 1e-4, "F16": 2.0**-8, "BF16": 2.0**-6}
+MIN_PROBES = 16  # the check runs even with --probe-tokens 0
+
+
+@dataclass(frozen=True)
+class PeftCheck:
+    """What peft itself computes for the tied layers the adapter touches (`tieaudit.peft_oracle`), asked before
+    anything is written; `verify` holds the staged merged model to it before the commit."""
+
+    oracle: OracleResult | None
+    ids: tuple[int, ...]
+    h: np.ndarray
+    dtypes: Mapping[str, str]  # member -> the stored dtype it is written in
+
+    @classmethod
+    def ask(
+        cls, base_ckpt: Checkpoint, adapter_dir: Path, values: Mapping[str, str], settings: AdapterSettings, probes: int
+    ) -> PeftCheck:
+        import numpy as np
+
+        from tieaudit.compare import PROBE_SEED, probe_states
+        from tieaudit.peft_oracle import OracleUnavailable, ask_peft
+
+        dtypes = {m: base_ckpt.tensors[d].dtype for m, d in values.items()}
+        if not values:
+            return cls(None, (), np.zeros((0, 0), np.float32), dtypes)
+        shape = base_ckpt.tensors[next(iter(values.values()))].shape
+        vocab, hidden = int(shape[0]), int(shape[1])
+        n = max(probes, MIN_PROBES)
+        rows = np.random.default_rng(PROBE_SEED).integers(0, vocab, size=min(n, vocab))
+        ids = tuple(sorted({int(i) for i in rows} | {i for i in _token_indices(settings) if 0 <= i < vocab}))
+        h = probe_states(n, hidden)
+        try:
+            oracle = ask_peft(base_ckpt, adapter_dir, values, ids, h)
+        except OracleUnavailable as exc:
+            raise WriteError(
+                f"cannot verify the merge against peft ({exc}); nothing was written: keep the adapter unmerged "
+                "(PeftModel.from_pretrained) or merge it with peft and audit the result"
+            ) from None
+        return cls(oracle, ids, h, dtypes)
+
+    @property
+    def verified_by(self) -> str | None:
+        return f"peft {self.oracle.peft_version}" if self.oracle is not None else None
+
+    def verify(self, staged: Path) -> list[Comparison]:
+        """The staged model's tied weights, loaded as transformers loads them, against peft's run-time ones; raises
+        WriteError (nothing is committed) when one is further than the dtype's rounding explains."""
+        import numpy as np
+
+        from tieaudit.checkpoint import open_checkpoint
+        from tieaudit.peft_oracle import probe_checkpoint
+
+        if self.oracle is None:
+            return []
+        with open_checkpoint(staged) as written:
+            loaded = probe_checkpoint(written, list(self.oracle.runtime), self.ids, self.h)
+        out = []
+        for m, want in self.oracle.runtime.items():
+            got = loaded[m]
+            if got is None:
+                raise WriteError(
+                    f"merge refused: {m} would be missing from the merged model (transformers initialises it "
+                    "randomly), while the adapter uses it; nothing was written"
+                )
+            tol = PEFT_TOLERANCE.get(self.dtypes[m], 1e-4)
+            logit_scale = float(np.abs(want.logits).max()) or 1.0
+            row_scale = float(np.abs(want.rows).max()) or 1.0
+            logit_gap = float(np.abs(got.logits - want.logits).max())
+            row_gap = float(np.abs(got.rows - want.rows).max())
+            bias_gap = 0.0
+            if want.bias is not None:
+                other = got.bias if got.bias is not None else np.zeros_like(want.bias)
+                bias_gap = float(np.abs(other - want.bias).max()) / (float(np.abs(want.bias).max()) or 1.0)
+            top1 = float(np.mean(got.logits.argmax(axis=1) == want.logits.argmax(axis=1)))
+            if logit_gap > tol * logit_scale or row_gap > tol * row_scale or bias_gap > tol:
+                raise WriteError(
+                    f"merge refused: the merged {m} does not reproduce the adapter as peft "
+                    f"{self.oracle.peft_version} runs it (probe logits max |Δ| {logit_gap:.3g}, "
+                    f"{logit_gap / logit_scale:.2g} of their scale; rows max |Δ| {row_gap:.3g}; beyond "
+                    f"{self.dtypes[m]} rounding); nothing was written: keep the adapter unmerged "
+                    "(PeftModel.from_pretrained)"
+                )
+            out.append(Comparison("peft", m, m, m, row_gap, logit_gap / logit_scale, logit_gap, top1))
+        return out
+
+
+def _token_indices(settings: AdapterSettings) -> set[int]:
+    """Every trainable-token index the adapter config names: their rows are the ones a merge can get wrong."""
+    tti = settings.trainable_token_indices
+    if isinstance(tti, list):
+        return {int(i) for i in tti}
+    if isinstance(tti, dict):
+        return {int(i) for idx in tti.values() for i in idx}
+    return set()
+
+
 # -- writing -----------------------------------------------------------------------------------------------
 
 
@@ -371,6 +484,7 @@ def _write(
     exit_zero: bool,
     probes: int,
     progress: Progress | None,
+    check: PeftCheck,
 ) -> tuple[Report, int, list[Comparison]]:
     from tieaudit.auditing import audit
     from tieaudit.forecast import TensorReader
@@ -406,6 +520,10 @@ def _write(
         written += write_text(staging / "config.json", _config_text(base_ckpt, job.config))
         fault("config")
         fsync_tree(staging)
+        if progress:
+            progress("checking the written tied weights against peft", 0, 0)
+        comparisons.extend(check.verify(staging))
+        fault("peft-checked")
         if progress:
             progress("re-auditing the merged model", 0, 0)
         after = audit(staging, fail_on=fail_level, exit_zero=exit_zero)

@@ -152,6 +152,7 @@ def merge_run_dict(run: MergeRun, timings: bool = False) -> dict[str, Any]:
         "replaced": list(run.replaced),
         "bytes_written": run.bytes_written,
         "base_bytes_read": run.base_bytes_read,
+        "verified_by": run.verified_by,
         "seconds": run.seconds if timings else None,
         "changes": [change_dict(c) for c in run.changes],
         "notes": list(run.notes),

@@ -193,6 +193,13 @@ def _print_merge(console: Console, report: Report, verbosity: int) -> None:
             f"worst max|Δ| {_fmt(worst.max_abs_diff)} ({escape(worst.tensor or worst.target)})"
             + (f", probe logits max|Δ| {_fmt(max(logits))}" if logits else "")
         )
+    checked = [c for c in report.comparisons if c.stage == "peft"]
+    if run.verified_by and checked:
+        worst_logits = max(c.max_abs_logit_diff or 0.0 for c in checked)
+        console.print(
+            f"  verified against {escape(run.verified_by)}: the written tied weights reproduce the adapter as peft "
+            f"runs it ({len(checked)} tensors, probe logits max|Δ| {_fmt(worst_logits)})"
+        )
     for note in run.notes:
         console.print(f"  [dim]note:[/] {escape(note)}")
     console.print()
