@@ -526,3 +526,21 @@ def test_merge_refuses_when_peft_cannot_be_asked(adapter_case, tmp_path: Path, m
     result = CliRunner().invoke(app, ["merge", str(adapter), "--base", str(base), "--output-dir", str(out)])
     assert result.exit_code == 2 and "cannot verify the merge against peft" in result.stderr, result.output
     assert "GiB" in result.stderr and not out.exists()
+
+
+@pytest.mark.parametrize("tokens", [{"embed_tokens": [5, 7]}, [5, 7]], ids=["dict", "list"])
+def test_tokens_on_the_embedding_and_lora_on_the_head(tokens, adapter_case, tmp_path: Path) -> None:
+    """Trainable tokens on the embedding of a tied Llama and LoRA on lm_head: peft ties the head to the embedding's
+    token adapter and runs the head's LoRA on top of the token-replaced rows (the token rows get ΔH too). The merge
+    reproduces that (it once wrote the token rows without ΔH: logits off by 0.69, exit 0), and check reports that the
+    adapter unties the pair and that peft's own merge breaks it (peft's merge_and_unload -> save_pretrained raises)."""
+    base, _, _ = adapter_case("llama", "lora_embed")
+    config = _lora(target_modules=["q_proj", "v_proj", "lm_head"], trainable_token_indices=tokens)
+    adapter = build_custom_adapter("llama", config, base, tmp_path / "adapter")
+    reference = peft_logits(base, adapter)
+    out = tmp_path / "merged"
+    report = merge(adapter, base=base, output_dir=out)
+    assert report.exit_code == 0 and report.merge_run.verified_by.startswith("peft ")
+    assert [g.result for g in report.merge_run.groups] == ["untied"]
+    assert_reproduces(out, reference)
+    assert {f.code for f in audit(adapter, base=base).findings} >= {"TIE101", "TIE102"}

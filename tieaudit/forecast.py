@@ -183,17 +183,25 @@ def _lowrank_group(g: _Group, base: Checkpoint, w0_name: str, adapter: Checkpoin
         if tok is not None and tok[1] not in loaded:
             values = full(tok[1])
             loaded[tok[1]] = {int(t): values[i] for i, t in enumerate(tok[0])}
-    runtime = {
-        m: LowRankWeight(
-            tuple(1.0 if uses.get(m) == k else 0.0 for k in range(len(factors))),
-            loaded[tok[1]] if (tok := member_tokens[m]) is not None else {},
-        )
-        for m in members
-    }
+
+    def with_deltas(rows: dict[int, np.ndarray], coeffs: tuple[float, ...]) -> dict[int, np.ndarray]:
+        # a LoRA layer wraps the token adapter: it adds its delta to the token-replaced rows too
+        return {
+            r: v + sum((c * (factors[k].left[r] @ factors[k].right) for k, c in enumerate(coeffs) if c), np.float32(0))
+            for r, v in rows.items()
+        }
+
+    runtime = {}
+    for m in members:
+        coeffs = tuple(1.0 if uses.get(m) == k else 0.0 for k in range(len(factors)))
+        tok = member_tokens[m]
+        runtime[m] = LowRankWeight(coeffs, with_deltas(loaded[tok[1]], coeffs) if tok is not None else {})
     merged_rows: dict[int, np.ndarray] = {}
     for rows in loaded.values():  # every wrapped layer writes its rows into the one shared weight
         merged_rows.update(rows)
-    merged = LowRankWeight(tuple(float(list(uses.values()).count(k)) for k in range(len(factors))), merged_rows)
+    merged_coeffs = tuple(float(list(uses.values()).count(k)) for k in range(len(factors)))
+    # peft's merge writes the token rows into the shared weight, then adds each LoRA delta to all of it
+    merged = LowRankWeight(merged_coeffs, with_deltas(merged_rows, merged_coeffs))
     targets = [t for t in members if t != source]
     merge_members = [m for m in members if g.structure.reload[m] is not None]
     pairs = [(runtime[source], runtime[t]) for t in targets] + [(merged, runtime[m]) for m in merge_members]
@@ -248,13 +256,12 @@ def _stream_group(g: _Group, w0: RowReader, adapter: TensorReader) -> GroupDiffs
         w = w0(start, stop)
         d = {m: delta(start, stop) for m, delta in deltas.items()}
         held = {m: copies[m](start, stop) for m in copies}
-        rt = {
-            m: held[m] if m in held else with_tokens(w + d[m] if m in d else w.clone(), start, stop, m) for m in members
-        }
-        merged_rows = w
+        # a LoRA layer wraps the token adapter: its delta is added to the token-replaced rows too
+        rt = {m: held[m] if m in held else with_tokens(w.clone(), start, stop, m) + d.get(m, 0.0) for m in members}
+        # peft's merge writes the token rows into the shared weight, then adds each LoRA delta to all of it
+        merged_rows = with_tokens(w.clone(), start, stop)
         for value in d.values():
             merged_rows = merged_rows + value
-        merged_rows = with_tokens(merged_rows.clone(), start, stop)
         logits = LogitCache(h) if h is not None else None
         for t in targets:
             adapter_acc[t].update(start, rt[source], rt[t], logits)

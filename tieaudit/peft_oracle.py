@@ -75,6 +75,7 @@ class OracleResult:
     merged_config_tied: bool | None  # the governing flag after peft's merge
     peft_version: str
     notes: tuple[str, ...] = ()
+    merge_error: str | None = None  # peft's merge_and_unload -> save_pretrained raised this (merged is None then)
 
 
 def ask_peft(
@@ -106,9 +107,17 @@ def ask_peft(
             runtime = {m: _probe(runtime_model, m, ids, ht) for m in members}
             merged: dict[str, MemberProbe | None] | None = None
             flag: bool | None = None
+            error: str | None = None
             if merge:
-                merged, flag = _merge_save_reload(runtime_model, base, members, ids, ht)
-        return OracleResult(runtime, merged, flag, str(peft.__version__), tuple(notes))
+                try:
+                    merged, flag = _merge_save_reload(runtime_model, base, members, ids, ht)
+                except _PeftMergeFails as exc:
+                    error = str(exc)
+        return OracleResult(runtime, merged, flag, str(peft.__version__), tuple(notes), error)
+
+
+class _PeftMergeFails(Exception):
+    """peft's merge_and_unload, or the save_pretrained after it, raises: what a user of peft's merge gets."""
 
 
 @contextlib.contextmanager
@@ -233,6 +242,11 @@ def _apply_adapter(model: Any, adapter_dir: Path) -> Any:
         raise OracleUnavailable(f"peft cannot apply the adapter: {type(exc).__name__}: {exc}") from exc
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _owner(root: Any, owner: str) -> Any:
     return root.get_submodule(owner) if owner else root
 
@@ -314,12 +328,18 @@ def _merge_save_reload(
     try:
         merged = runtime_model.merge_and_unload()
     except Exception as exc:
-        raise OracleUnavailable(f"peft's merge_and_unload fails on this adapter: {type(exc).__name__}: {exc}") from exc
+        raise _PeftMergeFails(f"merge_and_unload raises {type(exc).__name__}: {_first_line(exc)}") from exc
     state = {}
     for owner in sorted({m.rpartition(".")[0] for m in members}):
-        for leaf, p in _owner(merged, owner).named_parameters(recurse=False):
+        # every parameter under the owner: a wrapper peft leaves behind shows up as the names save_pretrained sees
+        for leaf, p in _owner(merged, owner).named_parameters():
             state[f"{owner}.{leaf}" if owner else leaf] = p.detach()
-    saved = remove_tied_weights_from_state_dict(dict(state), merged)
+    try:
+        saved = remove_tied_weights_from_state_dict(dict(state), merged)
+    except Exception as exc:
+        raise _PeftMergeFails(
+            f"save_pretrained after merge_and_unload raises {type(exc).__name__}: {_first_line(exc)}"
+        ) from exc
     flag = getattr(merged.config, "tie_word_embeddings", None)
     with torch.device("meta"):
         reloaded = type(merged)(merged.config)

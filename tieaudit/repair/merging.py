@@ -590,8 +590,9 @@ class _Producer:
                 if m in copies:
                     runtime[m] = copies[m](start, stop)
                 elif m in deltas:  # W0 + delta in one fused pass, into a copy when other members need W0
-                    merged = deltas[m](start, stop, w.clone() if shared_w else w)
-                    runtime[m] = apply_tokens(merged, start, stop, tokens[m])
+                    # a LoRA layer wraps the token adapter: its delta is added to the token-replaced rows too
+                    replaced = apply_tokens(w.clone() if shared_w else w, start, stop, tokens[m])
+                    runtime[m] = deltas[m](start, stop, replaced)
                 else:
                     runtime[m] = w if tokens[m] is None else apply_tokens(w.clone(), start, stop, tokens[m])
             stored = runtime[r.stored].to(dtype)
