@@ -57,6 +57,24 @@ def test_forecast_matches_peft(case: tuple[str, str], adapter_case) -> None:
         runtime = next(c for c in report.comparisons if c.stage == "adapter")
         assert runtime.max_abs_diff == pytest.approx(real.runtime_embed_vs_head, rel=0.02, abs=1e-5)
 
+    # (e) peft itself was asked about the tied group, and tieaudit's forecast agrees with it (verdicts, and probe
+    # logits within 2 %): the numbers printed are ones peft stands behind
+    if case_base_tied(name):
+        assert not [s for s in report.skipped if s.check == "peft-confirmation"], report.skipped
+        peft_stages = {c.stage for c in report.comparisons if c.stage.startswith("peft-")}
+        assert peft_stages == {"peft-adapter", "peft-merge-reload"}, report.comparisons
+        for f in report.findings:
+            if f.code in ("TIE101", "TIE102"):
+                assert f.evidence["peft"]["agrees"] is True, f.evidence["peft"]
+        ours = {(c.stage, c.tensor): c.max_abs_logit_diff for c in report.comparisons}
+        for (stage, tensor), value in list(ours.items()):
+            if stage in ("adapter", "merge-reload"):
+                theirs = ours[(f"peft-{stage}", tensor)]
+                if theirs is None:  # peft's reload drops the tensor: the forecast says so too
+                    assert value is None
+                else:
+                    assert value == pytest.approx(theirs, rel=0.02, abs=1e-5), (stage, tensor, value, theirs)
+
     # (d) consistent adapters are clean, and nothing but the adapter rules fires
     if not merge_breaks and not unties:
         assert not [f for f in report.findings if f.code in ("TIE101", "TIE102", "TIE104")]
@@ -184,7 +202,7 @@ def test_cli_on_an_adapter(adapter_case) -> None:
     doc = json.loads(result.stdout)
     assert result.exit_code == doc["summary"]["exit_code"] == 1
     assert doc["target"]["kind"] == "adapter" and doc["target"]["base"] == str(base)
-    assert {c["stage"] for c in doc["comparisons"]} == {"adapter", "merge-reload"}
+    assert {c["stage"] for c in doc["comparisons"]} == {"adapter", "merge-reload", "peft-adapter", "peft-merge-reload"}
     assert {f["code"] for f in doc["findings"]} == {"TIE101", "TIE102"}
     wrong = CliRunner().invoke(app, ["check", str(base), "--base", str(base)])
     assert wrong.exit_code == 2 and "--base is for adapters" in wrong.stderr

@@ -131,8 +131,9 @@ def test_lowrank_audit_equals_the_streaming_reference(case, adapter_case, monkey
     ("arch", "case"), [("llama", "lora_embed"), ("gpt2", "lora_both_tying"), ("llama", "trainable_tokens")]
 )
 def test_adapter_check_on_a_cached_base_imports_no_torch(arch, case, adapter_case, tmp_path) -> None:
-    """What keeps the adapter check ~15x faster than the peft path (benchmarks/README.md): after the base's tie
-    map is cached, a LoRA / trainable-token forecast runs on numpy alone, with the same verdict and numbers."""
+    """The forecast alone (`--no-peft-check`): after the base's tie map is cached, a LoRA / trainable-token forecast
+    runs on numpy alone, with the same verdicts and numbers as the peft-confirmed check, and the report says that
+    peft was not asked. With the default peft check, peft itself is imported and asked."""
     import json
     import os
     import subprocess
@@ -142,15 +143,24 @@ def test_adapter_check_on_a_cached_base_imports_no_torch(arch, case, adapter_cas
     expected = audit(adapter, base=base)  # in process: also fills the tie-map cache the subprocess reads
     script = (
         "import json, sys; from tieaudit import audit\n"
-        f"r = audit({str(adapter)!r}, base={str(base)!r})\n"
+        f"r = audit({str(adapter)!r}, base={str(base)!r}, peft_check=sys.argv[1] == 'on')\n"
         "heavy = sorted({'torch', 'transformers', 'peft'} & set(sys.modules))\n"
-        "print(json.dumps([[f.code for f in r.findings], [c.max_abs_diff for c in r.comparisons], heavy]))\n"
+        "print(json.dumps([[f.code for f in r.findings], {c.stage + str(c.tensor): c.max_abs_diff "
+        "for c in r.comparisons}, heavy, [s.check for s in r.skipped]]))\n"
     )
-    run = subprocess.run([sys.executable, "-c", script], env=dict(os.environ), capture_output=True, text=True)
-    codes, diffs, heavy = json.loads(run.stdout)
-    assert heavy == []
-    assert codes == [f.code for f in expected.findings]
-    assert diffs == [c.max_abs_diff for c in expected.comparisons]
+    ours = {c.stage + str(c.tensor): c.max_abs_diff for c in expected.comparisons}
+    for mode in ("off", "on"):
+        run = subprocess.run(
+            [sys.executable, "-c", script, mode], env=dict(os.environ), capture_output=True, text=True, check=True
+        )
+        codes, diffs, heavy, skipped = json.loads(run.stdout)
+        assert codes == [f.code for f in expected.findings]
+        if mode == "off":
+            assert heavy == [] and "peft-confirmation" in skipped
+            assert diffs == {k: v for k, v in ours.items() if not k.startswith("peft-")}
+        else:
+            assert heavy == ["peft", "torch", "transformers"] and "peft-confirmation" not in skipped
+            assert diffs == ours
 
 
 @pytest.mark.parametrize("chunk", [8, 24, 1000])

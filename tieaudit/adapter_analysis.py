@@ -15,6 +15,9 @@ from tieaudit.compare import PROBE_SEED
 from tieaudit.model import Comparison, Skipped, TieStatus
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from tieaudit.adapter_confirm import PeftView
     from tieaudit.checkpoint import Checkpoint
     from tieaudit.checkpoint.types import ReadStats
     from tieaudit.forecast import GroupForecast
@@ -33,8 +36,15 @@ class AdapterAnalysis:
 
 
 def analyse_adapter(
-    adapter: Checkpoint, path: str, base: str | None, probes: int, stack: contextlib.ExitStack
+    adapter: Checkpoint,
+    path: str,
+    base: str | None,
+    probes: int,
+    stack: contextlib.ExitStack,
+    confirm: bool = True,
 ) -> AdapterAnalysis:
+    """Everything the adapter rules need. ``confirm``: hold the forecast to peft itself (`tieaudit.adapter_confirm`);
+    without it the report says the forecast stands unconfirmed."""
     from tieaudit.checkpoint import open_checkpoint
     from tieaudit.rules.context import AdapterContext
 
@@ -54,6 +64,8 @@ def analyse_adapter(
         comparisons: list[Comparison],
         arch: str | None,
         ignored: list[tuple[str, str]] | None = None,
+        views: Sequence[PeftView] = (),
+        unverified: Sequence[tuple[tuple[str, ...], str]] = (),
     ) -> AdapterAnalysis:
         ctx = AdapterContext(
             path=path,
@@ -66,18 +78,20 @@ def analyse_adapter(
             probes=probes,
             adapter_config=adapter.adapter_config,
             ignored=tuple(ignored or []),
+            peft=tuple(views),
+            unverified=tuple(unverified),
         )
         return AdapterAnalysis(ctx, tuple(comparisons), tuple(skipped), base_path, arch, base_stats[0])
 
-    if settings.peft_type not in SUPPORTED_TYPES:
+    modelled = settings.peft_type in SUPPORTED_TYPES
+    if not modelled:
         skipped.append(
             Skipped(
-                "adapter",
-                f"peft_type {settings.peft_type} is not modelled (supported: LORA, "
-                "TRAINABLE_TOKENS): no adapter rule was applied",
+                "forecast",
+                f"peft_type {settings.peft_type} is not modelled by tieaudit (it models LORA and TRAINABLE_TOKENS): "
+                "tied layers it touches are judged by peft itself, or reported as unverified",
             )
         )
-        return result(None, {}, [], [], [], None)
     if base_path is None:
         skipped.append(Skipped("base", how))
         skipped.append(
@@ -97,7 +111,7 @@ def analyse_adapter(
         raise InputError(f"base {base_path} is itself an adapter; pass the base model directory")
     graph, arch = base_graph(base_ckpt, skipped)
     members = {n for g in graph.groups for n in g.members}
-    edits = module_edits(adapter.tensors, settings, members)
+    edits = module_edits(adapter.tensors, settings, members) if modelled else {}
     mismatches = _shape_mismatches(adapter, base_ckpt, graph, edits)
     mismatches += base_copy_mismatches(
         adapter, base_ckpt, group_base_values(base_ckpt, graph), edits, {m.param for m in mismatches}
@@ -113,7 +127,87 @@ def analyse_adapter(
 
     applied, ignored = applied_edits(graph, edits, settings)
     forecasts, comparisons = forecast_groups(adapter, base_ckpt, graph, applied, settings, probes, mismatches, skipped)
-    return result(graph, edits, forecasts, mismatches, comparisons, arch, ignored)
+    views, unverified = _confirm(adapter, base_ckpt, graph, forecasts, settings, probes, mismatches, skipped, confirm)
+    comparisons += _view_comparisons(views)
+    return result(graph, edits, forecasts, mismatches, comparisons, arch, ignored, views, unverified)
+
+
+def _confirm(
+    adapter: Checkpoint,
+    base_ckpt: Checkpoint,
+    graph: TieGraph,
+    forecasts: list[GroupForecast],
+    settings: AdapterSettings,
+    probes: int,
+    mismatches: list[BaseMismatch],
+    skipped: list[Skipped],
+    confirm: bool,
+) -> tuple[list[PeftView], list[tuple[tuple[str, ...], str]]]:
+    """peft's verdicts on every tied group the adapter touches, and the groups neither peft nor the forecast could
+    judge (with why)."""
+    from tieaudit.adapter_confirm import peft_views, touched_groups
+    from tieaudit.peft_oracle import OracleUnavailable
+
+    bad = {m.param for m in mismatches}
+    groups = [g for g in touched_groups(adapter, settings, graph) if not any(m in bad for m in g)]
+    if not groups:
+        return [], []
+    forecast_of = {fc.source for fc in forecasts}
+    values = group_base_values(base_ckpt, graph)
+    why_not = "--no-peft-check" if not confirm else None
+    views: list[PeftView] = []
+    if confirm:
+        try:
+            views = peft_views(adapter, base_ckpt, graph, groups, values, forecasts, settings, probes)
+        except OracleUnavailable as exc:
+            why_not = str(exc)
+    if why_not is not None:
+        skipped.append(
+            Skipped(
+                "peft-confirmation",
+                f"peft was not asked ({why_not}): the adapter findings rest on tieaudit's own forecast",
+            )
+        )
+    seen = {v.source for v in views}
+    unverified = [(g, why_not or "peft gave no answer") for g in groups if g[0] not in seen and g[0] not in forecast_of]
+    return views, unverified
+
+
+def _view_comparisons(views: Sequence[PeftView]) -> list[Comparison]:
+    """peft's own numbers, beside the forecast's: stages `peft-adapter` and `peft-merge-reload` (probe rows and
+    logits only: peft is run on the probes, not on whole weights)."""
+    out = []
+    for v in views:
+        for target, g in v.runtime.items():
+            out.append(
+                Comparison(
+                    "peft-adapter",
+                    v.source,
+                    target,
+                    None,
+                    g.rows_max_abs_diff,
+                    None,
+                    g.max_abs_logit_diff,
+                    g.top1_agreement,
+                    None,
+                )
+            )
+        for m, mg in (v.merged or {}).items():
+            target = next((t for t in v.members if t != v.source), v.source)
+            out.append(
+                Comparison(
+                    "peft-merge-reload",
+                    v.source,
+                    target,
+                    m,
+                    None if mg is None else mg.rows_max_abs_diff,
+                    None,
+                    None if mg is None else mg.max_abs_logit_diff,
+                    None if mg is None else mg.top1_agreement,
+                    None,
+                )
+            )
+    return out
 
 
 def applied_edits(

@@ -53,6 +53,7 @@ def audit(
     progress: Progress | None = None,
     deep: bool = False,
     revision: str | None = None,
+    peft_check: bool = True,
 ) -> Report:
     """Audit a checkpoint directory (or a Hub repo id in the local Hugging Face cache, at ``revision``) and return
     the report (never writes anything, never downloads).
@@ -74,7 +75,18 @@ def audit(
     with contextlib.ExitStack() as stack:
         ckpt = stack.enter_context(open_checkpoint(where.path))
         report, _ = audit_open(
-            ckpt, where.path, base, rules, fail_level, exit_zero, probe_tokens, progress, deep, stack, started
+            ckpt,
+            where.path,
+            base,
+            rules,
+            fail_level,
+            exit_zero,
+            probe_tokens,
+            progress,
+            deep,
+            stack,
+            started,
+            peft_check=peft_check,
         )
     if where.repo is not None:
         report = dataclasses.replace(report, target=dataclasses.replace(report.target, repo=where.repo))
@@ -93,6 +105,7 @@ def audit_open(
     deep: bool,
     stack: contextlib.ExitStack,
     started: float,
+    peft_check: bool = True,
 ) -> tuple[Report, TieGraph | None]:
     """Audit an open checkpoint; also returns the tie graph of a model checkpoint (for `fix`)."""
     skipped: list[Skipped] = []
@@ -101,7 +114,10 @@ def audit_open(
     if ckpt.kind == "adapter":
         from tieaudit.adapter_analysis import analyse_adapter
 
-        analysis = analyse_adapter(ckpt, path, None if base is None else str(base), probe_tokens, stack)
+        if progress and peft_check:
+            progress("reading the adapter against its base (and asking peft)", 0, 0)
+        base_arg = None if base is None else str(base)
+        analysis = analyse_adapter(ckpt, path, base_arg, probe_tokens, stack, confirm=peft_check)
         skipped.extend(analysis.skipped)
         context = analysis.context
         extra: list[Comparison] = []

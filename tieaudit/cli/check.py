@@ -39,6 +39,7 @@ def check(
     config: o.ConfigOpt = None,
     isolated: o.IsolatedOpt = False,
     no_cache: o.NoCacheOpt = False,
+    no_peft_check: o.NoPeftCheckOpt = False,
 ) -> None:
     """Audit checkpoints' weight tying; exit 1 when findings reach --fail-on.
 
@@ -82,6 +83,7 @@ def check(
                 progress=step,
                 deep=deep,
                 revision=revision,
+                peft_check=not no_peft_check,
             )
 
         if not batch:

@@ -79,6 +79,14 @@ NoCacheOpt = Annotated[
     bool,
     typer.Option("--no-cache", help="Do not read or write the tie-map cache (also: TIEAUDIT_NO_CACHE=1)."),
 ]
+NoPeftCheckOpt = Annotated[
+    bool,
+    typer.Option(
+        "--no-peft-check",
+        help="Adapters: do not hold the forecast to peft itself (no torch/peft import; findings say unconfirmed, "
+        "tied layers only peft could judge get TIE105).",
+    ),
+]
 TimingsOpt = Annotated[
     bool,
     typer.Option(

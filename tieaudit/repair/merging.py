@@ -376,7 +376,6 @@ class _AdapterTensorsEqual:
 # how far the written tied weights may be from peft's run-time ones, relative to their scale: float32 arithmetic in
 # another order, or the rounding of a float32 merge to the stored dtype
 PEFT_TOLERANCE = {"F64": 1e-4, "F32": 1e-4, "F16": 2.0**-8, "BF16": 2.0**-6}
-MIN_PROBES = 16  # the check runs even with --probe-tokens 0
 
 
 @dataclass(frozen=True)
@@ -395,7 +394,7 @@ class PeftCheck:
     ) -> PeftCheck:
         import numpy as np
 
-        from tieaudit.compare import PROBE_SEED, probe_states
+        from tieaudit.adapter_confirm import MIN_PROBES, probe_inputs
         from tieaudit.peft_oracle import OracleUnavailable, ask_peft
 
         dtypes = {m: base_ckpt.tensors[d].dtype for m, d in values.items()}
@@ -403,10 +402,7 @@ class PeftCheck:
             return cls(None, (), np.zeros((0, 0), np.float32), dtypes)
         shape = base_ckpt.tensors[next(iter(values.values()))].shape
         vocab, hidden = int(shape[0]), int(shape[1])
-        n = max(probes, MIN_PROBES)
-        rows = np.random.default_rng(PROBE_SEED).integers(0, vocab, size=min(n, vocab))
-        ids = tuple(sorted({int(i) for i in rows} | {i for i in _token_indices(settings) if 0 <= i < vocab}))
-        h = probe_states(n, hidden)
+        ids, h = probe_inputs(vocab, hidden, max(probes, MIN_PROBES), settings)
         try:
             oracle = ask_peft(base_ckpt, adapter_dir, values, ids, h)
         except OracleUnavailable as exc:
@@ -414,7 +410,7 @@ class PeftCheck:
                 f"cannot verify the merge against peft ({exc}); nothing was written: keep the adapter unmerged "
                 "(PeftModel.from_pretrained) or merge it with peft and audit the result"
             ) from None
-        return cls(oracle, ids, h, dtypes)
+        return cls(oracle, tuple(ids), h, dtypes)
 
     @property
     def verified_by(self) -> str | None:
@@ -460,16 +456,6 @@ class PeftCheck:
                 )
             out.append(Comparison("peft", m, m, m, row_gap, logit_gap / logit_scale, logit_gap, top1))
         return out
-
-
-def _token_indices(settings: AdapterSettings) -> set[int]:
-    """Every trainable-token index the adapter config names: their rows are the ones a merge can get wrong."""
-    tti = settings.trainable_token_indices
-    if isinstance(tti, list):
-        return {int(i) for i in tti}
-    if isinstance(tti, dict):
-        return {int(i) for idx in tti.values() for i in idx}
-    return set()
 
 
 # -- writing -----------------------------------------------------------------------------------------------

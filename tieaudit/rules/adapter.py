@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from tieaudit.adapters import ModuleEdit
 from tieaudit.forecast import MECH_DOUBLE, MECH_DROPPED, MECH_SHARED, MECH_SUM, GroupForecast, differs
 from tieaudit.model import Finding, FixHint, Location, Severity
 from tieaudit.rules.context import AdapterContext
+
+if TYPE_CHECKING:
+    from tieaudit.adapter_confirm import PeftView
+    from tieaudit.deep import Measured
 from tieaudit.rules.registry import rule
 from tieaudit.rules.wording import num as _num
 from tieaudit.rules.wording import pct as _pct
@@ -62,36 +67,72 @@ merge with `tieaudit merge`.
 """,
 )
 def adapter_unties_weights(ctx: AdapterContext) -> Iterator[Finding]:
-    for fc in ctx.forecasts:
-        for target in fc.runtime_untied():
-            d = fc.adapter_diffs[target]
-            s_desc = describe(ctx.edits.get(fc.source))
-            t_desc = describe(ctx.edits.get(target))
+    forecasts = {fc.source: fc for fc in ctx.forecasts}
+    views = {v.source: v for v in ctx.peft}
+    for source in [*forecasts, *(s for s in views if s not in forecasts)]:
+        fc, view = forecasts.get(source), views.get(source)
+        untied = view.runtime_untied() if view is not None else fc.runtime_untied() if fc is not None else []
+        for target in untied:
+            s_desc, t_desc = _edit_words(ctx, source, fc, view), _edit_words(ctx, target, fc, view)
+            evidence: dict[str, object] = {"source": source, "target": target, "source_edit": s_desc}
+            evidence["target_edit"] = t_desc
+            if fc is not None and (view is None or view.agrees):
+                d = fc.adapter_diffs[target]
+                numbers = (
+                    f"max |Δ| {_num(d.max_abs_diff)}, relative {_num(d.rel_diff)}; probe logits max |Δ| "
+                    f"{_num(d.max_abs_logit_diff)}, top-1 agreement {_pct(d.top1_agreement)}"
+                )
+                evidence.update(
+                    max_abs_diff=d.max_abs_diff,
+                    rel_diff=d.rel_diff,
+                    max_abs_logit_diff=d.max_abs_logit_diff,
+                    top1_agreement=d.top1_agreement,
+                )
+            else:
+                assert view is not None
+                g = view.runtime[target]
+                numbers = (
+                    f"probe rows max |Δ| {_num(g.rows_max_abs_diff)}; probe logits max |Δ| "
+                    f"{_num(g.max_abs_logit_diff)}, top-1 agreement {_pct(g.top1_agreement)}; "
+                    f"measured by running the adapter with peft {view.peft_version}: {view.disagreement}"
+                )
+                evidence.update(
+                    max_abs_diff=g.rows_max_abs_diff,
+                    max_abs_logit_diff=g.max_abs_logit_diff,
+                    top1_agreement=g.top1_agreement,
+                )
+            evidence["peft"] = _peft_evidence(view)
             yield Finding(
                 "TIE101",
                 "adapter-unties-weights",
                 Severity.WARNING,
-                f"the base ties {target} to {fc.source}, but the adapted model uses different weights for them: "
-                f"{_module(fc.source)} {s_desc}, while {_module(target)} {t_desc} (max |Δ| {_num(d.max_abs_diff)}, "
-                f"relative {_num(d.rel_diff)}; probe logits max |Δ| {_num(d.max_abs_logit_diff)}, top-1 agreement "
-                f"{_pct(d.top1_agreement)}): the adapter trained an untied model",
+                f"the base ties {target} to {source}, but the adapted model uses different weights for them: "
+                f"{_module(source)} {s_desc}, while {_module(target)} {t_desc} ({numbers}): the adapter trained an "
+                "untied model",
                 _config_location(ctx, target),
-                {
-                    "source": fc.source,
-                    "target": target,
-                    "source_edit": s_desc,
-                    "target_edit": t_desc,
-                    "max_abs_diff": d.max_abs_diff,
-                    "rel_diff": d.rel_diff,
-                    "max_abs_logit_diff": d.max_abs_logit_diff,
-                    "top1_agreement": d.top1_agreement,
-                },
+                evidence,
                 FixHint(
                     "manual",
                     None,
                     "retrain with ensure_weight_tying=True to keep the tie, or untie the base before training",
                 ),
             )
+
+
+def _edit_words(ctx: AdapterContext, member: str, fc: GroupForecast | None, view: PeftView | None) -> str:
+    """What the adapter does to a layer, from tieaudit's reading of it; without a forecast, what the file holds."""
+    if fc is not None or view is None:
+        return describe(ctx.edits.get(member))
+    if member in view.in_file:
+        kind = ctx.settings.peft_type + (", DoRA" if ctx.settings.use_dora else "")
+        return f"is adapted ({kind}; not modelled by tieaudit, run with peft)"
+    return "holds no adapter weights"
+
+
+def _peft_evidence(view: PeftView | None) -> dict[str, object] | None:
+    if view is None:
+        return None
+    return {"version": view.peft_version, "agrees": view.agrees, "disagreement": view.disagreement}
 
 
 MECHANISM_TEXT = {
@@ -138,61 +179,28 @@ def merge_corrupts_tied_weights(ctx: AdapterContext) -> Iterator[Finding]:
         if meas
         else ""
     )
-    for fc in ctx.forecasts:
-        bad = fc.corrupted()
-        if not bad:
-            continue
-        worst = _worst(fc, bad)
-        numbers = {}
-        for m in bad:
-            f = fc.members_forecast[m]
-            numbers[m] = (
-                {"dropped": True}
-                if f.dropped or f.merge_diff is None
-                else {
-                    "max_abs_diff": f.merge_diff.max_abs_diff,
-                    "rel_diff": f.merge_diff.rel_diff,
-                    "max_abs_logit_diff": f.merge_diff.max_abs_logit_diff,
-                    "top1_agreement": f.merge_diff.top1_agreement,
-                    "embedding_rows_max_abs_diff": f.embedding_rows_diff,
-                }
+    forecasts = {fc.source: fc for fc in ctx.forecasts}
+    views = {v.source: v for v in ctx.peft}
+    base = ctx.base or "BASE"
+    fix = FixHint("safe", f"tieaudit merge {ctx.path} --base {base} --output-dir MERGED_DIR")
+    for source in [*forecasts, *(s for s in views if s not in forecasts)]:
+        fc, view = forecasts.get(source), views.get(source)
+        if fc is not None and (view is None or view.agrees):
+            finding = _tie102_forecast(ctx, fc, view, measured_text, meas, fix)
+        elif view is not None:
+            # tieaudit merge merges what it models (and checks the result against peft); the rest stays unmerged
+            unmerged = FixHint(
+                "manual",
+                None,
+                "keep the adapter unmerged (PeftModel.from_pretrained): tieaudit merge merges only LoRA adapters it "
+                "models, and peft's own merge breaks this one",
             )
-        mechanisms = "; ".join(MECHANISM_TEXT[m] for m in fc.mechanisms) or "the merged weights differ"
-        w = fc.members_forecast[worst]
-        if w.dropped or w.merge_diff is None:
-            measured = f"{worst} would be randomly initialised"
+            finding = _tie102_peft(ctx, view, fix if fc is not None else unmerged)
         else:
-            d = w.merge_diff
-            measured = (
-                f"{worst} would change by max |Δ| {_num(d.max_abs_diff)} (relative {_num(d.rel_diff)}; probe logits "
-                f"max |Δ| {_num(d.max_abs_logit_diff)}, top-1 agreement {_pct(d.top1_agreement)})"
-            )
-        base = ctx.base or "BASE"
-        yield Finding(
-            "TIE102",
-            "merge-corrupts-tied-weights",
-            Severity.ERROR,
-            f"merging this adapter with PEFT and reloading would not reproduce it: {measured}. Why: {mechanisms}."
-            f"{measured_text}",
-            _config_location(ctx, worst),
-            {
-                "source": fc.source,
-                "members": list(fc.members),
-                "corrupted": bad,
-                "mechanisms": list(fc.mechanisms),
-                "config_tied_after_merge": fc.config_tied_after_merge,
-                "forecast": numbers,
-                "measured": None
-                if meas is None
-                else {
-                    "max_abs_logit_diff": meas.max_abs_logit_diff,
-                    "top1_agreement": meas.top1_agreement,
-                    "logit_scale": meas.logit_scale,
-                },
-            },
-            FixHint("safe", f"tieaudit merge {ctx.path} --base {base} --output-dir MERGED_DIR"),
-        )
-        reported = True
+            finding = None
+        if finding is not None:
+            reported = True
+            yield finding
     if meas is not None and not reported and meas.max_abs_logit_diff > MEASURED_TOL * max(meas.logit_scale, 1.0):
         # reality wins over the forecast: the real merge changed the outputs
         yield Finding(
@@ -211,6 +219,126 @@ def merge_corrupts_tied_weights(ctx: AdapterContext) -> Iterator[Finding]:
             },
             FixHint("manual", None, "report this checkpoint to tieaudit: the forecast missed a mechanism"),
         )
+
+
+def _tie102_forecast(
+    ctx: AdapterContext,
+    fc: GroupForecast,
+    view: PeftView | None,
+    measured_text: str,
+    meas: Measured | None,
+    fix: FixHint,
+) -> Finding | None:
+    """TIE102 in tieaudit's own words: the forecast, confirmed by peft (or peft could not be asked)."""
+    bad = fc.corrupted()
+    if not bad:
+        return None
+    worst = _worst(fc, bad)
+    numbers = {}
+    for m in bad:
+        f = fc.members_forecast[m]
+        numbers[m] = (
+            {"dropped": True}
+            if f.dropped or f.merge_diff is None
+            else {
+                "max_abs_diff": f.merge_diff.max_abs_diff,
+                "rel_diff": f.merge_diff.rel_diff,
+                "max_abs_logit_diff": f.merge_diff.max_abs_logit_diff,
+                "top1_agreement": f.merge_diff.top1_agreement,
+                "embedding_rows_max_abs_diff": f.embedding_rows_diff,
+            }
+        )
+    mechanisms = "; ".join(MECHANISM_TEXT[m] for m in fc.mechanisms) or "the merged weights differ"
+    w = fc.members_forecast[worst]
+    if w.dropped or w.merge_diff is None:
+        measured = f"{worst} would be randomly initialised"
+    else:
+        d = w.merge_diff
+        measured = (
+            f"{worst} would change by max |Δ| {_num(d.max_abs_diff)} (relative {_num(d.rel_diff)}; probe logits "
+            f"max |Δ| {_num(d.max_abs_logit_diff)}, top-1 agreement {_pct(d.top1_agreement)})"
+        )
+    return Finding(
+        "TIE102",
+        "merge-corrupts-tied-weights",
+        Severity.ERROR,
+        f"merging this adapter with PEFT and reloading would not reproduce it: {measured}. Why: {mechanisms}."
+        f"{measured_text}",
+        _config_location(ctx, worst),
+        {
+            "source": fc.source,
+            "members": list(fc.members),
+            "corrupted": bad,
+            "mechanisms": list(fc.mechanisms),
+            "config_tied_after_merge": fc.config_tied_after_merge,
+            "forecast": numbers,
+            "peft": _peft_evidence(view),
+            "measured": None
+            if meas is None
+            else {
+                "max_abs_logit_diff": meas.max_abs_logit_diff,
+                "top1_agreement": meas.top1_agreement,
+                "logit_scale": meas.logit_scale,
+            },
+        },
+        fix,
+    )
+
+
+def _tie102_peft(ctx: AdapterContext, view: PeftView, fix: FixHint) -> Finding | None:
+    """TIE102 from peft's own merge of the tied layers, where tieaudit's forecast disagrees or has nothing to say."""
+    bad = view.corrupted()
+    if not bad:
+        return None
+    numbers: dict[str, object] = {}
+    if view.merge_error is not None or view.merged is None:
+        worst = view.members[0]
+        measured = f"peft's own merge path fails: {view.merge_error}"
+    else:
+        merged = view.merged
+
+        def size(m: str) -> float:
+            g = merged[m]
+            return math.inf if g is None else g.max_abs_logit_diff
+
+        worst = max(bad, key=size)
+        g = merged[worst]
+        if g is None:
+            measured = f"{worst} would be randomly initialised"
+        else:
+            measured = (
+                f"{worst} would change (probe rows max |Δ| {_num(g.rows_max_abs_diff)}; probe logits max |Δ| "
+                f"{_num(g.max_abs_logit_diff)}, top-1 agreement {_pct(g.top1_agreement)})"
+            )
+        for m in bad:
+            gm = merged[m]
+            numbers[m] = (
+                {"dropped": True}
+                if gm is None
+                else {
+                    "max_abs_diff": gm.rows_max_abs_diff,
+                    "max_abs_logit_diff": gm.max_abs_logit_diff,
+                    "top1_agreement": gm.top1_agreement,
+                }
+            )
+    return Finding(
+        "TIE102",
+        "merge-corrupts-tied-weights",
+        Severity.ERROR,
+        f"merging this adapter with PEFT and reloading would not reproduce it: {measured}; measured by running "
+        f"peft {view.peft_version}'s own merge_and_unload on the tied layers and reloading them as transformers "
+        f"does ({view.disagreement})",
+        _config_location(ctx, worst),
+        {
+            "source": view.source,
+            "members": list(view.members),
+            "corrupted": bad,
+            "config_tied_after_merge": view.config_tied_after_merge,
+            "peft_measured": numbers,
+            "peft": _peft_evidence(view),
+        },
+        fix,
+    )
 
 
 def _worst(fc: GroupForecast, bad: list[str]) -> str:
@@ -294,6 +422,40 @@ def adapter_base_mismatch(ctx: AdapterContext) -> Iterator[Finding]:
             Location(file="adapter_model.safetensors", tensor=mm.param),
             {"tensor": mm.param, "kind": mm.kind, "max_abs_diff": mm.max_abs_diff, "rel_diff": mm.rel_diff},
             FixHint("manual", None, "use the base the adapter was trained on (--base)"),
+        )
+
+
+@rule(
+    code="TIE105",
+    name="tied-adapter-unverified",
+    severity=Severity.WARNING,
+    family="adapter",
+    summary="an adapter changes tied layers in a way neither tieaudit's model nor peft itself could check",
+    explain="""
+The adapter holds weights for (or its config names) a layer of a tied group of the base, but what it does to the
+tie could not be checked: tieaudit does not model this adapter type or variant (LoKr, DoRA, ...), and peft itself
+could not be asked (peft is run on the tied layers alone to check every adapter verdict, see `tieaudit.peft_oracle`:
+it was turned off with `--no-peft-check`, the tied weights are over its memory bound, or peft refuses the adapter).
+
+A check that could not be done is not a pass: the adapted or merged model may untie or corrupt the pair (peft's
+run-time model unties it for LoKr on an embedding, and its merge corrupts DoRA on a Gemma-3 embedding).
+
+Fix: run the check where peft and torch are installed and without `--no-peft-check`; or check the adapter end to end
+with `--deep`.
+""",
+)
+def tied_adapter_unverified(ctx: AdapterContext) -> Iterator[Finding]:
+    for members, why in ctx.unverified:
+        modules = ", ".join(_module(m) for m in members)
+        yield Finding(
+            "TIE105",
+            "tied-adapter-unverified",
+            Severity.WARNING,
+            f"the adapter ({ctx.settings.peft_type}) touches the tied layers {modules}, but what it does to their tie "
+            f"could not be checked: tieaudit does not model it, and peft could not be asked ({why})",
+            Location(file="adapter_config.json", tensor=members[0]),
+            {"members": list(members), "peft_type": ctx.settings.peft_type, "reason": why},
+            FixHint("manual", None, "run the check with peft installed and without --no-peft-check, or with --deep"),
         )
 
 

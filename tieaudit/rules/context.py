@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from tieaudit.model import Location
 
 if TYPE_CHECKING:  # annotations only: `tieaudit rules` and `explain` need the registry, not the analysis modules
+    from tieaudit.adapter_confirm import PeftView
     from tieaudit.adapters import AdapterSettings, ModuleEdit
     from tieaudit.checkpoint.types import ConfigFile, IndexMismatch
     from tieaudit.deep import Measured
@@ -72,9 +73,9 @@ class AdapterContext:
     probes: int
     adapter_config: ConfigFile | None = None
     measured: Measured | None = None
-    ignored: tuple[
-        tuple[str, str], ...
-    ] = ()  # (parameter, why peft ignores the file's weights for it)  # --deep: the real peft merge -> save -> reload
+    ignored: tuple[tuple[str, str], ...] = ()  # (parameter, why peft ignores the file's weights for it)
+    peft: tuple[PeftView, ...] = ()  # peft's own verdicts on the tied groups the adapter touches
+    unverified: tuple[tuple[tuple[str, ...], str], ...] = ()  # touched tied groups nothing could judge, and why
 
     def edit_location(self, tensor: str) -> Location:
         """Point at the adapter_config.json key that puts this layer in the adapter (with its line)."""
