@@ -60,6 +60,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_fix.py
 	$(BIN)/python benchmarks/bench_merge.py
 	$(BIN)/python benchmarks/bench_scale.py
+	$(BIN)/python benchmarks/bench_peft_check.py
 
 # Not part of CI: the suite on the newest versions pyproject.toml allows, in a separate venv made anew each time,
 # so a new transformers or peft release is checked on purpose. Prints what differs from the lock first.

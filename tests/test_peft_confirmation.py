@@ -109,3 +109,136 @@ def test_the_variants_really_break_something(variants) -> None:
     """The cases are not vacuous: peft unties or corrupts the pair in most of them."""
     truths = [t for _, _, t in variants.values()]
     assert sum(u for u, _ in truths) >= 2 and sum(b for _, b in truths) >= 1, truths
+
+
+# -- architectures the verdict suite does not use: their tied layers carry other names -------------------------------
+
+
+def _tiny(arch: str):
+    import transformers
+
+    if arch == "bloom":  # transformer.word_embeddings / lm_head
+        cfg = transformers.BloomConfig(vocab_size=64, hidden_size=16, n_layer=1, n_head=2, tie_word_embeddings=True)
+        return transformers.BloomForCausalLM(cfg), ["query_key_value"], ["transformer.word_embeddings", "lm_head"]
+    if arch == "falcon":  # transformer.word_embeddings / lm_head, another modelling file
+        cfg = transformers.FalconConfig(
+            vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, tie_word_embeddings=True
+        )
+        return transformers.FalconForCausalLM(cfg), ["query_key_value"], ["transformer.word_embeddings", "lm_head"]
+    # bart: model.shared, model.encoder.embed_tokens, model.decoder.embed_tokens, lm_head (an encoder-decoder)
+    cfg = transformers.BartConfig(
+        vocab_size=64,
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        max_position_embeddings=32,
+        tie_word_embeddings=True,
+    )
+    members = ["model.shared", "model.encoder.embed_tokens", "model.decoder.embed_tokens", "lm_head"]
+    return transformers.BartForConditionalGeneration(cfg), ["q_proj"], members
+
+
+NEW_CASES = [
+    (arch, case)
+    for arch in ("bloom", "falcon", "bart")
+    for case in ("lora_embed", "lora_both_tying", "mts_embed", "mts_both_tying")
+]
+
+
+def _load_any(path: Path):
+    import transformers
+
+    arch = transformers.AutoConfig.from_pretrained(str(path)).architectures[0]
+    return getattr(transformers, arch).from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        if model.config.is_encoder_decoder:
+            return model(input_ids=ids, decoder_input_ids=ids).logits
+        return model(input_ids=ids).logits
+
+
+@pytest.fixture(scope="module")
+def new_arch_cases(tmp_path_factory: pytest.TempPathFactory):
+    """(arch, case) -> (base, adapter, members, reference logits, runtime untied, peft's merge breaks)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from fixtures.adapter_builders import _randomize
+
+    root = tmp_path_factory.mktemp("new-archs")
+    out = {}
+    for arch, case in NEW_CASES:
+        torch.manual_seed(0)
+        model, attn, members = _tiny(arch)
+        base = root / f"{arch}-base"
+        if not base.exists():
+            model.save_pretrained(base)
+        emb, head = members[0].rpartition(".")[2], members[-1]
+        kw: dict = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": list(attn)}
+        if case == "lora_embed":
+            kw["target_modules"] += [emb]
+        elif case == "lora_both_tying":
+            kw.update(target_modules=[*attn, emb, head], ensure_weight_tying=True)
+        elif case == "mts_embed":
+            kw["modules_to_save"] = [emb]
+        else:
+            kw.update(modules_to_save=[emb, head], ensure_weight_tying=True)
+        peft_model = get_peft_model(_load_any(base), LoraConfig(**kw))
+        _randomize(peft_model, 0)
+        adapter = root / f"{arch}-{case}"
+        peft_model.save_pretrained(adapter)
+        # the truth, with whole models: the unmerged adapter, its tied layers, and peft's own merge
+        ref_model = PeftModel.from_pretrained(_load_any(base), str(adapter)).eval()
+        inner = ref_model.get_base_model()
+        vocab, hidden = inner.get_input_embeddings().weight.shape
+        weights = [
+            _probe_weight(inner.get_submodule(m), "head" if m == head else "embed", vocab, hidden) for m in members
+        ]
+        unties = any(float((w - weights[0]).abs().max()) > 1e-5 for w in weights[1:])
+        ids = probe_ids(vocab)
+        reference = _logits(ref_model, ids)
+        try:
+            merged = ref_model.merge_and_unload()
+            with tempfile.TemporaryDirectory() as tmp:
+                merged.save_pretrained(tmp)
+                after = _logits(_load_any(Path(tmp)), ids)
+            breaks = float((after - reference).abs().max()) > TOL * float(reference.abs().max())
+        except Exception:
+            breaks = True
+        out[arch, case] = (base, adapter, members, reference, unties, breaks)
+        del ref_model, peft_model
+        gc.collect()
+    return out
+
+
+@pytest.mark.parametrize("case", NEW_CASES, ids=["-".join(c) for c in NEW_CASES])
+def test_new_architectures_check_and_merge(case: tuple[str, str], new_arch_cases, tmp_path: Path) -> None:
+    """check's verdicts are the real libraries' (TIE101 <=> the adapted model unties a pair, TIE102 <=> peft's merge
+    -> save -> reload changes the logits); merge reproduces the unmerged adapter (also after tie_weights) or
+    refuses with exit 2, never a wrong model with exit 0."""
+    from tieaudit.errors import TieauditError
+    from tieaudit.repair import merge
+
+    base, adapter, _, reference, unties, breaks = new_arch_cases[case]
+    report = audit(adapter, base=base)
+    codes = {f.code for f in report.findings}
+    assert ("TIE101" in codes) == unties, (case, unties, report.findings)
+    assert ("TIE102" in codes) == breaks, (case, breaks, report.findings)
+    out = tmp_path / "merged"
+    try:
+        merged = merge(adapter, base=base, output_dir=out)
+    except TieauditError as exc:  # a refusal is allowed: exit 2, one line, nothing written
+        assert exc.exit_code == 2 and not out.exists() and "\n" not in str(exc)
+        return
+    assert merged.exit_code == 0 and merged.merge_run.verified_by
+    model = _load_any(out)
+    scale = float(reference.abs().max())
+    ids = probe_ids(model.get_input_embeddings().weight.shape[0])
+    assert float((_logits(model, ids) - reference).abs().max()) <= TOL * scale
+    model.tie_weights()
+    assert float((_logits(model, ids) - reference).abs().max()) <= TOL * scale

@@ -213,16 +213,27 @@ def _view_comparisons(views: Sequence[PeftView]) -> list[Comparison]:
 def applied_edits(
     graph: TieGraph, edits: dict[str, ModuleEdit], settings: AdapterSettings
 ) -> tuple[dict[str, ModuleEdit], list[tuple[str, str]]]:
-    """The edits peft really applies when loading onto this base. Weights the file holds for a layer the
-    config does not name (ensure_weight_tying saves the tied head's) are used only when peft re-ties that
-    layer to the embedding's adapter; otherwise peft silently ignores them."""
-    tied = {n for g in graph.groups if g.tied_by_config for n in g.members}
+    """The edits peft really applies when loading onto this base.
+
+    LoRA factors or token rows the file holds for a layer the config does not name (ensure_weight_tying saves the
+    tied head's) are used only when peft re-ties that layer to the embedding's adapter; otherwise peft silently
+    ignores them. A plain weight the file holds for a layer peft does not wrap (`lm_head.weight`, saved by
+    ensure_weight_tying with modules_to_save) is another matter: `set_peft_model_state_dict` loads it into the base's
+    own parameter, which a tied base shares between every member of the group, so every member that peft does not
+    wrap runs with those values."""
+    tied_groups = {n: g.members for g in graph.groups if g.tied_by_config for n in g.members}
     applied: dict[str, ModuleEdit] = {}
     ignored: list[tuple[str, str]] = []
+    overwrites: dict[tuple[str, ...], ModuleEdit] = {}  # tied group -> the plain weight loaded into its parameter
     for name, edit in edits.items():
-        if edit.named_in_config or not edit.changes_weight or (name in tied and settings.peft_ties_on_load()):
+        plain = edit.full_copy is not None and not edit.named_in_config
+        if edit.named_in_config or not edit.changes_weight or (name in tied_groups and settings.peft_ties_on_load()):
             applied[name] = edit
-        elif name in tied:
+        elif plain:
+            applied[name] = edit
+            if name in tied_groups:
+                overwrites[tied_groups[name]] = edit  # the last one loaded wins (they are equal when saved tied)
+        elif name in tied_groups:
             ignored.append(
                 (
                     name,
@@ -232,6 +243,10 @@ def applied_edits(
             )
         else:
             ignored.append((name, "this base does not tie the pair, so peft attaches nothing to this layer"))
+    for members, edit in overwrites.items():
+        for m in members:
+            if m not in applied:
+                applied[m] = ModuleEdit(m, m.rpartition(".")[0], full_copy=edit.full_copy, named_in_config=False)
     return applied, ignored
 
 

@@ -73,7 +73,7 @@ def gap(a: MemberProbe, b: MemberProbe) -> ProbeGap:
 
     logit_diff = float(np.abs(a.logits - b.logits).max()) if a.logits.size else 0.0
     scale = float(np.abs(a.logits).max()) if a.logits.size else 0.0
-    rows = float(np.abs(a.rows - b.rows).max()) if a.rows.size else 0.0
+    rows = float(np.abs(a.rows - b.rows).max()) if a.rows.size and a.rows.shape == b.rows.shape else 0.0
     top1 = float(np.mean(a.logits.argmax(axis=1) == b.logits.argmax(axis=1))) if a.logits.size else 1.0
     return ProbeGap(rows, logit_diff, scale, top1)
 

@@ -42,7 +42,8 @@ if TYPE_CHECKING:
     from tieaudit.checkpoint import Checkpoint
 
 MAX_BYTES = 6 * 2**30  # float32 bytes the oracle may hold: the tied weights, peft's copies of them, the merge
-CHUNK_BYTES = 32 * 2**20  # the largest float32 block one evaluation step holds (embedding rows, identity blocks)
+CHUNK_BYTES = 32 * 2**20  # the largest float32 block one evaluation step holds (embedding rows)
+ROWS_BY_IDENTITY = 2**22  # a head's probe rows are measured (one identity forward) up to this many weights
 
 
 class OracleUnavailable(TieauditError):
@@ -57,7 +58,9 @@ class MemberProbe:
 
     ``rows``: the weight's rows for the probe token ids, float32 ``[n_ids, hidden]`` (an embedding's output divided by
     its scale; a head's rows measured through identity inputs). ``logits``: ``h @ W.T`` for the probe hidden states,
-    ``[n_h, vocab]``, without bias. ``bias``: the module's bias as it runs (None: no bias)."""
+    ``[n_h, vocab]``, without bias; every row of the weight shows in its own column, so the logits see every row.
+    ``bias``: the module's bias as it runs (None: no bias). A large head's ``rows`` are empty (see ROWS_BY_IDENTITY).
+    """
 
     name: str
     kind: str  # "embedding" | "linear"
@@ -212,9 +215,7 @@ def _materialise(model: Any, base: Checkpoint, values: Mapping[str, str]) -> lis
 
     for owner in owner_names:
         module = _owner(model, owner)
-        module.to_empty(device="cpu", recurse=False)
-        with contextlib.suppress(Exception):  # buffers such as an embedding scale come from the class's own init
-            model._init_weights(module)
+        _to_cpu_keeping_params_meta(model, module)
         for leaf, _ in list(module.named_parameters(recurse=False)):
             name = f"{owner}.{leaf}" if owner else leaf
             pid = meta_ids[name]
@@ -224,13 +225,30 @@ def _materialise(model: Any, base: Checkpoint, values: Mapping[str, str]) -> lis
                     value = torch.zeros_like(module.get_parameter(leaf), device="cpu", dtype=torch.float32)
                     notes.append(f"{name} is not stored in the base: zeros in peft's check")
                 real[pid] = nn.Parameter(value.to(torch.float32).contiguous(), requires_grad=False)
-        module.to(torch.float32)
     # every name of a materialised parameter points at the one real Parameter, as transformers tied them
     for pid, param in real.items():
         for name in classes[pid]:
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent), leaf, param)
     return notes
+
+
+def _to_cpu_keeping_params_meta(model: Any, module: nn.Module) -> None:
+    """Give ``module`` its own buffers on the CPU, initialised by the model class (e.g. Gemma's embedding scale),
+    leaving its parameters on the meta device (the caller gives them real values): the class's init then touches no
+    weight memory (an embedding's random init alone costs seconds)."""
+    import torch
+    from torch import nn
+
+    params = dict(module.named_parameters(recurse=False))
+    module.to_empty(device="cpu", recurse=False)
+    for leaf, p in params.items():
+        setattr(module, leaf, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))
+    with contextlib.suppress(Exception):  # a class whose init needs more than this module: buffers stay as built
+        model._init_weights(module)
+    for name, b in list(module.named_buffers(recurse=False)):
+        if b.is_floating_point():
+            setattr(module, name, b.to(torch.float32))
 
 
 def _apply_adapter(model: Any, adapter_dir: Path) -> Any:
@@ -290,32 +308,30 @@ def _probe(root: Any, param: str, ids: torch.Tensor, h: torch.Tensor) -> MemberP
             block = module(torch.arange(a, b)[None])[0].float() / scale
             logits[:, a:b] = h @ block.T
         return MemberProbe(param, "embedding", rows.numpy(), logits.numpy())
-    # a head (Linear, Conv1D): logits directly; rows through identity inputs, a block of hidden units at a time
+    # a head (Linear, Conv1D): the logits directly, every row of the weight in its own column. Its rows for the
+    # probe ids would take one forward per hidden unit (a full matrix product): measured only for small heads
     bias_rt = module(torch.zeros(1, hidden))[0].float()
     logits = module(h).float() - bias_rt
-    rows = torch.empty(len(ids), hidden, dtype=torch.float32)
-    step = max(1, CHUNK_BYTES // (4 * vocab))
-    for a in range(0, hidden, step):
-        b = min(hidden, a + step)
-        eye = torch.zeros(b - a, hidden)
-        eye[torch.arange(b - a), torch.arange(a, b)] = 1.0
-        cols = module(eye).float() - bias_rt  # [b - a, vocab] = W[:, a:b].T
-        rows[:, a:b] = cols[:, ids].T
+    rows = torch.empty(0, hidden, dtype=torch.float32)
+    if vocab * hidden <= ROWS_BY_IDENTITY:
+        cols = module(torch.eye(hidden)).float() - bias_rt  # [hidden, vocab] = W.T
+        rows = cols[:, ids].T.contiguous()
     has_bias = getattr(plain, "bias", None) is not None
     return MemberProbe(param, "linear", rows.numpy(), logits.numpy(), bias_rt.numpy() if has_bias else None)
 
 
 def _embedding_scale(plain: nn.Embedding, vocab: int) -> float:
-    """The factor the embedding class multiplies its rows by (Gemma: sqrt(hidden)), measured on its own forward."""
+    """The factor the embedding class multiplies its rows by (Gemma: sqrt(hidden)), measured on its own forward at
+    the largest entry of the first row that has a non-zero one."""
     import torch
 
     w = plain.weight
-    row = int(torch.argmax(w.abs().amax(dim=1)))
-    col = int(torch.argmax(w[row].abs()))
-    if float(w[row, col]) == 0.0:
-        return 1.0
-    out = plain(torch.tensor([[row]]))[0, 0, col]
-    return float(out / w[row, col])
+    for row in range(min(vocab, 64)):
+        col = int(torch.argmax(w[row].abs()))
+        if float(w[row, col]) != 0.0:
+            out = plain(torch.tensor([[row]]))[0, 0, col]
+            return float(out / w[row, col])
+    return 1.0
 
 
 def _merge_save_reload(
@@ -359,14 +375,12 @@ def _load_and_probe(
     names: list[str] = []
     for owner in owners:
         module = _owner(model, owner)
-        module.to_empty(device="cpu", recurse=False)
-        with contextlib.suppress(Exception):  # buffers such as an embedding scale come from the class's own init
-            model._init_weights(module)
-        module.to(torch.float32)
+        _to_cpu_keeping_params_meta(model, module)
         for leaf, p in list(module.named_parameters(recurse=False)):
             name = f"{owner}.{leaf}" if owner else leaf
             names.append(name)
-            value = saved[name].to(torch.float32).clone() if name in saved else torch.full_like(p, float("nan"))
+            # never written to: the saved tensor itself, no copy
+            value = saved[name].to(torch.float32) if name in saved else torch.full(p.shape, float("nan"))
             setattr(module, leaf, nn.Parameter(value, requires_grad=False))
     model.tie_weights(missing_keys={n for n in names if n not in saved}, recompute_mapping=False)
     out: dict[str, MemberProbe | None] = {}
