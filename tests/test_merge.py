@@ -544,3 +544,38 @@ def test_tokens_on_the_embedding_and_lora_on_the_head(tokens, adapter_case, tmp_
     assert [g.result for g in report.merge_run.groups] == ["untied"]
     assert_reproduces(out, reference)
     assert {f.code for f in audit(adapter, base=base).findings} >= {"TIE101", "TIE102"}
+
+
+def test_adapter_saved_after_a_vocabulary_resize(adapter_case, tmp_path: Path) -> None:
+    """modules_to_save on both tied layers of a resized model: peft also writes the wrappers' parts under its own
+    names (`X.modules_to_save.weight`, `X.original_module.weight`). On the resized base the merge reproduces the
+    adapter; on the base before the resize it is refused for the shapes (it once named the wrappers' parts as
+    modules the base does not have, in both cases)."""
+    from peft import LoraConfig, get_peft_model
+
+    from fixtures.adapter_builders import _load, _randomize
+
+    base, _, _ = adapter_case("llama", "lora_embed")
+    model = _load(base)
+    model.resize_token_embeddings(72, mean_resizing=False)
+    resized = tmp_path / "resized"
+    model.save_pretrained(resized)
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"])
+    )
+    _randomize(peft_model, 0)
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    keys = stored_names(adapter)
+    assert {
+        "base_model.model.lm_head.modules_to_save.weight",
+        "base_model.model.lm_head.original_module.weight",
+    } <= keys
+    out = tmp_path / "merged"
+    report = merge(adapter, base=resized, output_dir=out)
+    assert report.exit_code == 0 and report.merge_run.verified_by
+    assert_reproduces(out, peft_logits(resized, adapter))
+    result = runner.invoke(app, ["merge", str(adapter), "--base", str(base), "--output-dir", str(tmp_path / "m2")])
+    assert result.exit_code == 2 and "has shape [72, 16], the base's lm_head.weight [64, 16]" in result.stderr
+    codes = [f.code for f in audit(adapter, base=base).findings]
+    assert codes.count("TIE104") == 2

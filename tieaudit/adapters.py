@@ -18,6 +18,8 @@ from tieaudit.checkpoint.types import ConfigFile, TensorInfo
 from tieaudit.errors import InputError
 
 PREFIX = "base_model.model."
+MTS_COPY = ".modules_to_save.weight"  # a modules_to_save wrapper's trained copy, under peft's internal name
+MTS_ORIGINAL = ".original_module.weight"  # the same wrapper's original (base) weight
 SUPPORTED_TYPES = ("LORA", "TRAINABLE_TOKENS")
 
 
@@ -186,8 +188,10 @@ def module_edits(
             a, b = f"{key}.lora_A.weight", f"{key}.lora_B.weight"
             r = tensors[a].shape[0]
             lora = LoraPart("linear", a, b, r, settings.scaling(module), f"{key}.lora_magnitude_vector" in tensors)
-        full = f"{key}.weight" if f"{key}.weight" in tensors else None
-        base = f"{key}.base_layer.weight" if f"{key}.base_layer.weight" in tensors else None
+        # peft's own names for a modules_to_save wrapper's parts (saved beside `X.weight` after a vocabulary resize):
+        # the trained copy, and the original module (the base weight, like a LoRA layer's base_layer)
+        full = next((k for k in (f"{key}.weight", f"{key}{MTS_COPY}") if k in tensors), None)
+        base = next((k for k in (f"{key}.base_layer.weight", f"{key}{MTS_ORIGINAL}") if k in tensors), None)
         tok_key = f"{key}.token_adapter.trainable_tokens_delta"
         tokens = None
         if tok_key in tensors:

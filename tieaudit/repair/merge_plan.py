@@ -16,7 +16,16 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from tieaudit.adapters import PREFIX, AdapterSettings, LoraPart, ModuleEdit, edit_keys, module_edits
+from tieaudit.adapters import (
+    MTS_COPY,
+    MTS_ORIGINAL,
+    PREFIX,
+    AdapterSettings,
+    LoraPart,
+    ModuleEdit,
+    edit_keys,
+    module_edits,
+)
 from tieaudit.checkpoint.types import TensorInfo
 from tieaudit.forecast import TokenEdit, runtime_tokens
 from tieaudit.graph import TieGraph
@@ -27,6 +36,7 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 _LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B")
 _BASE_COPY = ".base_layer.weight"
+_WRAPPER_PARTS = (MTS_COPY, MTS_ORIGINAL)  # a modules_to_save wrapper's copy and original, by peft's internal names
 _TOKENS = ".token_adapter.trainable_tokens_delta"
 
 
@@ -149,15 +159,26 @@ def adapter_edits(
 
 def _module_of(rest: str) -> str | None:
     """The module a LoRA / base-copy / token key belongs to (None: a modules_to_save copy of a parameter)."""
-    for suffix in (*_LORA_SUFFIXES, _BASE_COPY, _TOKENS):
+    for suffix in (*_LORA_SUFFIXES, _BASE_COPY, _TOKENS, *_WRAPPER_PARTS):
         if rest.endswith(suffix):
             return rest[: -len(suffix)]
     return None
 
 
 def _unused_keys(adapter_tensors: Mapping[str, TensorInfo], edits: Mapping[str, ModuleEdit]) -> list[str]:
-    used = edit_keys(edits.values())
+    used = edit_keys(edits.values()) | set(wrapper_aliases(adapter_tensors, edits))
     return sorted(k for k in adapter_tensors if k not in used)
+
+
+def wrapper_aliases(adapter_tensors: Mapping[str, TensorInfo], edits: Mapping[str, ModuleEdit]) -> dict[str, str]:
+    """`X.modules_to_save.weight` keys saved beside the `X.weight` copy that the edit uses: alias -> the copy's key.
+    peft loads both into the same trained copy, so the merge requires them equal (checked by the caller)."""
+    out = {}
+    for e in edits.values():
+        alias = f"{PREFIX}{e.module}{MTS_COPY}"
+        if e.full_copy is not None and e.full_copy != alias and alias in adapter_tensors:
+            out[alias] = e.full_copy
+    return out
 
 
 def _check_fit(param: str, edit: ModuleEdit, tensors: Mapping[str, TensorInfo], base: TensorInfo, trans: bool) -> None:

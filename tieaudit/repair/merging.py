@@ -39,6 +39,7 @@ from tieaudit.repair.merge_plan import (
     runtime_equal,
     tied_groups,
     unsupported_variant,
+    wrapper_aliases,
 )
 from tieaudit.repair.write import (
     Entry,
@@ -215,11 +216,14 @@ def _prepare(ad: Checkpoint, base_ckpt: Checkpoint, settings: AdapterSettings, c
     if mismatches:
         m = mismatches[0]
         raise MergeRefused(f"{m.detail} (max |diff| {m.max_abs_diff:.3g}): the adapter was trained on another base")
+    same = _AdapterTensorsEqual(ad)
+    for alias, key in wrapper_aliases(ad.tensors, edits).items():
+        if not same(alias, key, False):
+            raise MergeRefused(f"the adapter holds two different trained copies of one layer: {alias} and {key}")
     applied, ignored = applied_edits(graph, edits, settings)
     applied = {k: v for k, v in applied.items() if v.changes_weight}
     notes = [f"adapter weights for {name} are not merged: {why} (peft ignores them too)" for name, why in ignored]
 
-    same = _AdapterTensorsEqual(ad)
     transposed = graph.declared.transposed
     keep: dict[str, bool] = {}
     groups: list[MergeGroup] = []
