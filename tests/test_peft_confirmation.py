@@ -229,6 +229,10 @@ def test_new_architectures_check_and_merge(case: tuple[str, str], new_arch_cases
     codes = {f.code for f in report.findings}
     assert ("TIE101" in codes) == unties, (case, unties, report.findings)
     assert ("TIE102" in codes) == breaks, (case, breaks, report.findings)
+    # tieaudit's own forecast agrees with peft on these names too (verdicts, and probe logits within 2 %)
+    assert all(f.evidence["peft"]["agrees"] for f in report.findings if f.code in ("TIE101", "TIE102")), [
+        f.evidence["peft"] for f in report.findings if f.code in ("TIE101", "TIE102")
+    ]
     out = tmp_path / "merged"
     try:
         merged = merge(adapter, base=base, output_dir=out)

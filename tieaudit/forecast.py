@@ -302,7 +302,10 @@ def peft_merge_structure(
     # (with ensure_weight_tying peft keeps the copies tied to each other: one storage)
     classes: dict[str, list[str]] = {}
     for m in members:
-        cls = ("copy" if settings.ensure_weight_tying else f"copy:{m}") if m in copies else "shared"
+        # a copy peft wraps (modules_to_save) is its own storage after the merge; a plain weight the file holds for a
+        # layer peft does not wrap was loaded into the base's parameter, and stays in its storage
+        wrapped = m in copies and edits[m].named_in_config
+        cls = ("copy" if settings.ensure_weight_tying else f"copy:{m}") if wrapped else "shared"
         classes.setdefault(cls, []).append(m)
     untied_after = len(classes) > 1  # PEFT's post-merge check: the data pointers differ
     reload: dict[str, str | None] = {}
@@ -312,9 +315,12 @@ def peft_merge_structure(
             reload[m] = kept if kept in copies else "shared"
     else:
         for names in classes.values():
-            # save_pretrained keeps one name per storage; the config is untied, so the others load random
-            for i, m in enumerate(names):
-                reload[m] = (m if m in copies else "shared") if i == 0 else None
+            # save_pretrained keeps one name per storage (transformers' remove_tied_weights_from_state_dict: the
+            # group's source when it shares it, else the last declared target in sorted order); the config is
+            # untied, so the others load random
+            kept = members[0] if members[0] in names else sorted(names)[-1]
+            for m in names:
+                reload[m] = (m if m in copies else "shared") if m == kept else None
     mechanisms = []
     lora_members = [m for m in members if m in lora]
     if lora_members and not untied_after:
