@@ -156,11 +156,12 @@ def _confirm(
     values = group_base_values(base_ckpt, graph)
     why_not = "--no-peft-check" if not confirm else None
     views: list[PeftView] = []
+    peft_fails = False
     if confirm:
         try:
             views = peft_views(adapter, base_ckpt, graph, groups, values, forecasts, settings, probes)
         except OracleUnavailable as exc:
-            why_not = str(exc)
+            why_not, peft_fails = str(exc), exc.peft_fails
     if why_not is not None:
         skipped.append(
             Skipped(
@@ -169,7 +170,13 @@ def _confirm(
             )
         )
     seen = {v.source for v in views}
-    unverified = [(g, why_not or "peft gave no answer") for g in groups if g[0] not in seen and g[0] not in forecast_of]
+    # a group is unverified when nothing judged it; and when peft itself fails on the adapter, whatever the forecast
+    # says: the adapted model fails for its users too
+    unverified = [
+        (g, why_not or "peft gave no answer")
+        for g in groups
+        if g[0] not in seen and (peft_fails or g[0] not in forecast_of)
+    ]
     return views, unverified
 
 

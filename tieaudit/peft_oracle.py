@@ -47,9 +47,15 @@ ROWS_BY_IDENTITY = 2**22  # a head's probe rows are measured (one identity forwa
 
 
 class OracleUnavailable(TieauditError):
-    """peft could not be asked (too large, the class cannot be built, peft refuses the adapter): why, in one line."""
+    """peft could not be asked (too large, the class cannot be built, peft refuses the adapter): why, in one line.
+    ``peft_fails``: peft itself fails on this adapter (loading it, or running its tied layers), which a user of the
+    adapter meets too; otherwise the check could not be made here (size, the class)."""
 
     exit_code = 2
+
+    def __init__(self, message: str, *, peft_fails: bool = False) -> None:
+        super().__init__(message)
+        self.peft_fails = peft_fails
 
 
 @dataclass(frozen=True)
@@ -107,7 +113,15 @@ def ask_peft(
         ids = torch.tensor(list(probe_ids), dtype=torch.long)
         ht = torch.from_numpy(h).to(torch.float32)
         with torch.no_grad():
-            runtime = {m: _probe(runtime_model, m, ids, ht) for m in members}
+            runtime = {}
+            for m in members:
+                try:
+                    runtime[m] = _probe(runtime_model, m, ids, ht)
+                except Exception as exc:  # the adapted layer does not run: what the adapted model does too
+                    raise OracleUnavailable(
+                        f"peft's adapted {m.rpartition('.')[0]} fails to run: {type(exc).__name__}: {_first_line(exc)}",
+                        peft_fails=True,
+                    ) from exc
             merged: dict[str, MemberProbe | None] | None = None
             flag: bool | None = None
             error: str | None = None
@@ -257,7 +271,9 @@ def _apply_adapter(model: Any, adapter_dir: Path) -> Any:
     try:
         return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).eval()
     except Exception as exc:  # peft's refusal is the answer
-        raise OracleUnavailable(f"peft cannot apply the adapter: {type(exc).__name__}: {exc}") from exc
+        raise OracleUnavailable(
+            f"peft cannot apply the adapter: {type(exc).__name__}: {_first_line(exc)}", peft_fails=True
+        ) from exc
 
 
 def _first_line(exc: BaseException) -> str:

@@ -448,14 +448,20 @@ with `--deep`.
 """,
 )
 def tied_adapter_unverified(ctx: AdapterContext) -> Iterator[Finding]:
+    forecast = {fc.source for fc in ctx.forecasts}
     for members, why in ctx.unverified:
         modules = ", ".join(_module(m) for m in members)
+        ours = (
+            "tieaudit's own forecast is not confirmed"
+            if members[0] in forecast
+            else "tieaudit does not model this adapter"
+        )
         yield Finding(
             "TIE105",
             "tied-adapter-unverified",
             Severity.WARNING,
             f"the adapter ({ctx.settings.peft_type}) touches the tied layers {modules}, but what it does to their tie "
-            f"could not be checked: tieaudit does not model it, and peft could not be asked ({why})",
+            f"could not be checked: {ours}, and peft could not be asked ({why})",
             Location(file="adapter_config.json", tensor=members[0]),
             {"members": list(members), "peft_type": ctx.settings.peft_type, "reason": why},
             FixHint("manual", None, "run the check with peft installed and without --no-peft-check, or with --deep"),
