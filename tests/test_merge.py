@@ -516,16 +516,16 @@ def test_a_wrong_internal_model_is_stopped_by_peft(
     assert not out.exists() and not list(tmp_path.glob(".merged.tieaudit-tmp-*"))
 
 
-def test_merge_refuses_when_peft_cannot_be_asked(adapter_case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import tieaudit.peft_oracle as oracle
-
-    monkeypatch.setattr(oracle, "MAX_BYTES", 1000)
-    monkeypatch.setattr(oracle.ask_peft, "__kwdefaults__", {"merge": False, "max_bytes": 1000})
+def test_merge_refuses_when_peft_cannot_be_asked(adapter_case, tmp_path: Path) -> None:
+    """Over the peft check's memory bound the merge cannot be verified: exit 2, nothing written, the bound named."""
     base, adapter, _ = adapter_case("llama", "lora_both")
     out = tmp_path / "merged"
-    result = CliRunner().invoke(app, ["merge", str(adapter), "--base", str(base), "--output-dir", str(out)])
+    args = ["merge", str(adapter), "--base", str(base), "--output-dir", str(out)]
+    result = runner.invoke(app, [*args, "--peft-max-memory", "0.000001"])
     assert result.exit_code == 2 and "cannot verify the merge against peft" in result.stderr, result.output
-    assert "GiB" in result.stderr and not out.exists()
+    assert "--peft-max-memory" in result.stderr and not out.exists()
+    bad = runner.invoke(app, [*args, "--peft-max-memory", "-1"])
+    assert bad.exit_code == 2 and "positive number of GiB" in bad.stderr and not out.exists()
 
 
 @pytest.mark.parametrize("tokens", [{"embed_tokens": [5, 7]}, [5, 7]], ids=["dict", "list"])

@@ -246,3 +246,14 @@ def test_new_architectures_check_and_merge(case: tuple[str, str], new_arch_cases
     assert float((_logits(model, ids) - reference).abs().max()) <= TOL * scale
     model.tie_weights()
     assert float((_logits(model, ids) - reference).abs().max()) <= TOL * scale
+
+
+def test_over_the_memory_bound_the_check_says_so(variants, adapter_case) -> None:
+    """A forecast tieaudit models stands, marked unconfirmed; what only peft could judge is TIE105."""
+    base, adapter, _ = adapter_case("llama", "lora_embed")
+    report = audit(adapter, base=base, peft_max_memory=1e-6)
+    [note] = [s for s in report.skipped if s.check == "peft-confirmation"]
+    assert "--peft-max-memory" in note.reason and "TIE102" in {f.code for f in report.findings}
+    base, adapter, _ = variants["lokr-head"]
+    codes = {f.code for f in audit(adapter, base=base, peft_max_memory=1e-6).findings}
+    assert codes == {"TIE105"}

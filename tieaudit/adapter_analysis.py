@@ -42,6 +42,7 @@ def analyse_adapter(
     probes: int,
     stack: contextlib.ExitStack,
     confirm: bool = True,
+    peft_max_bytes: int | None = None,
 ) -> AdapterAnalysis:
     """Everything the adapter rules need. ``confirm``: hold the forecast to peft itself (`tieaudit.adapter_confirm`);
     without it the report says the forecast stands unconfirmed."""
@@ -127,7 +128,9 @@ def analyse_adapter(
 
     applied, ignored = applied_edits(graph, edits, settings)
     forecasts, comparisons = forecast_groups(adapter, base_ckpt, graph, applied, settings, probes, mismatches, skipped)
-    views, unverified = _confirm(adapter, base_ckpt, graph, forecasts, settings, probes, mismatches, skipped, confirm)
+    views, unverified = _confirm(
+        adapter, base_ckpt, graph, forecasts, settings, probes, mismatches, skipped, confirm, peft_max_bytes
+    )
     comparisons += _view_comparisons(views)
     return result(graph, edits, forecasts, mismatches, comparisons, arch, ignored, views, unverified)
 
@@ -142,11 +145,12 @@ def _confirm(
     mismatches: list[BaseMismatch],
     skipped: list[Skipped],
     confirm: bool,
+    max_bytes: int | None,
 ) -> tuple[list[PeftView], list[tuple[tuple[str, ...], str]]]:
     """peft's verdicts on every tied group the adapter touches, and the groups neither peft nor the forecast could
     judge (with why)."""
     from tieaudit.adapter_confirm import peft_views, touched_groups
-    from tieaudit.peft_oracle import OracleUnavailable
+    from tieaudit.peft_oracle import MAX_BYTES, OracleUnavailable
 
     bad = {m.param for m in mismatches}
     groups = [g for g in touched_groups(adapter, settings, graph) if not any(m in bad for m in g)]
@@ -159,7 +163,8 @@ def _confirm(
     peft_fails = False
     if confirm:
         try:
-            views = peft_views(adapter, base_ckpt, graph, groups, values, forecasts, settings, probes)
+            limit = MAX_BYTES if max_bytes is None else max_bytes
+            views = peft_views(adapter, base_ckpt, graph, groups, values, forecasts, settings, probes, limit)
         except OracleUnavailable as exc:
             why_not, peft_fails = str(exc), exc.peft_fails
     if why_not is not None:

@@ -111,6 +111,7 @@ def peft_views(
     forecasts: Sequence[GroupForecast],
     settings: AdapterSettings,
     probes: int,
+    max_bytes: int,
 ) -> list[PeftView]:
     """Ask peft about ``groups`` (each: the source first), and compare with the forecasts. Raises
     `tieaudit.peft_oracle.OracleUnavailable` when peft cannot be asked."""
@@ -121,7 +122,7 @@ def peft_views(
     vocab, hidden = int(shape[0]), int(shape[1])
     # the forecast's own probe states (compare.probe_states), so its logit numbers and peft's are comparable
     ids, h = probe_inputs(vocab, hidden, probes, settings)
-    oracle = ask_peft(base, adapter.root, {m: values[m] for m in members}, ids, h, merge=True)
+    oracle = ask_peft(base, adapter.root, {m: values[m] for m in members}, ids, h, merge=True, max_bytes=max_bytes)
     by_source = {fc.source: fc for fc in forecasts}
     views = []
     for g in groups:

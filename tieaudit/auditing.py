@@ -41,6 +41,15 @@ def check_selectors(select: Sequence[str] | None, ignore: Sequence[str] | None) 
         raise UsageError(f"unknown rule selector {bad[0]!r}: see `tieaudit rules`")
 
 
+def _gib(value: float | None) -> int | None:
+    """--peft-max-memory GiB -> bytes (None: the oracle's default bound)."""
+    if value is None:
+        return None
+    if not value > 0:
+        raise UsageError(f"--peft-max-memory must be a positive number of GiB, not {value}")
+    return int(value * 2**30)
+
+
 def audit(
     path: str | os.PathLike[str],
     base: str | os.PathLike[str] | None = None,
@@ -54,6 +63,7 @@ def audit(
     deep: bool = False,
     revision: str | None = None,
     peft_check: bool = True,
+    peft_max_memory: float | None = None,
 ) -> Report:
     """Audit a checkpoint directory (or a Hub repo id in the local Hugging Face cache, at ``revision``) and return
     the report (never writes anything, never downloads).
@@ -87,6 +97,7 @@ def audit(
             stack,
             started,
             peft_check=peft_check,
+            peft_max_bytes=_gib(peft_max_memory),
         )
     if where.repo is not None:
         report = dataclasses.replace(report, target=dataclasses.replace(report.target, repo=where.repo))
@@ -106,6 +117,7 @@ def audit_open(
     stack: contextlib.ExitStack,
     started: float,
     peft_check: bool = True,
+    peft_max_bytes: int | None = None,
 ) -> tuple[Report, TieGraph | None]:
     """Audit an open checkpoint; also returns the tie graph of a model checkpoint (for `fix`)."""
     skipped: list[Skipped] = []
@@ -117,7 +129,9 @@ def audit_open(
         if progress and peft_check:
             progress("reading the adapter against its base (and asking peft)", 0, 0)
         base_arg = None if base is None else str(base)
-        analysis = analyse_adapter(ckpt, path, base_arg, probe_tokens, stack, confirm=peft_check)
+        analysis = analyse_adapter(
+            ckpt, path, base_arg, probe_tokens, stack, confirm=peft_check, peft_max_bytes=peft_max_bytes
+        )
         skipped.extend(analysis.skipped)
         context = analysis.context
         extra: list[Comparison] = []

@@ -187,7 +187,7 @@ def _check_size(model: nn.Module, members: Sequence[str], max_bytes: int) -> Non
     if need > max_bytes:
         raise OracleUnavailable(
             f"the tied weights need about {need / 2**30:.1f} GiB in float32 to be checked by peft, over the "
-            f"bound of {max_bytes / 2**30:.1f} GiB"
+            f"bound of {max_bytes / 2**30:.1f} GiB (--peft-max-memory)"
         )
 
 

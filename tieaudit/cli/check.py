@@ -36,6 +36,7 @@ def check(
     progress: o.ProgressOpt = None,
     color: o.ColorOpt = "auto",
     timings: o.TimingsOpt = False,
+    peft_max_memory: o.PeftMemoryOpt = None,
     config: o.ConfigOpt = None,
     isolated: o.IsolatedOpt = False,
     no_cache: o.NoCacheOpt = False,
@@ -84,6 +85,7 @@ def check(
                 deep=deep,
                 revision=revision,
                 peft_check=not no_peft_check,
+                peft_max_memory=peft_max_memory,
             )
 
         if not batch:

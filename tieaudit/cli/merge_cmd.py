@@ -32,6 +32,7 @@ def merge(
     progress: o.ProgressOpt = None,
     color: o.ColorOpt = "auto",
     timings: o.TimingsOpt = False,
+    peft_max_memory: o.PeftMemoryOpt = None,
     config: o.ConfigOpt = None,
     isolated: o.IsolatedOpt = False,
 ) -> None:
@@ -58,6 +59,7 @@ def merge(
             exit_zero=exit_zero,
             probe_tokens=probe_tokens,
             progress=callback,
+            peft_max_memory=peft_max_memory,
         )
     emit_report(report, fmt, output, color, quiet, verbose, timings)
     if not quiet:

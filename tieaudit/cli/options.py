@@ -87,6 +87,14 @@ NoPeftCheckOpt = Annotated[
         "tied layers only peft could judge get TIE105).",
     ),
 ]
+PeftMemoryOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--peft-max-memory",
+        help="GiB the peft check may use for the tied layers (default 6); above it, adapters are not checked by peft.",
+        show_default=False,
+    ),
+]
 TimingsOpt = Annotated[
     bool,
     typer.Option(

@@ -99,6 +99,7 @@ def merge(
     probe_tokens: int = 64,
     progress: Progress | None = None,
     revision: str | None = None,
+    peft_max_memory: float | None = None,
 ) -> Report:
     """Merge the LoRA adapter at ``adapter`` (a directory, or a Hub repo id in the local cache at ``revision``) into
     its base and write the merged model to ``output_dir``.
@@ -108,7 +109,7 @@ def merge(
     uses. Raises `TieauditError` subclasses (exit 2) for bad input or a failed write; nothing is written then.
     """
     from tieaudit.adapters import read_settings, resolve_base
-    from tieaudit.auditing import severity
+    from tieaudit.auditing import _gib, severity
     from tieaudit.checkpoint import open_checkpoint
 
     started = time.perf_counter()
@@ -155,7 +156,7 @@ def merge(
             copies.thread.join()  # never leave it reading files the stack is about to close
         if progress:
             progress("asking peft how the adapter runs its tied layers", 0, 0)
-        check = PeftCheck.ask(base_ckpt, Path(ad.root), job.verify, settings, probe_tokens)
+        check = PeftCheck.ask(base_ckpt, Path(ad.root), job.verify, settings, probe_tokens, _gib(peft_max_memory))
         after, written, comparisons = _write(
             ad, base_ckpt, job, dest, fail_level, exit_zero, probe_tokens, progress, check
         )
@@ -394,12 +395,18 @@ class PeftCheck:
 
     @classmethod
     def ask(
-        cls, base_ckpt: Checkpoint, adapter_dir: Path, values: Mapping[str, str], settings: AdapterSettings, probes: int
+        cls,
+        base_ckpt: Checkpoint,
+        adapter_dir: Path,
+        values: Mapping[str, str],
+        settings: AdapterSettings,
+        probes: int,
+        max_bytes: int | None = None,
     ) -> PeftCheck:
         import numpy as np
 
         from tieaudit.adapter_confirm import MIN_PROBES, probe_inputs
-        from tieaudit.peft_oracle import OracleUnavailable, ask_peft
+        from tieaudit.peft_oracle import MAX_BYTES, OracleUnavailable, ask_peft
 
         dtypes = {m: base_ckpt.tensors[d].dtype for m, d in values.items()}
         if not values:
@@ -408,7 +415,7 @@ class PeftCheck:
         vocab, hidden = int(shape[0]), int(shape[1])
         ids, h = probe_inputs(vocab, hidden, max(probes, MIN_PROBES), settings)
         try:
-            oracle = ask_peft(base_ckpt, adapter_dir, values, ids, h)
+            oracle = ask_peft(base_ckpt, adapter_dir, values, ids, h, max_bytes=max_bytes or MAX_BYTES)
         except OracleUnavailable as exc:
             raise WriteError(
                 f"cannot verify the merge against peft ({exc}); nothing was written: keep the adapter unmerged "
