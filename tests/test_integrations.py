@@ -130,26 +130,23 @@ def test_pre_commit_system_hook_runs_for_real(tmp_path: Path) -> None:
         "PRE_COMMIT_HOME": str(tmp_path / "pre-commit-home"),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     }
-    proc = subprocess.run(
-        [sys.executable, "-m", "pre_commit", "run", "--all-files"],
-        cwd=project,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+
+    def pre_commit() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "pre_commit", "run", "--all-files"],
+            cwd=project,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    proc = pre_commit()
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "tieaudit check (the installed tieaudit)" in proc.stdout and "Failed" in proc.stdout
     assert "TIE002 untied-weight-missing error" in proc.stdout
     (project / "ckpt").rename(project / "moved")  # nothing the hook watches changed: skipped, not failed
     shutil.copytree(DEMO / "llama-clean", project / "ckpt")
     _git(project, "add", "-A")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pre_commit", "run", "--all-files"],
-        cwd=project,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = pre_commit()
     assert proc.returncode == 0 and "Passed" in proc.stdout, proc.stdout + proc.stderr

@@ -12,7 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixtures.adapter_builders import ADAPTER_SPECS, _load, _probe_weight, build_base, build_custom_adapter, probe_ids
+from fixtures.adapter_builders import (
+    ADAPTER_SPECS,
+    _load,
+    _probe_weight,
+    build_base,
+    build_custom_adapter,
+    load_any,
+    logits_any,
+    probe_ids,
+    tiny_tied,
+)
 from tieaudit import audit
 
 TOL = 1e-4  # x the logit scale
@@ -114,53 +124,11 @@ def test_the_variants_really_break_something(variants) -> None:
 # -- architectures the verdict suite does not use: their tied layers carry other names -------------------------------
 
 
-def _tiny(arch: str):
-    import transformers
-
-    if arch == "bloom":  # transformer.word_embeddings / lm_head
-        cfg = transformers.BloomConfig(vocab_size=64, hidden_size=16, n_layer=1, n_head=2, tie_word_embeddings=True)
-        return transformers.BloomForCausalLM(cfg), ["query_key_value"], ["transformer.word_embeddings", "lm_head"]
-    if arch == "falcon":  # transformer.word_embeddings / lm_head, another modelling file
-        cfg = transformers.FalconConfig(
-            vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, tie_word_embeddings=True
-        )
-        return transformers.FalconForCausalLM(cfg), ["query_key_value"], ["transformer.word_embeddings", "lm_head"]
-    # bart: model.shared, model.encoder.embed_tokens, model.decoder.embed_tokens, lm_head (an encoder-decoder)
-    cfg = transformers.BartConfig(
-        vocab_size=64,
-        d_model=16,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=32,
-        decoder_ffn_dim=32,
-        max_position_embeddings=32,
-        tie_word_embeddings=True,
-    )
-    members = ["model.shared", "model.encoder.embed_tokens", "model.decoder.embed_tokens", "lm_head"]
-    return transformers.BartForConditionalGeneration(cfg), ["q_proj"], members
-
-
 NEW_CASES = [
     (arch, case)
     for arch in ("bloom", "falcon", "bart")
     for case in ("lora_embed", "lora_both_tying", "mts_embed", "mts_both_tying")
 ]
-
-
-def _load_any(path: Path):
-    import transformers
-
-    arch = transformers.AutoConfig.from_pretrained(str(path)).architectures[0]
-    return getattr(transformers, arch).from_pretrained(str(path), dtype=torch.float32).eval()
-
-
-def _logits(model, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        if model.config.is_encoder_decoder:
-            return model(input_ids=ids, decoder_input_ids=ids).logits
-        return model(input_ids=ids).logits
 
 
 @pytest.fixture(scope="module")
@@ -174,11 +142,11 @@ def new_arch_cases(tmp_path_factory: pytest.TempPathFactory):
     out = {}
     for arch, case in NEW_CASES:
         torch.manual_seed(0)
-        model, attn, members = _tiny(arch)
+        model, attn, emb, members = tiny_tied(arch)
         base = root / f"{arch}-base"
         if not base.exists():
             model.save_pretrained(base)
-        emb, head = members[0].rpartition(".")[2], members[-1]
+        head = members[-1]
         kw: dict = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": list(attn)}
         if case == "lora_embed":
             kw["target_modules"] += [emb]
@@ -188,12 +156,12 @@ def new_arch_cases(tmp_path_factory: pytest.TempPathFactory):
             kw["modules_to_save"] = [emb]
         else:
             kw.update(modules_to_save=[emb, head], ensure_weight_tying=True)
-        peft_model = get_peft_model(_load_any(base), LoraConfig(**kw))
+        peft_model = get_peft_model(load_any(base), LoraConfig(**kw))
         _randomize(peft_model, 0)
         adapter = root / f"{arch}-{case}"
         peft_model.save_pretrained(adapter)
         # the truth, with whole models: the unmerged adapter, its tied layers, and peft's own merge
-        ref_model = PeftModel.from_pretrained(_load_any(base), str(adapter)).eval()
+        ref_model = PeftModel.from_pretrained(load_any(base), str(adapter)).eval()
         inner = ref_model.get_base_model()
         vocab, hidden = inner.get_input_embeddings().weight.shape
         weights = [
@@ -201,12 +169,12 @@ def new_arch_cases(tmp_path_factory: pytest.TempPathFactory):
         ]
         unties = any(float((w - weights[0]).abs().max()) > 1e-5 for w in weights[1:])
         ids = probe_ids(vocab)
-        reference = _logits(ref_model, ids)
+        reference = logits_any(ref_model, ids)
         try:
             merged = ref_model.merge_and_unload()
             with tempfile.TemporaryDirectory() as tmp:
                 merged.save_pretrained(tmp)
-                after = _logits(_load_any(Path(tmp)), ids)
+                after = logits_any(load_any(Path(tmp)), ids)
             breaks = float((after - reference).abs().max()) > TOL * float(reference.abs().max())
         except Exception:
             breaks = True
@@ -240,12 +208,12 @@ def test_new_architectures_check_and_merge(case: tuple[str, str], new_arch_cases
         assert exc.exit_code == 2 and not out.exists() and "\n" not in str(exc)
         return
     assert merged.exit_code == 0 and merged.merge_run.verified_by
-    model = _load_any(out)
+    model = load_any(out)
     scale = float(reference.abs().max())
     ids = probe_ids(model.get_input_embeddings().weight.shape[0])
-    assert float((_logits(model, ids) - reference).abs().max()) <= TOL * scale
+    assert float((logits_any(model, ids) - reference).abs().max()) <= TOL * scale
     model.tie_weights()
-    assert float((_logits(model, ids) - reference).abs().max()) <= TOL * scale
+    assert float((logits_any(model, ids) - reference).abs().max()) <= TOL * scale
 
 
 def test_over_the_memory_bound_the_check_says_so(variants, adapter_case) -> None:

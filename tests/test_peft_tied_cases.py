@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixtures.adapter_builders import _probe_weight, _randomize, probe_ids
+from fixtures.adapter_builders import _probe_weight, _randomize, load_any, logits_any, probe_ids, tiny_tied
 from tieaudit import audit
 from tieaudit.errors import TieauditError
 from tieaudit.repair import merge
@@ -27,49 +27,10 @@ from tieaudit.repair import merge
 TOL = 1e-4  # x the logit scale
 
 
-def _tiny(family: str):
-    """(model, attention targets, embedding leaf, tied member modules: the input embedding first)."""
-    import transformers
-
-    if family == "llama":
-        cfg = transformers.LlamaConfig(
-            vocab_size=64,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            tie_word_embeddings=True,
-        )
-        return (
-            transformers.LlamaForCausalLM(cfg),
-            ["q_proj", "v_proj"],
-            "embed_tokens",
-            ["model.embed_tokens", "lm_head"],
-        )
-    if family == "gpt2":
-        cfg = transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32)
-        return transformers.GPT2LMHeadModel(cfg), ["c_attn"], "wte", ["transformer.wte", "lm_head"]
-    cfg = transformers.BartConfig(
-        vocab_size=64,
-        d_model=16,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=32,
-        decoder_ffn_dim=32,
-        max_position_embeddings=32,
-        tie_word_embeddings=True,
-    )
-    members = ["model.shared", "model.encoder.embed_tokens", "model.decoder.embed_tokens", "lm_head"]
-    return transformers.BartForConditionalGeneration(cfg), ["q_proj"], "shared", members
-
-
 def _config(family: str, case: str):
     from peft import LoKrConfig, LoraConfig, TrainableTokensConfig
 
-    _, attn, emb, _ = _tiny(family)
+    _, attn, emb, _ = tiny_tied(family)
     lora = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "fan_in_fan_out": family == "gpt2"}
     kind, _, rest = case.partition(":")
     ensure = rest.endswith("+ensure")
@@ -120,27 +81,13 @@ CASES = [("llama", c) for c in ALL] + [(f, c) for f in ("gpt2", "bart") for c in
 REFUSED = {("gpt2", "lokr-mts:"), ("gpt2", "lokr-head:")}
 
 
-def _load(path: Path):
-    import transformers
-
-    arch = transformers.AutoConfig.from_pretrained(str(path)).architectures[0]
-    return getattr(transformers, arch).from_pretrained(str(path), dtype=torch.float32).eval()
-
-
-def _logits(model, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        if model.config.is_encoder_decoder:
-            return model(input_ids=ids, decoder_input_ids=ids).logits
-        return model(input_ids=ids).logits
-
-
 class Truth:
     """What the real libraries do with base + adapter, on whole models."""
 
     def __init__(self, base: Path, adapter: Path, members: list[str]) -> None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(_load(base), str(adapter)).eval()
+        model = PeftModel.from_pretrained(load_any(base), str(adapter)).eval()
         inner = model.get_base_model()
         vocab, hidden = inner.get_input_embeddings().weight.shape
         ids = probe_ids(vocab)
@@ -150,7 +97,7 @@ class Truth:
                 _probe_weight(inner.get_submodule(m), "head" if m == "lm_head" else "embed", vocab, hidden)
                 for m in members
             ]
-            self.reference = _logits(model, ids)
+            self.reference = logits_any(model, ids)
         except Exception:  # peft's adapted model itself fails to run
             self.runs, self.unties, self.breaks = False, False, False
             return
@@ -159,7 +106,7 @@ class Truth:
             merged = model.merge_and_unload()
             with tempfile.TemporaryDirectory() as tmp:
                 merged.save_pretrained(tmp)
-                after = _logits(_load(Path(tmp)), ids)
+                after = logits_any(load_any(Path(tmp)), ids)
             self.breaks = float((after - self.reference).abs().max()) > TOL * float(self.reference.abs().max())
         except Exception:  # peft's merge path fails: no merged model to be had
             self.breaks = True
@@ -180,13 +127,13 @@ def built(tmp_path_factory: pytest.TempPathFactory):
         if (family, case) in cache:
             return cache[family, case]
         torch.manual_seed(0)
-        model, _, _, members = _tiny(family)
+        model, _, _, members = tiny_tied(family)
         if family not in bases:
             bases[family] = root / f"{family}-base"
             model.save_pretrained(bases[family])
         base = bases[family]
         try:
-            peft_model = get_peft_model(_load(base), _config(family, case))
+            peft_model = get_peft_model(load_any(base), _config(family, case))
         except Exception:
             cache[family, case] = None
             return None
@@ -221,9 +168,9 @@ def test_peft_tied_weight_case(case: tuple[str, str], built, tmp_path: Path) -> 
         assert exc.exit_code == 2 and not out.exists() and "\n" not in str(exc)
         return
     assert result.exit_code == 0 and result.merge_run.verified_by
-    model = _load(out)
+    model = load_any(out)
     ids = probe_ids(model.get_input_embeddings().weight.shape[0])
     scale = float(truth.reference.abs().max())
-    assert float((_logits(model, ids) - truth.reference).abs().max()) <= TOL * scale
+    assert float((logits_any(model, ids) - truth.reference).abs().max()) <= TOL * scale
     model.tie_weights()
-    assert float((_logits(model, ids) - truth.reference).abs().max()) <= TOL * scale
+    assert float((logits_any(model, ids) - truth.reference).abs().max()) <= TOL * scale
