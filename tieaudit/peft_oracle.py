@@ -207,10 +207,8 @@ def _materialise(model: Any, base: Checkpoint, values: Mapping[str, str]) -> lis
     from tieaudit.declared import _reverse_renamer
 
     classes = _tie_classes(model)
+    meta_ids = {name: pid for pid, names in classes.items() for name in names}
     owner_names = sorted({m.rpartition(".")[0] for m in values})
-    meta_ids: dict[str, int] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        meta_ids[name] = id(p)
     to_disk = _reverse_renamer(model)
     notes: list[str] = []
     real: dict[int, nn.Parameter] = {}  # meta parameter identity -> its real Parameter (shared by tied names)
@@ -250,18 +248,26 @@ def _materialise(model: Any, base: Checkpoint, values: Mapping[str, str]) -> lis
 def _to_cpu_keeping_params_meta(model: Any, module: nn.Module) -> None:
     """Give ``module`` its own buffers on the CPU, initialised by the model class (e.g. Gemma's embedding scale),
     leaving its parameters on the meta device (the caller gives them real values): the class's init then touches no
-    weight memory (an embedding's random init alone costs seconds)."""
+    weight memory (an embedding's random init alone costs seconds). A buffer the class does not initialise this way
+    would hold garbage: the oracle refuses rather than run on it."""
     import torch
-    from torch import nn
 
-    params = dict(module.named_parameters(recurse=False))
-    module.to_empty(device="cpu", recurse=False)
-    for leaf, p in params.items():
-        setattr(module, leaf, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))
-    with contextlib.suppress(Exception):  # a class whose init needs more than this module: buffers stay as built
+    buffers = [name for name, _ in module.named_buffers(recurse=False)]
+    for name in buffers:
+        b = module.get_buffer(name)
+        fill = float("nan") if b.is_floating_point() else 0
+        setattr(module, name, torch.full(b.shape, fill, dtype=b.dtype))
+    if not buffers:
+        return
+    try:
         model._init_weights(module)
-    for name, b in list(module.named_buffers(recurse=False)):
+    except Exception as exc:
+        raise OracleUnavailable(f"cannot rebuild the buffers of {type(module).__name__}: {exc}") from exc
+    for name in buffers:
+        b = module.get_buffer(name)
         if b.is_floating_point():
+            if bool(torch.isnan(b).any()):
+                raise OracleUnavailable(f"{type(module).__name__}.{name} is not set by the model class's init")
             setattr(module, name, b.to(torch.float32))
 
 
