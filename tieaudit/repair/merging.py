@@ -432,6 +432,7 @@ class PeftCheck:
         WriteError (nothing is committed) when one is further than the dtype's rounding explains."""
         import numpy as np
 
+        from tieaudit.adapter_confirm import gap
         from tieaudit.checkpoint import open_checkpoint
         from tieaudit.peft_oracle import probe_checkpoint
 
@@ -448,16 +449,13 @@ class PeftCheck:
                     "randomly), while the adapter uses it; nothing was written"
                 )
             tol = PEFT_TOLERANCE.get(self.dtypes[m], 1e-4)
-            logit_scale = float(np.abs(want.logits).max()) or 1.0
-            logit_gap = float(np.abs(got.logits - want.logits).max())
-            measured_rows = want.rows.size > 0 and got.rows.shape == want.rows.shape
-            row_scale = (float(np.abs(want.rows).max()) or 1.0) if measured_rows else 1.0
-            row_gap = float(np.abs(got.rows - want.rows).max()) if measured_rows else 0.0
+            g = gap(want, got)
+            logit_scale, logit_gap, row_gap = g.logit_scale or 1.0, g.max_abs_logit_diff, g.rows_max_abs_diff
+            row_scale = (float(np.abs(want.rows).max()) or 1.0) if want.rows.size else 1.0
             bias_gap = 0.0
             if want.bias is not None:
                 other = got.bias if got.bias is not None else np.zeros_like(want.bias)
                 bias_gap = float(np.abs(other - want.bias).max()) / (float(np.abs(want.bias).max()) or 1.0)
-            top1 = float(np.mean(got.logits.argmax(axis=1) == want.logits.argmax(axis=1)))
             if logit_gap > tol * logit_scale or row_gap > tol * row_scale or bias_gap > tol:
                 raise WriteError(
                     f"merge refused: the merged {m} does not reproduce the adapter as peft "
@@ -466,7 +464,7 @@ class PeftCheck:
                     f"{self.dtypes[m]} rounding); nothing was written: keep the adapter unmerged "
                     "(PeftModel.from_pretrained)"
                 )
-            out.append(Comparison("peft", m, m, m, row_gap, logit_gap / logit_scale, logit_gap, top1))
+            out.append(Comparison("peft", m, m, m, row_gap, logit_gap / logit_scale, logit_gap, g.top1_agreement))
         return out
 
 
