@@ -47,7 +47,7 @@ demo: $(STAMP)
 	@$(BIN)/tieaudit explain TIE002
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 -q
+	$(BIN)/python -m pytest -n 2 --dist worksteal -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -71,7 +71,7 @@ test-latest:
 	$(LATEST)/bin/python tools/envlock.py install-torch torch "$(TORCH_INDEX_URL)"
 	$(LATEST)/bin/python -m pip install $(PIP_QUIET) --upgrade --upgrade-strategy eager -e ".[test]"
 	$(LATEST)/bin/python tools/envlock.py diff $(LOCK)
-	$(LATEST)/bin/python -m pytest -n 2 -q -p no:cacheprovider
+	$(LATEST)/bin/python -m pytest -n 2 --dist worksteal -q -p no:cacheprovider
 
 # A deliberate update of the lock: the suite must pass on the newest versions before they are written down.
 lock: test-latest

@@ -17,6 +17,12 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 Builder = Callable[[str, str, str], Path]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The zoo sweep (minutes, its own worker processes) first, so one xdist worker runs it while the other runs
+    everything else, instead of it starting last and adding its whole duration to the run."""
+    items.sort(key=lambda item: item.get_closest_marker("zoo") is None)
+
+
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Builder:
     """`checkpoint(arch, variant, layout)` -> a directory built with the real libraries (cached)."""

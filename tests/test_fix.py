@@ -23,6 +23,7 @@ import torch
 from typer.testing import CliRunner
 
 from fixtures.builders import ARCHS, model_logits
+from tests.expect import alarms_beyond_flag_ignoring_readers, ignores_flag
 from tieaudit import audit
 from tieaudit.cli.app import app
 from tieaudit.repair import fix
@@ -84,11 +85,14 @@ def test_fix_loads_as_intended(
     report = fix(src, mode=mode, output_dir=out)
 
     assert report.fix_run is not None and report.fix_run.written_to == str(out)
-    assert report.fixes and all(o.status == "fixed" for o in report.fixes), report.fixes
-    assert report.fix_run.fixed == report.fix_run.total == len(report.fixes)
-    assert report.exit_code == 0
+    unfixable = {f.fingerprint for f in audit(src).findings if ignores_flag(f)}  # (a reader ignores the flag)
+    repairable = [o for o in report.fixes if o.fingerprint not in unfixable]
+    assert repairable and all(o.status == "fixed" for o in repairable), report.fixes
+    assert report.fix_run.total == len(report.fixes)
+    assert report.fix_run.fixed == sum(o.status == "fixed" for o in report.fixes) >= len(repairable)
+    assert not alarms_beyond_flag_ignoring_readers(report.findings), report.findings
     assert tree_hash(src) == before  # --output-dir never touches PATH
-    assert audit(out).exit_code == 0
+    assert not alarms_beyond_flag_ignoring_readers(audit(out).findings)
     assert_loads_as_intended(out, arch, intended(arch, variant), outcome)
 
 

@@ -35,6 +35,7 @@ from fixtures.adapter_builders import (
     peft_logits,
     probe_ids,
 )
+from tests.expect import alarms_beyond_flag_ignoring_readers
 from tieaudit import audit
 from tieaudit.cli.app import app
 from tieaudit.repair import merge
@@ -93,9 +94,9 @@ def test_merge_reproduces_the_adapter(case: tuple[str, str], adapter_case, tmp_p
 
     report = merge(adapter, base=base, output_dir=out)
 
-    assert report.exit_code == 0 and not report.findings, report.findings
+    assert not alarms_beyond_flag_ignoring_readers(report.findings), report.findings
     assert_reproduces(out, real.peft_logits, real.logit_scale)
-    assert audit(out).exit_code == 0
+    assert not alarms_beyond_flag_ignoring_readers(audit(out).findings)
     assert (tree_hash(base), tree_hash(adapter)) == before  # inputs untouched
 
     config = json.loads((out / "config.json").read_text())
@@ -337,7 +338,9 @@ def test_tie102_hint_command_merges(adapter_case, tmp_path: Path) -> None:
     argv = shlex.split(finding.fix.command.replace("MERGED_DIR", str(tmp_path / "m")))
     assert argv[:2] == ["tieaudit", "merge"]
     result = runner.invoke(app, argv[1:])
-    assert result.exit_code == 0, result.stderr
+    # exit 1: the exact merge unties Gemma 2, whose head vLLM always ties (TIE005 says so); nothing else
+    assert result.exit_code == 1, result.stderr
+    assert not alarms_beyond_flag_ignoring_readers(audit(tmp_path / "m").findings)
     assert_reproduces(tmp_path / "m", real.peft_logits, real.logit_scale)
 
 

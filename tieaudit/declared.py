@@ -9,6 +9,7 @@ the classes themselves. Remote code is never run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import re
@@ -21,6 +22,7 @@ from typing import Any
 from tieaudit.checkpoint.config import escape_pointer_token, get_pointer
 from tieaudit.checkpoint.types import ConfigFile
 from tieaudit.errors import InputError
+from tieaudit.readers import ReaderView
 
 TIE_FLAG = "tie_word_embeddings"
 
@@ -56,6 +58,9 @@ class DeclaredTies:
     # in-memory weight names stored [in_features, out_features] (transformers' Conv1D, e.g. GPT-2's attention):
     # peft's LoRA delta on them is transposed (it forces fan_in_fan_out=True for these layers)
     transposed: frozenset[str] = frozenset()
+    # in-memory name of the output head's weight (`get_output_embeddings()`), None when the class has none
+    head: str | None = None
+    readers: tuple[ReaderView, ...] = ()  # where readers other than transformers read the head's tie
 
 
 class DeclaredTiesUnavailable(Exception):
@@ -177,6 +182,8 @@ def _to_entry(d: DeclaredTies) -> dict[str, Any]:
         },
         "expected": {name: list(shape) for name, shape in d.expected.items()},
         "transposed": sorted(d.transposed),
+        "head": d.head,
+        "readers": [dataclasses.asdict(r) for r in d.readers],
         "rename": {name: d.rename(name) for name in sorted(d.model_keys)},
         # to_disk is asked only for members of tied groups (where an untie stores a new tensor); one transformers
         # call per name rebuilds the whole conversion mapping (~2 ms each: 2 s for a 405B model), so only those
@@ -216,6 +223,11 @@ def _from_entry(entry: dict[str, Any], root: Path, config: ConfigFile) -> Declar
             rename=NameTable(entry["rename"], lambda: fresh().rename),
             to_disk=NameTable(entry["to_disk"], lambda: fresh().to_disk),
             transposed=frozenset(str(n) for n in entry["transposed"]),
+            head=None if entry["head"] is None else str(entry["head"]),
+            readers=tuple(
+                ReaderView(str(r["reader"]), str(r["pointer"]), bool(r["value"]), bool(r["forced"]))
+                for r in entry["readers"]
+            ),
         )
     except (KeyError, TypeError, ValueError, AttributeError):
         return None
@@ -303,7 +315,57 @@ def ties_of_model(
         rename=rename,
         to_disk=to_disk,
         transposed=transposed,
+        head=_head_weight(model),
+        readers=reader_flags(model, hf_config, config),
     )
+
+
+def _head_weight(model: Any) -> str | None:
+    """The in-memory name of the output head's weight, as `get_output_embeddings()` answers it."""
+    try:
+        head = model.get_output_embeddings()
+    except Exception:  # some classes raise instead of returning None
+        return None
+    if getattr(head, "weight", None) is None:
+        return None
+    for name, module in model.named_modules(remove_duplicate=False):
+        if module is head:  # by module: a tied head's weight *is* the embedding's Parameter
+            return f"{name}.weight" if name else "weight"
+    return None
+
+
+def reader_flags(model: Any, hf_config: Any, config: ConfigFile) -> tuple[ReaderView, ...]:
+    """Where each modelled reader (tieaudit.readers) reads the flag of the output head's tie, from its own rule."""
+    from tieaudit.readers import READERS
+
+    out = []
+    for name, reader in READERS.items():
+        sub, forced = reader.flag_config(model, hf_config)
+        pointer = config_pointer(hf_config, sub) if sub is not None else None
+        if pointer is None:
+            continue
+        value = forced if forced is not None else bool(getattr(sub, TIE_FLAG, False))
+        out.append(ReaderView(reader=name, pointer=pointer, value=value, forced=forced is not None))
+    return tuple(out)
+
+
+def config_pointer(top: Any, target: Any) -> str | None:
+    """The JSON pointer of `target`'s tie flag in config.json, `target` being `top` or a config nested in it."""
+    from transformers import PretrainedConfig
+
+    todo: list[tuple[Any, str]] = [(top, "")]
+    seen: set[int] = set()
+    while todo:
+        cfg, prefix = todo.pop(0)
+        if id(cfg) in seen:
+            continue
+        seen.add(id(cfg))
+        if cfg is target:
+            return f"{prefix}/{TIE_FLAG}"
+        for key, value in vars(cfg).items():
+            if isinstance(value, PretrainedConfig):
+                todo.append((value, f"{prefix}/{escape_pointer_token(key)}"))
+    return None
 
 
 def _expanded_with_tie_forced(sub: Any) -> dict[str, str]:

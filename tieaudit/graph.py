@@ -99,7 +99,9 @@ def build_graph(
 
     candidates = _candidate_pairs(ckpt, declared, rename, mem_to_disk)
     active = declared.active if declared else {}
-    to_compare = sum(1 for c in candidates if c.declared and c.target in active and _both(c, mem_to_disk))
+    to_compare = sum(
+        1 for c in candidates if (c.target in active or _reader_ties(c.target, declared)) and _both(c, mem_to_disk)
+    )
     comparer = _Comparer(ckpt, probes, progress, total=to_compare, load_dtype=load_dtype)
     pairs = [_pair_state(c, ckpt, declared, mem_to_disk, comparer) for c in candidates]
     pairs = _resolve_covered(pairs)
@@ -258,8 +260,10 @@ def _pair_state(
     observed = set(c.observed)
     if tgt is None and src is not None:
         observed.add(OBSERVED_ABSENT)
-    # only a pair the loader ties needs its contents: an untied pair's verdict is structural (headers only)
-    diff = comparer.compare(c.source, c.target, src, tgt) if (src and tgt and tied) else None
+    # only a pair the loader ties needs its contents: an untied pair's verdict is structural (headers only), unless
+    # another reader ties it (TIE005: whether that reader serves the stored head's weights depends on them)
+    measure = tied or (c.declared and _reader_ties(c.target, declared))
+    diff = comparer.compare(c.source, c.target, src, tgt) if (src and tgt and measure) else None
     compared_as = comparer.compare_dtype(src, tgt) if (diff is not None and src and tgt) else None
     if diff and diff.bitwise_equal:
         observed.add(OBSERVED_EQUAL)
@@ -288,6 +292,12 @@ def _pair_state(
         observed=tuple(sorted(observed)),
         expected_mismatch=tuple(expected_mismatch),
     )
+
+
+def _reader_ties(target: str, declared: DeclaredTies | None) -> bool:
+    """Whether a reader other than transformers (tieaudit.readers) ties this pair: it is the output head's and a
+    reader reads its flag as true (or ties it whatever the flag says)."""
+    return bool(declared and target == declared.head and any(view.value for view in declared.readers))
 
 
 def _status(

@@ -36,8 +36,9 @@ if TYPE_CHECKING:
     import torch
     from transformers import PretrainedConfig, PreTrainedModel
 
-VARIANTS = ("clean", "untied_missing", "diverged")
-DEFAULT_TIMEOUT = 60.0
+VARIANTS = ("clean", "tied_clean", "untied_clean", "untied_missing", "diverged")
+DEFAULT_TIMEOUT = 120.0
+TIE_FLAG = "tie_word_embeddings"
 
 # Classes that cannot be built tiny at all in this environment, with the reason. Keep this short.
 SKIP: dict[str, str] = {}
@@ -162,9 +163,11 @@ class ShrinkPlan:
     positions: int = 512
     experts: int = 4
     experts_per_tok: int = 2
+    channels: int = 16
     shrink_lists: bool = True
     keep_layers: bool = False  # leave every layer count (and per-layer list) as the default config has it
     keep_vocab: bool = False  # leave vocab sizes alone (token-id *ranges* can depend on them)
+    remap_ids: bool = True  # move large special-token ids into the small vocab (else: raise the vocab above them)
 
 
 # Tried in order until one builds.
@@ -183,6 +186,12 @@ SHRINK_PLANS: tuple[ShrinkPlan, ...] = (
 _TOKEN_ID = re.compile(r"(^|_)(token_id|token_index|token_ids|id)$|_token_(id|index)$|^(bos|eos|pad|sep|cls|mask|unk)_")
 _NOT_TOKEN_ID = re.compile(r"layer|stride|seed|label|ignore|offset|vocab|num_|max_|_size$")
 _VOCAB = re.compile(r"(^|_)vocab_size$|^n_vocab$|vocab_size$")
+# other table sizes: per-layer or hashed vocabularies, codebooks
+_VOCAB_LIKE = re.compile(r"vocab|^num_embeddings$|^codebook_size$")
+# convolution widths (audio codecs, vocoders, VQ encoders): the multipliers stay, the base width shrinks
+_CHANNELS = re.compile(
+    r"^(n|num)_filters$|_filters$|^base_channels$|^upsample_initial_channel$|^(hidden|base)_channels$"
+)
 _TOTAL_LAYERS = re.compile(
     r"^(num_hidden_layers|num_layers|n_layers?|encoder_layers|decoder_layers|num_(encoder|decoder)_layers|depth"
     r"|[a-z0-9]+_num_(hidden_)?layers|num_[a-z0-9]+_layers|[a-z0-9]+_depth)$"
@@ -203,7 +212,7 @@ _EXPERTS_PER_TOK = re.compile(r"experts_per_tok(en)?$|^moe_topk$|^moe_k$|^top_k$
 _EXPERTS = re.compile(r"(num|n|moe_num)_(local_|routed_)?experts$|^num_experts$")
 _EXPERT_GROUPS = re.compile(r"^(n_group|topk_group|num_expert_group|n_shared_experts|num_shared_experts)$")
 _HIDDEN = re.compile(
-    r"^(hidden_size|d_model|n_embd|n_embed|embed_dim|embedding_size|embedding_dim|hidden_dim|model_dim|dim|width"
+    r"^(hidden_size|d_model|n_embd|n_embed|embed_dim|emb_dim|embedding_size|embedding_dim|hidden_dim|model_dim|dim|width"
     r"|word_embed_proj_dim|projection_dim|proj_dim|d_embed)$"
     r"|_hidden_size$|_embed_dim$|_hidden_dim$|_embedding_dim$|_embedding_size$|_proj_dim$|_projection_dim$"
     r"|^adapter_(in|out)_dim$|_(in|out)_hidden_dim$"
@@ -311,12 +320,14 @@ def _shrink_int(key: str, value: int, plan: ShrinkPlan, head_dim: int, min_vocab
         return None
     if _TOKEN_ID.search(key) and not _NOT_TOKEN_ID.search(key):
         return None
-    if _VOCAB.search(key):
+    if _VOCAB.search(key) or _VOCAB_LIKE.search(key):
         if plan.keep_vocab:
             return None
         if key == "vocab_size":
             return max(plan.vocab, min_vocab)
         return min(value, plan.vocab) if value > plan.vocab else None
+    if _CHANNELS.search(key):
+        return min(value, plan.channels)
     if _POSITIONS.search(key):
         return min(value, plan.positions)
     if _TOTAL_LAYERS.match(key):
@@ -392,16 +403,35 @@ def _proportional(parts: list[int], total: int) -> list[int]:
 def shrink(config: PretrainedConfig, plan: ShrinkPlan | None = None) -> PretrainedConfig:
     """Shrink ``config`` (and every sub-config) in place, generically by field name; returns it.
 
-    Token-id fields are never changed: vocab sizes are raised above the largest token id of the whole config tree.
+    Token-id fields keep their order: with ``plan.remap_ids`` the distinct ids of the whole config tree that do not fit
+    the small vocab move to its top (ascending), otherwise vocab sizes are raised above the largest id.
     ``tie_word_embeddings`` is left as the config has it.
     """
     plan = plan or SHRINK_PLANS[0]
     configs = list(_walk(config))
-    max_id = max((i for c in configs for i in _token_ids(c)), default=-1)
+    ids = sorted({i for c in configs for i in _token_ids(c)})
+    max_id = ids[-1] if ids else -1
+    if plan.remap_ids and not plan.keep_vocab and max_id >= plan.vocab:
+        if len(ids) > plan.vocab // 2:
+            raise ValueError(f"{len(ids)} distinct token ids do not fit a vocab of {plan.vocab}")
+        mapping = {old: plan.vocab - len(ids) + n for n, old in enumerate(ids)}
+        for sub in configs:
+            _remap_token_ids(sub, mapping)
+        max_id = plan.vocab - 1
     min_vocab = max(plan.vocab, max_id + 1)
     for sub in configs:
         _shrink_one(sub, plan, min_vocab)
     return config
+
+
+def _remap_token_ids(config: PretrainedConfig, mapping: dict[int, int]) -> None:
+    for key, value in list(vars(config).items()):
+        if not _TOKEN_ID.search(key) or _NOT_TOKEN_ID.search(key):
+            continue
+        if _is_int(value):
+            _set(config, key, mapping.get(value, value))
+        elif isinstance(value, (list, tuple)):
+            _set(config, key, type(value)(mapping.get(v, v) if _is_int(v) else v for v in value))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -409,27 +439,66 @@ def shrink(config: PretrainedConfig, plan: ShrinkPlan | None = None) -> Pretrain
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _instantiate(name: str) -> tuple[PreTrainedModel, int]:
-    """Build ``name`` tiny on CPU, trying each shrink plan; returns the model and the plan index that worked."""
+_ROUNDS: tuple[dict[str, Any], ...] = (
+    {},
+    {"channels": 1 << 30},
+    {"remap_ids": False},
+    {"remap_ids": False, "channels": 1 << 30},
+)
+
+
+def _plans() -> Iterator[ShrinkPlan]:
+    """Every shrink plan, then again with convolution widths kept, then with the vocab raised above the token ids
+    instead of remapping them, then both."""
+    for round_ in _ROUNDS:
+        for plan in SHRINK_PLANS:
+            yield dataclasses.replace(plan, **round_)
+
+
+def _set_tie_flags(config: PretrainedConfig, value: bool) -> None:
+    for sub in _walk(config):
+        if hasattr(sub, TIE_FLAG):
+            _set(sub, TIE_FLAG, value)
+
+
+def _instantiate(name: str, *, tie_flags: bool | None = None) -> tuple[PreTrainedModel, int]:
+    """Build ``name`` tiny on CPU, trying each shrink plan; returns the model and the plan index that worked.
+
+    A plan counts only if its config survives the round trip ``save_pretrained`` / ``from_pretrained`` makes (JSON,
+    then the config class's own validation). ``tie_flags`` sets every ``tie_word_embeddings`` of the config tree.
+    """
     import torch
 
     cls = model_class(name)
     errors: list[BaseException] = []
-    for index, plan in enumerate(SHRINK_PLANS):
+    for index, plan in enumerate(_plans()):
         try:
             config = shrink(cls.config_class(), plan)
+            if tie_flags is not None:
+                _set_tie_flags(config, tie_flags)
+            reloaded = _round_trip(config)
+            for candidate in (config, reloaded):
+                validate = getattr(candidate, "validate", None)
+                if callable(validate):
+                    validate()  # save_pretrained and from_pretrained validate strictly: let the next plan try
             torch.manual_seed(0)
             with torch.device("cpu"):
                 model = cls(config)
-            validate = getattr(model.config, "validate", None)
-            if callable(validate):
-                validate()  # save_pretrained validates strictly: fail here so the next plan gets a chance
         except Exception as exc:
             errors.append(exc)
             continue
         model = model.to(torch.float32).eval()
         return model, index
     raise errors[0]
+
+
+def _round_trip(config: PretrainedConfig) -> PretrainedConfig:
+    """The config as ``from_pretrained`` will read it back after ``save_pretrained``."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config.save_pretrained(tmp)
+        return type(config).from_pretrained(tmp)
 
 
 def _governing_configs(model: PreTrainedModel) -> list[Any]:
@@ -445,29 +514,61 @@ def _governing_configs(model: PreTrainedModel) -> list[Any]:
     return out
 
 
-def _apply_variant(model: PreTrainedModel, variant: str) -> dict[str, str]:
-    """Mutate ``model`` for ``variant``; returns the tie pairs ({target: source}) the variant acted on."""
+def _active_pairs(model: PreTrainedModel) -> dict[str, str]:
+    return dict(getattr(model, "all_tied_weights_keys", {}) or {})
+
+
+def _replace_param(model: PreTrainedModel, name: str, value: torch.Tensor) -> None:
     import torch
 
-    pairs: dict[str, str] = dict(getattr(model, "all_tied_weights_keys", {}) or {})
-    if variant == "clean":
-        return pairs
-    if not pairs:
-        raise NotApplicable("no active tie (all_tied_weights_keys is empty)")
+    module_name, _, param_name = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    setattr(module, param_name, torch.nn.Parameter(value))
+
+
+def _randomise(model: PreTrainedModel, names: set[str]) -> None:
+    """Give the tie members values no initialiser produces (a bias initialised to zeros would load back as zeros
+    and hide a dropped tensor): seeded noise added in place, so tied names keep sharing one Parameter."""
+    import torch
+
+    generator = torch.Generator().manual_seed(2)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    done: set[int] = set()
+    with torch.no_grad():
+        for name in sorted(names):
+            param = params.get(name)
+            if param is None or id(param) in done or not param.is_floating_point():
+                continue
+            done.add(id(param))
+            param.add_(torch.randn(param.shape, generator=generator, dtype=param.dtype) * 0.02)
+
+
+def _apply_variant(model: PreTrainedModel, variant: str, pairs: dict[str, str]) -> None:
+    """Mutate a tied ``model`` (its active tie map is ``pairs``) into ``variant``."""
+    import torch
+
+    if variant in ("clean", "tied_clean"):
+        return
     if variant == "untied_missing":
+        # weights stay shared, so save_pretrained drops the tied targets while the config now says "untied"
         for config in _governing_configs(model):
             config.tie_word_embeddings = False
-        # weights stay shared, so save_pretrained drops the tied targets while the config now says "untied"
-        return pairs
+        return
+    if variant == "untied_clean":
+        # a deliberate untie: separate copies with equal values under an untied flag
+        governing = _governing_configs(model)
+        for target in pairs:
+            _replace_param(model, target, model.get_parameter(target).detach().clone())
+        for config in governing:
+            config.tie_word_embeddings = False
+        return
     if variant == "diverged":
         generator = torch.Generator().manual_seed(1)
         for target in pairs:
-            module_name, _, param_name = target.rpartition(".")
-            module = model.get_submodule(module_name)
-            old = getattr(module, param_name)
+            old = model.get_parameter(target)
             noise = torch.randn(old.shape, generator=generator, dtype=old.dtype) * 0.02 + 0.01
-            setattr(module, param_name, torch.nn.Parameter(old.detach().clone() + noise))
-        return pairs
+            _replace_param(model, target, old.detach().clone() + noise)
+        return
     raise ValueError(f"unknown variant {variant!r}")
 
 
@@ -476,7 +577,7 @@ class NotApplicable(Exception):
 
 
 def build(class_name: str, out_dir: str | os.PathLike[str], variant: str = "clean") -> dict[str, Any]:
-    """Build a tiny seeded float32 ``class_name`` on CPU and ``save_pretrained`` it into ``out_dir``.
+    """Build a tiny seeded float32 ``class_name`` on CPU, turn it into ``variant`` and ``save_pretrained`` it.
 
     Returns a JSON-able record (plan index, parameter count, tie pairs).
     """
@@ -484,7 +585,10 @@ def build(class_name: str, out_dir: str | os.PathLike[str], variant: str = "clea
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
     model, plan_index = _instantiate(class_name)
-    pairs = _apply_variant(model, variant)
+    pairs = _active_pairs(model)
+    if variant != "clean" and not pairs:
+        raise NotApplicable("no active tie (all_tied_weights_keys is empty)")
+    _apply_variant(model, variant, pairs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
@@ -494,6 +598,131 @@ def build(class_name: str, out_dir: str | os.PathLike[str], variant: str = "clea
         "tied_pairs": len(pairs),
         "declared": len(declared_tied_keys(model)),
     }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# One class, every variant, and the truth from a real from_pretrained
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def truth(cls: type[PreTrainedModel], directory: Path, intended: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Load ``directory`` with ``from_pretrained`` and compare every tensor of ``intended`` (the tie members, as the
+    model held them in memory when it was saved) bit for bit, then again after ``model.tie_weights()`` (which
+    resizing, peft and many training scripts call): ``intact``, ``broken`` / ``broken-after-tie-weights`` (with the
+    names that differ) or ``load-error``."""
+    try:
+        loaded = cls.from_pretrained(directory)
+    except Exception as exc:
+        return {"truth": "load-error", "reason": _reason(exc)}
+    differ = _differ(loaded, intended)
+    if differ:
+        return {"truth": "broken", "differ": differ}
+    loaded.tie_weights()
+    differ = _differ(loaded, intended)
+    return {"truth": "broken-after-tie-weights", "differ": differ} if differ else {"truth": "intact"}
+
+
+def _differ(model: PreTrainedModel, intended: dict[str, torch.Tensor]) -> list[str]:
+    import torch
+
+    state = model.state_dict()
+    return sorted(
+        name
+        for name, want in intended.items()
+        if name not in state or state[name].shape != want.shape or not torch.equal(state[name].float(), want.float())
+    )
+
+
+LAYOUTS = ("safetensors", "sharded", "bin")
+LAYOUT_SAMPLE_EVERY = 20  # every 20th class (sorted) is also saved sharded and as a .bin
+
+
+def save(model: PreTrainedModel, out: Path, layout: str = "safetensors") -> None:
+    """``save_pretrained`` into ``out``; ``sharded`` splits the weights into several files with an index, ``bin``
+    rewrites what ``save_pretrained`` kept as one ``pytorch_model.bin`` (the transformers-v4 format)."""
+    import torch
+    from safetensors.torch import load_file
+
+    if layout == "safetensors":
+        model.save_pretrained(out)
+    elif layout == "sharded":
+        total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        model.save_pretrained(out, max_shard_size=max(total // 4, 1024))
+    elif layout == "bin":
+        model.save_pretrained(out)
+        state: dict[str, torch.Tensor] = {}
+        for path in sorted(out.glob("*.safetensors")):
+            state.update(load_file(str(path)))
+            path.unlink()
+        (out / "model.safetensors.index.json").unlink(missing_ok=True)
+        torch.save(state, out / "pytorch_model.bin")
+    else:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+
+
+def checkpoint_name(variant: str, layout: str) -> str:
+    return variant if layout == "safetensors" else f"{variant}.{layout}"
+
+
+def run_class(
+    class_name: str,
+    out_root: str | os.PathLike[str],
+    variants: tuple[str, ...] = VARIANTS,
+    layouts: tuple[str, ...] = ("safetensors",),
+) -> dict[str, Any]:
+    """Build ``class_name`` once, save every applicable variant in every layout under ``out_root/<variant>[.layout]/``
+    and measure its truth.
+
+    A class whose default config ties nothing is also built with every ``tie_word_embeddings`` set true
+    (``tied_clean``); the tied variants derive from whichever build ties. Returns ``{"plan": .., "variants": {..}}``.
+    """
+    import copy
+
+    _quiet()
+    cls = model_class(class_name)
+    model, plan_index = _instantiate(class_name)
+    record: dict[str, Any] = {"plan": plan_index, "declared": len(declared_tied_keys(model)), "variants": {}}
+    tied, pairs = model, _active_pairs(model)
+    if not pairs:
+        try:
+            tied, _ = _instantiate(class_name, tie_flags=True)
+            pairs = _active_pairs(tied)
+        except Exception as exc:
+            record["tied_build"] = _reason(exc)
+    record["tied_pairs"] = len(pairs)
+    for built in {id(model): model, id(tied): tied}.values():
+        _randomise(built, set(pairs.values()) | set(pairs))
+    for variant in variants:
+        if variant == "clean":
+            subject = model
+        elif not pairs:
+            record["variants"][variant] = {"status": "n/a", "reason": "nothing ties, even with every flag set true"}
+            continue
+        elif variant == "tied_clean" and tied is model:
+            continue  # the default config ties: "clean" is this variant
+        else:
+            subject = copy.deepcopy(tied)
+        try:
+            _apply_variant(subject, variant, pairs)
+        except Exception as exc:
+            record["variants"][variant] = {"status": "failed", "reason": _reason(exc)}
+            continue
+        for layout in layouts:
+            start = time.monotonic()
+            entry: dict[str, Any]
+            try:
+                out = Path(out_root) / checkpoint_name(variant, layout)
+                out.mkdir(parents=True, exist_ok=True)
+                save(subject, out, layout)
+                members = set(pairs) | set(pairs.values())
+                state = subject.state_dict()
+                intended = {n: state[n].detach().clone() for n in sorted(members) if n in state}
+                entry = {"status": "built", **truth(cls, out, intended)}
+            except Exception as exc:
+                entry = {"status": "failed", "reason": _reason(exc)}
+            entry["seconds"] = round(time.monotonic() - start, 2)
+            record["variants"][checkpoint_name(variant, layout)] = entry
+    return record
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -513,8 +742,13 @@ def _worker_main() -> None:
         task = json.loads(line)
         start = time.monotonic()
         try:
-            record = build(task["cls"], task["out"], task["variant"])
-            result: dict[str, Any] = {"status": "built", **record}
+            if task.get("variants"):
+                result: dict[str, Any] = {
+                    "status": "built",
+                    **run_class(task["cls"], task["out"], tuple(task["variants"]), tuple(task["layouts"])),
+                }
+            else:
+                result = {"status": "built", **build(task["cls"], task["out"], task["variant"])}
         except NotApplicable as exc:
             result = {"status": "n/a", "reason": str(exc)}
         except ImportError as exc:  # an optional backend (timm, pillow, scipy, ...) is not installed here
@@ -522,7 +756,8 @@ def _worker_main() -> None:
         except BaseException as exc:
             result = {"status": "failed", "reason": _reason(exc), "trace": traceback.format_exc(limit=-3)}
             if not _default_config_builds(task["cls"]):
-                result["reason"] = "[default config fails too] " + result["reason"]
+                result["status"] = "skipped"
+                result["reason"] = f"its default config does not build in transformers: {result['reason']}"
         result["seconds"] = round(time.monotonic() - start, 2)
         answer.write(json.dumps(result) + "\n")
 
@@ -600,50 +835,166 @@ class _Worker:
 def sweep(
     classes: list[str],
     out_dir: Path,
-    variants: tuple[str, ...] = ("clean",),
+    variants: tuple[str, ...] = VARIANTS,
     jobs: int = 2,
     timeout: float = DEFAULT_TIMEOUT,
-    progress: Callable[[str, str, dict[str, Any]], None] | None = None,
-) -> dict[str, dict[str, dict[str, Any]]]:
-    """Build every (class, variant) in worker subprocesses; returns {class: {variant: result}}."""
+    progress: Callable[[str, dict[str, Any]], None] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """``run_class`` for every class in worker subprocesses (``out_dir/<Class>/<variant>/``); returns {class: record}.
+
+    A record has ``status`` (built, skipped, failed) and, when built, the ``variants`` with their truth.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    tasks = [(c, v) for c in classes for v in variants]
-    results: dict[str, dict[str, dict[str, Any]]] = {c: {} for c in classes}
+    results: dict[str, dict[str, Any]] = {}
     lock = threading.Lock()
     local = threading.local()
     log = out_dir / "workers.log"
+    workers: list[_Worker] = []
 
-    def run(task: tuple[str, str]) -> None:
-        cls, variant = task
+    def run(cls: str) -> None:
         if cls in SKIP:
             result: dict[str, Any] = {"status": "skipped", "reason": SKIP[cls]}
         else:
             worker: _Worker | None = getattr(local, "worker", None)
             if worker is None or not worker.alive():
                 worker = local.worker = _Worker(log)
-            payload = {"cls": cls, "out": str(out_dir / cls / variant), "variant": variant}
+                with lock:
+                    workers.append(worker)
+            sampled = classes.index(cls) % LAYOUT_SAMPLE_EVERY == 0
+            layouts = LAYOUTS if sampled else ("safetensors",)
+            payload = {"cls": cls, "out": str(out_dir / cls), "variants": list(variants), "layouts": list(layouts)}
             result = worker.run(payload, timeout)
             if result["status"] == "failed" and not worker.alive():
                 local.worker = None
         with lock:
-            results[cls][variant] = result
+            results[cls] = result
             if progress:
-                progress(cls, variant, result)
-
-    workers: list[_Worker] = []
-
-    def run_tracked(task: tuple[str, str]) -> None:
-        run(task)
-        worker = getattr(local, "worker", None)
-        if worker is not None and worker not in workers:
-            with lock:
-                workers.append(worker)
+                progress(cls, result)
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        list(pool.map(run_tracked, tasks))
+        list(pool.map(run, classes))
     for worker in workers:
         worker.close()
-    return results
+    return {c: results[c] for c in classes}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# tieaudit's verdicts against the truth
+# --------------------------------------------------------------------------------------------------------------------
+
+ALARM = ("warning", "error")
+
+
+def audit_all(directories: list[Path], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """One ``tieaudit check --format json`` process over every directory (the batch report, parsed)."""
+    cmd = [sys.executable, "-m", "tieaudit", "check", "--format", "json", "--no-peft-check", *map(str, directories)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode not in (0, 1, 2) or not proc.stdout.strip():
+        raise RuntimeError(f"tieaudit exited {proc.returncode}: {proc.stderr[-2000:]}")
+    batch: dict[str, Any] = json.loads(proc.stdout)
+    return batch
+
+
+def _stored_names(directory: Path) -> set[str]:
+    from safetensors import safe_open
+
+    import torch
+
+    names: set[str] = set()
+    for path in directory.glob("*.safetensors"):
+        with safe_open(str(path), "pt") as handle:
+            names.update(handle.keys())
+    for path in directory.glob("*.bin"):
+        names.update(torch.load(path, map_location="meta", weights_only=True, mmap=True))
+    return names
+
+
+def reader_claim_holds(finding: dict[str, Any], report: dict[str, Any], directory: Path) -> bool:
+    """Whether a warning-level TIE005 reader claim matches the files: a reader said to find no head really finds none
+    stored; one said to discard a stored head really has one to discard; the reader serves this architecture."""
+    from tieaudit import vllm_registry
+
+    if finding["code"] != "TIE005":
+        return False
+    head = finding["location"].get("tensor")
+    groups = report["graph"]["groups"]
+    disk = next((g["disk_names"].get(head, head) for g in groups if head in g["targets"]), head)
+    stored = disk in _stored_names(directory)
+    architecture = report["target"].get("architecture")
+    claims = [r for r in finding["evidence"].get("readers", []) if r["severity"] in ALARM]
+    for claim in claims:
+        if claim["reader"] == "vllm" and architecture not in vllm_registry.ARCHITECTURES:
+            return False
+        if claim["value"] is False and stored:  # "finds no head" needs the head absent
+            return False
+        if claim["value"] is True and not stored:  # "discards the stored head" needs one
+            return False
+    return bool(claims)
+
+
+def judge(results: dict[str, dict[str, Any]], out_dir: Path, batch: dict[str, Any]) -> dict[str, Any]:
+    """Every built (class, variant) against tieaudit's report: ``caught`` / ``miss`` for checkpoints transformers
+    loads wrong (or not at all), ``ok`` / ``false-alarm`` / ``reader-warning`` for checkpoints it loads as saved,
+    ``not-audited`` where tieaudit exited 2 on a checkpoint transformers loads. Classes whose tiny clean build does
+    not load back are set aside with the reason."""
+    reports = {str(Path(r["target"]["path"])): r for r in batch["reports"]}
+    errors = {str(Path(e["path"])): e for e in batch["errors"]}
+    rows: list[dict[str, Any]] = []
+    set_aside: dict[str, str] = {}
+    for cls, record in results.items():
+        variants = record.get("variants", {})
+        clean = variants.get("clean", {})
+        if record.get("status") != "built" or clean.get("status") != "built":
+            continue
+        if clean.get("truth") == "load-error":
+            set_aside[cls] = f"its tiny clean save does not load back in transformers: {clean.get('reason', '')}"
+            continue
+        for variant, entry in variants.items():
+            if entry.get("status") != "built":
+                continue
+            directory = out_dir / cls / variant
+            report, error = reports.get(str(directory)), errors.get(str(directory))
+            findings = report["findings"] if report else []
+            alarms = [f for f in findings if f["severity"] in ALARM]
+            if entry["truth"] == "intact":
+                if error:
+                    outcome = "not-audited"
+                elif not alarms:
+                    outcome = "ok"
+                elif report and all(reader_claim_holds(f, report, directory) for f in alarms):
+                    outcome = "reader-warning"
+                else:
+                    outcome = "false-alarm"
+            elif error and entry["truth"] == "load-error":
+                outcome = "caught"  # tieaudit refuses the checkpoint too (exit 2, the reason on stderr)
+            else:
+                outcome = "caught" if any(f["severity"] == "error" for f in findings) else "miss"
+            rows.append(
+                {
+                    "class": cls,
+                    "variant": variant,
+                    "truth": entry["truth"],
+                    "outcome": outcome,
+                    "codes": sorted({f"{f['code']}:{f['severity']}" for f in findings}),
+                    "error": error["message"] if error else None,
+                }
+            )
+    return {"rows": rows, "set_aside": set_aside}
+
+
+def verdict_lines(judged: dict[str, Any]) -> list[str]:
+    counts: dict[str, dict[str, int]] = {}
+    for row in judged["rows"]:
+        counts.setdefault(row["variant"], {}).setdefault(row["outcome"], 0)
+        counts[row["variant"]][row["outcome"]] += 1
+    lines = [f"set aside: {len(judged['set_aside'])} classes"]
+    lines += [f"  {cls}: {why}" for cls, why in sorted(judged["set_aside"].items())]
+    for variant in sorted(counts, key=_variant_order):
+        lines.append(f"  {variant:22} " + ", ".join(f"{k}: {n}" for k, n in sorted(counts[variant].items())))
+    for row in judged["rows"]:
+        if row["outcome"] in ("miss", "false-alarm", "not-audited", "reader-warning"):
+            lines.append(f"  {row['outcome']:14} {row['class']}/{row['variant']} ({row['truth']}): {row['codes']}")
+    return lines
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -671,42 +1022,51 @@ def _cmd_build(args: argparse.Namespace) -> int:
             raise SystemExit(f"unknown variant {variant!r}; expected one of {VARIANTS}")
     if args.classes:
         classes = sorted({c.strip() for c in args.classes.split(",") if c.strip()})
-        enumerated = len(classes)
     else:
         print("enumerating tie-declaring classes ...", flush=True)
         classes = tied_classes()
-        enumerated = len(classes)
-        print(f"enumerated {enumerated} classes in {time.monotonic() - start:.0f} s", flush=True)
+        print(f"enumerated {len(classes)} classes in {time.monotonic() - start:.0f} s", flush=True)
     done = [0]
-    total = len(classes) * len(variants)
 
-    def progress(cls: str, variant: str, result: dict[str, Any]) -> None:
+    def progress(cls: str, result: dict[str, Any]) -> None:
         done[0] += 1
         if args.verbose or result["status"] == "failed":
-            extra = result.get("reason", "")
-            print(f"[{done[0]}/{total}] {cls}/{variant}: {result['status']} {extra}", flush=True)
+            print(f"[{done[0]}/{len(classes)}] {cls}: {result['status']} {result.get('reason', '')}", flush=True)
         elif done[0] % 25 == 0:
-            print(f"[{done[0]}/{total}] ...", flush=True)
+            print(f"[{done[0]}/{len(classes)}] ...", flush=True)
 
     out_dir = Path(args.out_dir)
     results = sweep(classes, out_dir, variants, args.jobs, args.timeout, progress)
-    elapsed = time.monotonic() - start
     (out_dir / "summary.json").write_text(json.dumps(results, indent=1, sort_keys=True))
-
     print()
-    print(f"enumerated: {enumerated}")
-    for variant in variants:
-        by_status: dict[str, list[str]] = {}
-        for cls in classes:
-            by_status.setdefault(results[cls][variant]["status"], []).append(cls)
-        counts = ", ".join(f"{k}: {len(v)}" for k, v in sorted(by_status.items()))
-        print(f"[{variant}] {counts}")
-        for status in ("failed", "skipped", "n/a"):
-            for cls in by_status.get(status, []):
-                print(f"  {status:7} {cls}: {results[cls][variant].get('reason', '')}")
-    print(f"total time: {elapsed:.0f} s  (summary: {out_dir / 'summary.json'})")
-    failed = sum(1 for c in classes for v in variants if results[c][v]["status"] == "failed")
-    return 1 if failed else 0
+    print("\n".join(summary_lines(results)))
+    print(f"total time: {time.monotonic() - start:.0f} s  (summary: {out_dir / 'summary.json'})")
+    return 1 if any(r["status"] == "failed" for r in results.values()) else 0
+
+
+def summary_lines(results: dict[str, dict[str, Any]]) -> list[str]:
+    """Counts a reader of a new transformers release wants: classes by status (with reasons), variants by truth."""
+    by_status: dict[str, list[str]] = {}
+    for cls, record in results.items():
+        by_status.setdefault(record["status"], []).append(cls)
+    lines = [f"classes: {len(results)} enumerated, " + ", ".join(f"{len(v)} {k}" for k, v in sorted(by_status.items()))]
+    for status in ("failed", "skipped"):
+        for cls in by_status.get(status, []):
+            lines.append(f"  {status:7} {cls}: {results[cls].get('reason', '')}")
+    counts: dict[str, dict[str, int]] = {}
+    for record in results.values():
+        for variant, entry in record.get("variants", {}).items():
+            key = entry.get("truth", entry["status"])
+            counts.setdefault(variant, {}).setdefault(key, 0)
+            counts[variant][key] += 1
+    for variant in sorted(counts, key=_variant_order):
+        lines.append(f"  {variant:22} " + ", ".join(f"{k}: {n}" for k, n in sorted(counts[variant].items())))
+    return lines
+
+
+def _variant_order(name: str) -> tuple[int, int]:
+    variant, _, layout = name.partition(".")
+    return (VARIANTS.index(variant) if variant in VARIANTS else len(VARIANTS), LAYOUTS.index(layout or "safetensors"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -721,7 +1081,7 @@ def main(argv: list[str] | None = None) -> int:
     p_build.add_argument("out_dir")
     p_build.add_argument("--classes", default="", help="comma-separated class names (default: all tied classes)")
     p_build.add_argument("--jobs", type=int, default=2)
-    p_build.add_argument("--variants", default="clean", help=f"comma-separated, from {','.join(VARIANTS)}")
+    p_build.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {','.join(VARIANTS)}")
     p_build.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per class and variant")
     p_build.add_argument("-v", "--verbose", action="store_true")
     p_build.set_defaults(func=_cmd_build)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import shlex
 from collections.abc import Iterator
 
+from tieaudit.checkpoint.config import get_pointer
 from tieaudit.graph import OBSERVED_METADATA, OBSERVED_STORAGE, PairState
 from tieaudit.model import Finding, FixHint, Location, Severity, TieStatus
+from tieaudit.readers import READERS, Consequence, HeadState, ReaderView
 from tieaudit.rules.context import RuleContext
 from tieaudit.rules.registry import rule
 from tieaudit.rules.wording import num as _num
@@ -285,22 +287,26 @@ def _line(ctx: RuleContext, pointer: str) -> int | None:
     name="tie-flag-conflict",
     severity=Severity.WARNING,
     family="checkpoint",
-    summary="config readers disagree (top-level vs text_config, T5's forced flag, index vs files)",
+    summary="another reader decides the head's tie otherwise than transformers (named, with what it loads)",
     explain="""
-Different readers of the same checkpoint come to different conclusions about the tie:
+transformers decides a tie by the `tie_word_embeddings` of the class that declares it. Other readers
+of the same files decide differently in some checkpoints; tieaudit models them (docs/readers.md has
+each one's source lines) and reports every one that disagrees, the flag it reads and what it would
+load from this checkpoint's tensors. The severity follows that consequence:
 
-- Composite configs (Gemma 3, Mistral 3, LLaVA-style): transformers reads the flag of the class
-  that declares the tie (for Gemma3ForConditionalGeneration the top-level `tie_word_embeddings`),
-  while accelerate (`check_tied_parameters_in_config`) and some converters read
-  `text_config.tie_word_embeddings`. When the two disagree, one of them gets it wrong.
-- Forced flags: T5Config always ties and turns a saved `tie_word_embeddings: false` into
-  `scale_decoder_outputs: false`; readers of the raw JSON think the head is untied and missing.
-- The shard index (`*.index.json`) and the shards disagree about where a tied tensor is: loaders
-  that trust the index (and tools that list a repo's tensors from it) see a different checkpoint
-  than transformers, which reads the shards.
+- warning: a reader would serve wrong weights. vLLM 0.33 builds a composite model's language model
+  from `text_config` when the top level has no flag, always ties Gemma2/Gemma3n/Cohere/LFM2/Zamba2/
+  Whisper heads and never ties DeepseekV2/V3 heads: a head it discards or cannot find (an
+  uninitialised head, no error) is garbage output there.
+- info: nobody loads anything differently, e.g. accelerate reads `text_config` of Mistral 3, InternVL
+  or Qwen3-VL-MoE but only logs a tied-weights warning; T5Config forces the flag true whatever
+  config.json says, and every reader that parses it with transformers' config classes sees true.
+- warning: the shard index (`*.index.json`) and the shards disagree about where a tied tensor is:
+  transformers reads the shards, tools that trust the index see another checkpoint.
 
-Fix: write the value transformers actually uses in every place readers look, and regenerate the
-index from the shards.
+Fix: write the value transformers uses in every place a reader looks (`fix --retie`/`--untie`), and
+regenerate the index from the shards. A class that ignores the flag in a reader cannot be fixed in
+the config: keep it tied, or serve it with a reader that follows the flag.
 """,
 )
 def tie_flag_conflict(ctx: RuleContext) -> Iterator[Finding]:
@@ -345,10 +351,11 @@ def _flag_conflicts(ctx: RuleContext) -> Iterator[Finding]:
             yield _finding(
                 "TIE005",
                 "tie-flag-conflict",
-                Severity.WARNING,
+                Severity.INFO,
                 f"config.json:{flag.pointer} is {str(flag.raw).lower()}, but {arch}'s config class forces it to "
                 f"{str(flag.value).lower()}: transformers {'ties' if flag.value else 'unties'} {pair.target} and "
-                f"{pair.source}, readers of the raw JSON assume the opposite",
+                f"{pair.source}, and so does every reader that parses config.json with transformers' config classes "
+                "(accelerate, vLLM); only a tool reading the raw JSON key sees the opposite",
                 ctx.flag_location(pair, tensor=pair.target),
                 pointer=flag.pointer,
                 raw=flag.raw,
@@ -359,39 +366,84 @@ def _flag_conflicts(ctx: RuleContext) -> Iterator[Finding]:
                     f"write {str(flag.value).lower()} at {flag.pointer}, keeping what transformers computes",
                 ),
             )
-        for pointer, raw in _other_flags(ctx.config.data, flag.pointer):
-            if raw == flag.value:
-                continue
-            line = ctx.config.line_of(pointer)
-            yield _finding(
-                "TIE005",
-                "tie-flag-conflict",
-                Severity.WARNING,
-                f"config.json:{pointer} is {str(raw).lower()}, but transformers follows {flag.pointer} "
-                f"({'absent, default ' if flag.raw is None else ''}{str(flag.value).lower()}) and "
-                f"{'ties' if flag.value else 'does not tie'} {pair.target} to {pair.source}; readers of {pointer} "
-                "(accelerate, converters) disagree",
-                Location(file="config.json", tensor=pair.target, config_key=pointer, line=line),
-                pointer=pointer,
-                value=raw,
-                governing_pointer=flag.pointer,
-                governing_value=flag.value,
-                fix=FixHint(
-                    "safe",
-                    _fix_command(ctx, "retie" if flag.value else "untie"),
-                    f"write {str(flag.value).lower()} at {pointer} and {flag.pointer}",
-                ),
+    yield from _reader_conflicts(ctx)
+
+
+def _reader_conflicts(ctx: RuleContext) -> Iterator[Finding]:
+    """Readers (tieaudit.readers) that decide the output head's tie otherwise than transformers: one finding per
+    config key they read (and one for readers that ignore the flag), naming each reader, what it reads and what it
+    would load from this checkpoint's tensors; the severity is the worst consequence."""
+    declared = ctx.graph.declared
+    assert ctx.config is not None
+    if declared is None or declared.head is None:
+        return
+    pair = next((p for p in ctx.graph.pairs if p.target == declared.head and p.flag is not None), None)
+    if pair is None or pair.flag is None:
+        return
+    flag = pair.flag
+    stored = [i for i in (pair.source_info, pair.target_info) if i is not None]
+    state = HeadState(
+        head=pair.target,
+        embedding=pair.source,
+        head_stored=pair.target_info is not None,
+        equal=pair.diff.bitwise_equal if pair.diff is not None else None,
+        safetensors=bool(stored) and all(i.file.endswith(".safetensors") for i in stored),
+    )
+    groups: dict[str | None, list[tuple[ReaderView, Consequence]]] = {}
+    for view in declared.readers:
+        reader = READERS.get(view.reader)
+        if reader is None or view.value == flag.value:
+            continue
+        groups.setdefault(None if view.forced else view.pointer, []).append((view, reader.consequence(view, state)))
+    governing = f"{flag.pointer} ({_lit(flag.value)}{', absent: the default' if flag.raw is None else ''})"
+    verb = "ties" if flag.value else "does not tie"
+    for pointer, found in groups.items():
+        effects = "; ".join(f"{READERS[v.reader].name} {READERS[v.reader].verified} {c.text}" for v, c in found)
+        if pointer is None:
+            lead = f"transformers follows {governing} and {verb} {pair.target} to {pair.source}, but"
+            key = flag.pointer
+            hint = FixHint("manual", None, "serve this model with a reader that follows the flag, or keep it tied")
+        else:
+            raw = get_pointer(ctx.config.data, pointer)
+            seen = f"{_lit(found[0][0].value)}{' (absent: the config class default)' if raw is None else ''}"
+            lead = (
+                f"config.json:{pointer} is {seen}, but transformers follows {governing} and {verb} {pair.target} "
+                f"to {pair.source}:"
             )
+            key = pointer
+            hint = FixHint(
+                "safe",
+                _fix_command(ctx, "retie" if flag.value else "untie"),
+                f"write {_lit(flag.value)} at {pointer} and {flag.pointer}",
+            )
+        yield _finding(
+            "TIE005",
+            "tie-flag-conflict",
+            max((c.severity for _, c in found), key=lambda s: s.rank),
+            f"{lead} {effects}",
+            Location(file="config.json", tensor=pair.target, config_key=key, line=ctx.config.line_of(key)),
+            pointer=key,
+            value=found[0][0].value,
+            governing_pointer=flag.pointer,
+            governing_value=flag.value,
+            readers=[
+                {
+                    "reader": v.reader,
+                    "verified": READERS[v.reader].verified,
+                    "pointer": v.pointer,
+                    "value": v.value,
+                    "ignores_flag": v.forced,
+                    "severity": c.severity.value,
+                    "consequence": c.text,
+                }
+                for v, c in found
+            ],
+            fix=hint,
+        )
 
 
-def _other_flags(data: dict[str, object], governing: str) -> Iterator[tuple[str, object]]:
-    candidates = [("/tie_word_embeddings", data.get("tie_word_embeddings"))]
-    for key, value in data.items():
-        if isinstance(value, dict) and "tie_word_embeddings" in value:
-            candidates.append((f"/{key}/tie_word_embeddings", value["tie_word_embeddings"]))
-    for pointer, raw in candidates:
-        if pointer != governing and isinstance(raw, bool):
-            yield pointer, raw
+def _lit(value: object) -> str:
+    return str(value).lower() if isinstance(value, bool) else repr(value)
 
 
 @rule(
