@@ -896,9 +896,8 @@ def audit_all(directories: list[Path], env: dict[str, str] | None = None) -> dic
 
 
 def _stored_names(directory: Path) -> set[str]:
-    from safetensors import safe_open
-
     import torch
+    from safetensors import safe_open
 
     names: set[str] = set()
     for path in directory.glob("*.safetensors"):
