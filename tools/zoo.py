@@ -40,8 +40,21 @@ VARIANTS = ("clean", "tied_clean", "untied_clean", "untied_missing", "diverged")
 DEFAULT_TIMEOUT = 120.0
 TIE_FLAG = "tie_word_embeddings"
 
-# Classes that cannot be built tiny at all in this environment, with the reason. Keep this short.
-SKIP: dict[str, str] = {}
+# Classes the generic shrinker cannot build tiny (transformers 5.24), with the reason; every other class that does not
+# build is reported as failed (or as skipped when its own default config does not build either). Keep this short:
+# a new transformers release should shrink this list, and `python tools/zoo.py build DIR --classes X` re-checks one.
+SKIP: dict[str, str] = {
+    "Apertus1p5ForConditionalGeneration": "its validator ties image, audio and text token-id ranges together",
+    "CsmForConditionalGeneration": "no shrink plan builds within the per-class time limit (nested depth decoder)",
+    "Dots3NoteForCausalLM": "per_layer_config is keyed by the default's 45 layer indices",
+    "Dots3NoteForConditionalGeneration": "per_layer_config is keyed by the default's 45 layer indices",
+    "Emu3ForConditionalGeneration": "its default config does not build; shrink attempts exhaust memory",
+    "Ernie4_5_VLMoeForConditionalGeneration": "vision MoE sizes derive from defaults the shrinker cannot see",
+    "FalconH1ForCausalLM": "its validator ties Mamba head state to intermediate_size",
+    "FunAsrNanoForConditionalGeneration": "its validator ties the adaptor size to text_config.hidden_size // 4",
+    "HYV4VLForConditionalGeneration": "its validator ties mrope_section to qk_rope_head_dim",
+    "KyutaiSpeechToTextForConditionalGeneration": "its codec's grouped convolutions need the default widths",
+}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -163,7 +176,7 @@ class ShrinkPlan:
     positions: int = 512
     experts: int = 4
     experts_per_tok: int = 2
-    channels: int = 16
+    channels: int = 32  # a multiple of the 32 groups GroupNorm layers default to
     shrink_lists: bool = True
     keep_layers: bool = False  # leave every layer count (and per-layer list) as the default config has it
     keep_vocab: bool = False  # leave vocab sizes alone (token-id *ranges* can depend on them)
@@ -218,7 +231,9 @@ _HIDDEN = re.compile(
     r"|^adapter_(in|out)_dim$|_(in|out)_hidden_dim$"
 )
 _HIDDEN_EXCLUDE = re.compile(r"per_layer|frequency|position|bbox|rel|speaker|lang|spkr|pos_|_pos|bin|kernel|ple")
-_LIST_HIDDEN = re.compile(r"^(hidden_sizes|embed_dims|neck_hidden_sizes|embed_dim_per_stage|embedding_dimension)$")
+_LIST_HIDDEN = re.compile(
+    r"^(hidden_sizes|embed_dims|embed_dim|neck_hidden_sizes|embed_dim_per_stage|embedding_dimension)$"
+)
 _LIST_DEPTHS = re.compile(r"^(depths|blocks_per_stage|stage_num_blocks|num_block_repeats|block_repeats)$")
 _LIST_HEADS = re.compile(r"heads")
 _LAYER_INDEX_LIST = re.compile(r"index|indices|indexes|idxs|layer_ids|_layers$|layer$|layers_")
@@ -385,7 +400,7 @@ def _fix_rope_sections(config: PretrainedConfig, head_dim: int) -> None:
         rope = getattr(config, key, None)
         if not isinstance(rope, dict):
             continue
-        dim = getattr(config, "head_dim", None) or head_dim
+        dim = vars(config).get("head_dim") or head_dim  # not getattr: per-layer configs refuse global reads
         for name, value in list(rope.items()):
             if "section" in name and isinstance(value, list) and value and all(_is_int(v) for v in value):
                 rope[name] = _proportional(value, dim // 2)
