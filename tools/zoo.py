@@ -454,17 +454,20 @@ def _remap_token_ids(config: PretrainedConfig, mapping: dict[int, int]) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+# Convolution widths shrink hardest first (a codec's width doubles per stage: 8 filters end at a few hundred
+# channels), then to GroupNorm's 32 groups, then not at all; token ids are remapped, else the vocab is raised.
+_KEEP = 1 << 30
 _ROUNDS: tuple[dict[str, Any], ...] = (
-    {},
-    {"channels": 1 << 30},
-    {"remap_ids": False},
-    {"remap_ids": False, "channels": 1 << 30},
+    {"channels": 8},
+    {"channels": 32},
+    {"channels": _KEEP},
+    {"remap_ids": False, "channels": 32},
+    {"remap_ids": False, "channels": _KEEP},
 )
 
 
 def _plans() -> Iterator[ShrinkPlan]:
-    """Every shrink plan, then again with convolution widths kept, then with the vocab raised above the token ids
-    instead of remapping them, then both."""
+    """Every shrink plan in every round of ``_ROUNDS``."""
     for round_ in _ROUNDS:
         for plan in SHRINK_PLANS:
             yield dataclasses.replace(plan, **round_)
