@@ -16,9 +16,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from typer.testing import CliRunner
 
 from fixtures.adapter_builders import ADAPTER_ARCHS, ADAPTER_CASES, case_base_tied
 from tieaudit import audit
+from tieaudit.cli.app import app
+from tieaudit.model import Severity
 
 CASES = [(a, c) for a in ADAPTER_ARCHS for c in ADAPTER_CASES]
 RUNTIME_TOL = 1e-5  # effective embedding vs head, max abs (float32 noise is ~1e-7)
@@ -154,17 +158,53 @@ def test_tie104_shapes_do_not_fit(adapter_case, tmp_path: Path) -> None:
     assert not [f for f in report.findings if f.code == "TIE102"]  # no forecast on a base it does not fit
 
 
-def test_no_base_gives_the_structural_verdict_and_says_what_was_skipped(adapter_case, tmp_path: Path) -> None:
-    _, adapter, _ = adapter_case("llama", "lora_embed")
+runner = CliRunner()
+
+
+def _lonely(adapter: Path, tmp_path: Path, base_name: str | None) -> Path:
     lonely = tmp_path / "adapter"
     shutil.copytree(adapter, lonely)
     cfg = json.loads((lonely / "adapter_config.json").read_text())
-    cfg["base_model_name_or_path"] = "some-org/not-in-the-cache"
+    cfg["base_model_name_or_path"] = base_name
     (lonely / "adapter_config.json").write_text(json.dumps(cfg))
+    return lonely
+
+
+@pytest.mark.parametrize("base_name", ["some-org/not-in-the-cache", "../no-such-directory", None])
+def test_a_base_that_cannot_be_found_fails_the_check(adapter_case, tmp_path: Path, base_name: str | None) -> None:
+    """issue 18.1: a Hub id not in the cache, a missing directory or no base at all used to pass with exit 0.
+    Now TIE106 (error) says what was not checked, names the class from auto_mapping and the tied layers the
+    adapter changes; --no-base (require_base=False) turns it into info for users who want the adapter alone."""
+    _, adapter, _ = adapter_case("llama", "lora_embed")
+    lonely = _lonely(adapter, tmp_path, base_name)
     report = audit(lonely)
+    [finding] = report.findings
+    assert finding.code == "TIE106" and finding.severity is Severity.ERROR and report.exit_code == 1
+    assert report.target.architecture == "LlamaForCausalLM"
+    assert finding.evidence["touched"] == [["lm_head.weight", "model.embed_tokens.weight"]]
+    assert "TIE101-TIE105 did not run" in finding.message and "--base" in finding.message
     reasons = " ".join(s.reason for s in report.skipped)
-    assert "not-in-the-cache" in reasons and "merge forecast" in reasons
-    assert report.exit_code == 0
+    assert "merge forecast" in reasons
+    alone = audit(lonely, require_base=False)
+    [info] = alone.findings
+    assert info.code == "TIE106" and info.severity is Severity.INFO and alone.exit_code == 0
+    cli = runner.invoke(app, ["check", str(lonely)])
+    assert cli.exit_code == 1 and "TIE106" in cli.stdout and "unknown architecture" not in cli.stdout
+    assert runner.invoke(app, ["check", str(lonely), "--no-base"]).exit_code == 0
+
+
+def test_without_base_an_adapter_on_untied_layers_says_so(adapter_case, tmp_path: Path) -> None:
+    """A LoRA on attention projections only: TIE106 still fails the check (nothing was verified on the base), and
+    says the adapter changes no layer the class ties."""
+    _, adapter, _ = adapter_case("llama", "lora_embed")
+    lonely = _lonely(adapter, tmp_path, "../gone")
+    for path in lonely.glob("adapter_model.safetensors"):
+        from safetensors.torch import load_file, save_file
+
+        kept = {k: v for k, v in load_file(path).items() if "embed_tokens" not in k and "lm_head" not in k}
+        save_file(kept or {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(1, 1)}, path)
+    [finding] = audit(lonely).findings
+    assert finding.code == "TIE106" and "changes no layer that LlamaForCausalLM ties" in finding.message
 
 
 def test_base_model_name_or_path_resolves_a_local_directory(adapter_case, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import json
 import os
 import resource
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -394,3 +395,29 @@ def test_index_that_disagrees_with_the_shards_is_regenerated(checkpoint, tmp_pat
 def test_missing_path_is_an_input_error(tmp_path: Path) -> None:
     result = runner.invoke(app, ["fix", str(tmp_path / "nope"), "--untie", "--in-place", "-y"])
     assert result.exit_code == 2 and "does not exist" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("variant", "rewritten"), [("untied_missing", "model.safetensors"), ("diverged", "config.json")]
+)
+def test_in_place_fix_keeps_mode_owner_and_xattrs(checkpoint, tmp_path: Path, variant: str, rewritten: str) -> None:
+    """issue 18.4: a 0600 model.safetensors came back 0644 after `fix --in-place`. Every rewritten file keeps the
+    mode, owner and extended attributes of the file it replaces."""
+    src = tmp_path / "ckpt"
+    shutil.copytree(checkpoint("llama", variant, "safetensors"), src)
+    path = src / rewritten
+    os.chmod(path, 0o600)
+    try:
+        os.setxattr(path, "user.tieaudit-test", b"keep me")
+        xattr = True
+    except OSError:  # a filesystem without user xattrs: the mode and owner are still checked
+        xattr = False
+    was = os.stat(path)
+    report = fix(src, mode="untie", in_place=True)
+    assert report.fix_run is not None and rewritten in {c.file for c in report.fix_run.changes}
+    now = os.stat(path)
+    assert now.st_ino != was.st_ino  # really rewritten, not left alone
+    assert stat.S_IMODE(now.st_mode) == 0o600
+    assert (now.st_uid, now.st_gid) == (was.st_uid, was.st_gid)
+    if xattr:
+        assert os.getxattr(path, "user.tieaudit-test") == b"keep me"

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from tieaudit.checkpoint.types import ReadStats
     from tieaudit.forecast import GroupForecast
     from tieaudit.graph import TieGraph
-    from tieaudit.rules.context import AdapterContext, BaseMismatch
+    from tieaudit.rules.context import AdapterAlone, AdapterContext, BaseMismatch
 
 
 @dataclass(frozen=True)
@@ -43,9 +43,11 @@ def analyse_adapter(
     stack: contextlib.ExitStack,
     confirm: bool = True,
     peft_max_bytes: int | None = None,
+    require_base: bool = True,
 ) -> AdapterAnalysis:
     """Everything the adapter rules need. ``confirm``: hold the forecast to peft itself (`tieaudit.adapter_confirm`);
-    without it the report says the forecast stands unconfirmed."""
+    without it the report says the forecast stands unconfirmed. ``require_base``: a base that cannot be found is an
+    error (TIE106); False checks the adapter alone and reports that as info."""
     from tieaudit.checkpoint import open_checkpoint
     from tieaudit.rules.context import AdapterContext
 
@@ -67,6 +69,7 @@ def analyse_adapter(
         ignored: list[tuple[str, str]] | None = None,
         views: Sequence[PeftView] = (),
         unverified: Sequence[tuple[tuple[str, ...], str]] = (),
+        alone: AdapterAlone | None = None,
     ) -> AdapterAnalysis:
         ctx = AdapterContext(
             path=path,
@@ -81,6 +84,7 @@ def analyse_adapter(
             ignored=tuple(ignored or []),
             peft=tuple(views),
             unverified=tuple(unverified),
+            alone=alone,
         )
         return AdapterAnalysis(ctx, tuple(comparisons), tuple(skipped), base_path, arch, base_stats[0])
 
@@ -102,7 +106,8 @@ def analyse_adapter(
                 "merge forecast (TIE101-TIE104) could not be computed",
             )
         )
-        return result(None, {}, [], [], [], None)
+        alone = adapter_alone(adapter, settings, how, require_base)
+        return result(None, {}, [], [], [], alone.architecture, alone=alone)
 
     base_ckpt = stack.enter_context(open_checkpoint(base_path))
     base_stats[0] = base_ckpt.stats
@@ -133,6 +138,35 @@ def analyse_adapter(
     )
     comparisons += _view_comparisons(views)
     return result(graph, edits, forecasts, mismatches, comparisons, arch, ignored, views, unverified)
+
+
+def adapter_alone(adapter: Checkpoint, settings: AdapterSettings, why: str, required: bool) -> AdapterAlone:
+    """What the adapter alone shows when its base cannot be found: the class peft wrapped (auto_mapping), and the
+    layers it changes that this class ties by declaration (from the class's default config; whether the real base
+    ties them depends on its config, which is not at hand)."""
+    from tieaudit.declared import DeclaredTiesUnavailable, class_ties
+    from tieaudit.rules.context import AdapterAlone
+
+    arch = settings.base_model_class
+    ties: dict[str, str] = {}
+    unavailable = None if arch else "adapter_config.json names no base model class (auto_mapping)"
+    if arch:
+        try:
+            ties = class_ties(arch)
+        except DeclaredTiesUnavailable as exc:
+            unavailable = str(exc)
+    partner = {**{s: t for t, s in ties.items()}, **ties}
+    edits = module_edits(adapter.tensors, settings, partner) if settings.peft_type in SUPPORTED_TYPES else {}
+    pairs = {tuple(sorted((param, partner[param]))) for param, edit in edits.items() if edit.changes_weight}
+    touched = tuple(sorted((a, b) for a, b in pairs))
+    return AdapterAlone(
+        reason=why,
+        base_name=settings.base_model_name_or_path,
+        architecture=arch,
+        touched=touched,
+        ties_unavailable=unavailable,
+        required=required,
+    )
 
 
 def _confirm(

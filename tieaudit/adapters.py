@@ -40,6 +40,7 @@ class AdapterSettings:
     fan_in_fan_out: bool = False
     use_dora: bool = False
     base_model_name_or_path: str | None = None
+    base_model_class: str | None = None  # auto_mapping.base_model_class: the class peft wrapped
 
     def rank(self, module: str) -> int:
         """The rank peft configures for one module: its `rank_pattern` entry, else `r` (peft's get_pattern_key)."""
@@ -136,7 +137,13 @@ def read_settings(config: ConfigFile) -> AdapterSettings:
         fan_in_fan_out=bool(typed("fan_in_fan_out", (bool,), False)),
         use_dora=bool(typed("use_dora", (bool,), False)),
         base_model_name_or_path=typed("base_model_name_or_path", (str,), None),
+        base_model_class=_base_model_class(data.get("auto_mapping")),
     )
+
+
+def _base_model_class(auto_mapping: Any) -> str | None:
+    name = auto_mapping.get("base_model_class") if isinstance(auto_mapping, dict) else None
+    return name if isinstance(name, str) and name.isidentifier() else None
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,7 @@ def audit(
     revision: str | None = None,
     peft_check: bool = True,
     peft_max_memory: float | None = None,
+    require_base: bool = True,
 ) -> Report:
     """Audit a checkpoint directory (or a Hub repo id in the local Hugging Face cache, at ``revision``) and return
     the report (never writes anything, never downloads).
@@ -98,6 +99,7 @@ def audit(
             started,
             peft_check=peft_check,
             peft_max_bytes=_gib(peft_max_memory),
+            require_base=require_base,
         )
     if where.repo is not None:
         report = dataclasses.replace(report, target=dataclasses.replace(report.target, repo=where.repo))
@@ -118,6 +120,7 @@ def audit_open(
     started: float,
     peft_check: bool = True,
     peft_max_bytes: int | None = None,
+    require_base: bool = True,
 ) -> tuple[Report, TieGraph | None]:
     """Audit an open checkpoint; also returns the tie graph of a model checkpoint (for `fix`)."""
     skipped: list[Skipped] = []
@@ -130,7 +133,14 @@ def audit_open(
             progress("reading the adapter against its base (and asking peft)", 0, 0)
         base_arg = None if base is None else str(base)
         analysis = analyse_adapter(
-            ckpt, path, base_arg, probe_tokens, stack, confirm=peft_check, peft_max_bytes=peft_max_bytes
+            ckpt,
+            path,
+            base_arg,
+            probe_tokens,
+            stack,
+            confirm=peft_check,
+            peft_max_bytes=peft_max_bytes,
+            require_base=require_base,
         )
         skipped.extend(analysis.skipped)
         context = analysis.context

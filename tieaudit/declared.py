@@ -277,23 +277,14 @@ def ties_of_model(
     model: Any, config: ConfigFile, *, arch: str, version: str, active: dict[str, str] | None
 ) -> DeclaredTies:
     """Read the declared ties of a built model (meta or live). `active` defaults to what the model was built with."""
-    from transformers.modeling_utils import PreTrainedModel
-
     hf_config = model.config
     if active is None:
         active = dict(getattr(model, "all_tied_weights_keys", {}) or {})
     potential: dict[str, str] = {}
     flags: dict[str, Flag] = {}
-    for prefix, sub in model.named_modules(remove_duplicate=False):
-        if not isinstance(sub, PreTrainedModel) or not getattr(sub, "_tied_weights_keys", None):
-            continue
-        expanded = _expanded_with_tie_forced(sub)
-        flag = _flag_for(sub.config, hf_config, config)
-        for target, source in expanded.items():
-            full_target = f"{prefix}.{target}" if prefix else target
-            full_source = f"{prefix}.{source}" if prefix else source
-            potential.setdefault(full_target, full_source)
-            flags.setdefault(full_target, flag)
+    for target, source, sub in _declared_pairs(model):
+        potential.setdefault(target, source)
+        flags.setdefault(target, _flag_for(sub.config, hf_config, config))
 
     state = model.state_dict()
     expected = {name: tuple(t.shape) for name, t in state.items()}
@@ -366,6 +357,37 @@ def config_pointer(top: Any, target: Any) -> str | None:
             if isinstance(value, PretrainedConfig):
                 todo.append((value, f"{prefix}/{escape_pointer_token(key)}"))
     return None
+
+
+def _declared_pairs(model: Any) -> Iterator[tuple[str, str, Any]]:
+    """(target, source, declaring sub-model) for every tie any (sub-)model declares, whatever the flags say."""
+    from transformers.modeling_utils import PreTrainedModel
+
+    for prefix, sub in model.named_modules(remove_duplicate=False):
+        if not isinstance(sub, PreTrainedModel) or not getattr(sub, "_tied_weights_keys", None):
+            continue
+        for target, source in _expanded_with_tie_forced(sub).items():
+            yield (f"{prefix}.{target}" if prefix else target), (f"{prefix}.{source}" if prefix else source), sub
+
+
+def class_ties(architecture: str) -> dict[str, str]:
+    """Every {target: source} a transformers class declares, built from its default config on the meta device
+    (what an adapter alone can be judged against when its base is not at hand). Raises DeclaredTiesUnavailable."""
+    with quiet_libraries():
+        import torch
+        import transformers
+
+        cls = getattr(transformers, architecture, None)
+        if not isinstance(cls, type) or not hasattr(cls, "config_class"):
+            raise DeclaredTiesUnavailable(f"{architecture} is not a class of transformers {transformers.__version__}")
+        try:
+            with torch.device("meta"):
+                model = cls(cls.config_class())
+        except Exception as exc:
+            raise DeclaredTiesUnavailable(
+                f"cannot build {architecture} from its default config: {_one_line(exc)}"
+            ) from exc
+        return {target: source for target, source, _ in _declared_pairs(model)}
 
 
 def _expanded_with_tie_forced(sub: Any) -> dict[str, str]:

@@ -41,6 +41,7 @@ def check(
     isolated: o.IsolatedOpt = False,
     no_cache: o.NoCacheOpt = False,
     no_peft_check: o.NoPeftCheckOpt = False,
+    no_base: o.NoBaseOpt = False,
 ) -> None:
     """Audit checkpoints' weight tying; exit 1 when findings reach --fail-on.
 
@@ -86,6 +87,7 @@ def check(
                 revision=revision,
                 peft_check=not no_peft_check,
                 peft_max_memory=peft_max_memory,
+                require_base=not no_base,
             )
 
         if not batch:

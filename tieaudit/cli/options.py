@@ -79,6 +79,14 @@ NoCacheOpt = Annotated[
     bool,
     typer.Option("--no-cache", help="Do not read or write the tie-map cache (also: TIEAUDIT_NO_CACHE=1)."),
 ]
+NoBaseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--no-base",
+        help="Adapters: check the adapter alone when its base cannot be found (TIE106 becomes info instead of an "
+        "error; the rules that need the base, TIE101-TIE105, do not run).",
+    ),
+]
 NoPeftCheckOpt = Annotated[
     bool,
     typer.Option(

@@ -17,6 +17,7 @@ from tieaudit.model import FileChange, Finding, FixOutcome, FixRun, Report, Seve
 from tieaudit.repair.plan import MODES, FixPlan, FixRefused, FixRequest, plan_fix
 from tieaudit.repair.write import (
     WeightOutput,
+    carry_metadata,
     check_output_dir,
     clean_stale_staging,
     commit_in_place,
@@ -214,6 +215,7 @@ def _write(
         if config_text is not None and ckpt.config is not None:
             written += write_text(staging / ckpt.config.rel, config_text[1])
         fault("config")
+        carry_metadata(Path(ckpt.root), staging, skip)
         fsync_tree(staging)
         after = audit(staging, fail_on=fail_level, exit_zero=exit_zero)
         _refuse_regressions(before_findings, after.findings)

@@ -534,6 +534,33 @@ def write_text(dest: Path, text: str) -> int:
     return len(data)
 
 
+def carry_metadata(root: Path, staging: Path, rewritten: Iterable[str]) -> None:
+    """Give every rewritten file the mode, owner and extended attributes of the file it replaces (a checkpoint kept
+    0600, or labelled with xattrs, stays so). Owner and xattrs are best effort: only what this user may set."""
+    for rel in rewritten:
+        src, dest = root / rel, staging / rel
+        try:
+            st = os.stat(src)
+        except FileNotFoundError:
+            continue  # a new file: created with the default mode
+        if not dest.exists():
+            continue
+        os.chmod(dest, stat.S_IMODE(st.st_mode))
+        if (st.st_uid, st.st_gid) != (os.getuid(), os.getgid()):
+            with contextlib.suppress(OSError):
+                os.chown(dest, st.st_uid, st.st_gid)
+        for name in _xattrs(src):
+            with contextlib.suppress(OSError):
+                os.setxattr(dest, name, os.getxattr(src, name))
+
+
+def _xattrs(path: Path) -> list[str]:
+    try:
+        return os.listxattr(path)
+    except (OSError, AttributeError):  # no xattr support on this filesystem or platform
+        return []
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:

@@ -468,4 +468,65 @@ def tied_adapter_unverified(ctx: AdapterContext) -> Iterator[Finding]:
         )
 
 
+@rule(
+    code="TIE106",
+    name="adapter-base-missing",
+    severity=Severity.ERROR,
+    family="adapter",
+    summary="the adapter's base model could not be found, so its tie checks did not run",
+    explain="""
+Every adapter verdict (TIE101-TIE105) is a statement about the adapter *on its base*: which layers the base ties,
+what peft's merge does to them, whether the adapter's saved base weights match. When the base cannot be found
+(`base_model_name_or_path` names a directory that does not exist, or a Hub id that is not in the local Hugging Face
+cache, and no `--base` was given), none of that can be checked, and a check that could not run must not look like a
+pass: in CI without a model cache every adapter would otherwise pass.
+
+What the adapter alone shows is reported: the class peft wrapped (`auto_mapping` in adapter_config.json), and the
+layers the adapter changes that this class ties by declaration (e.g. a LoRA on `embed_tokens` of a class that ties
+`lm_head` to it), which is exactly where a tied base breaks.
+
+Fix: pass `--base BASE` (a local directory, or a Hub id already in the local cache: `hf download ORG/NAME`), or, to
+check only what the adapter alone shows, `--no-base` (this finding then is info and the exit code ignores it).
+""",
+)
+def adapter_base_missing(ctx: AdapterContext) -> Iterator[Finding]:
+    alone = ctx.alone
+    if alone is None:
+        return
+    arch = alone.architecture or "the base model class (unknown: adapter_config.json has no auto_mapping)"
+    if alone.touched:
+        pairs = ", ".join(f"{param} with {partner}" for param, partner in alone.touched)
+        shows = (
+            f"the adapter changes layers that {arch} ties by declaration, the case tied bases break on: {pairs}; "
+            "whether this base ties them depends on its config"
+        )
+    elif alone.ties_unavailable:
+        shows = f"which layers the base ties is unknown too ({alone.ties_unavailable})"
+    else:
+        shows = f"the adapter changes no layer that {arch} ties by declaration"
+    checked = (
+        "checked the adapter alone (--no-base)" if not alone.required else "the tie checks TIE101-TIE105 did not run"
+    )
+    yield Finding(
+        "TIE106",
+        "adapter-base-missing",
+        Severity.ERROR if alone.required else Severity.INFO,
+        f"the base model could not be found ({alone.reason}): {checked}; {shows}",
+        Location(file="adapter_config.json", config_key="/base_model_name_or_path", line=_line(ctx)),
+        {
+            "base_model_name_or_path": alone.base_name,
+            "architecture": alone.architecture,
+            "touched": [list(pair) for pair in alone.touched],
+            "required": alone.required,
+        },
+        FixHint(
+            "manual", None, "pass --base BASE (a directory or a cached Hub id), or --no-base to check the adapter alone"
+        ),
+    )
+
+
+def _line(ctx: AdapterContext) -> int | None:
+    return ctx.adapter_config.line_of("/base_model_name_or_path") if ctx.adapter_config is not None else None
+
+
 __all__ = ["differs"]

@@ -60,6 +60,18 @@ class BaseMismatch:
 
 
 @dataclass(frozen=True)
+class AdapterAlone:
+    """An adapter whose base could not be found, and what it shows by itself."""
+
+    reason: str  # why the base was not found, and how to give it
+    base_name: str | None  # adapter_config.json's base_model_name_or_path
+    architecture: str | None  # the class peft wrapped (adapter_config.json's auto_mapping)
+    touched: tuple[tuple[str, str], ...]  # declared tie pairs (sorted names) with a layer the adapter changes
+    ties_unavailable: str | None  # why the class's declared ties could not be read (None: they were)
+    required: bool  # False with --no-base: the user asked for the adapter alone
+
+
+@dataclass(frozen=True)
 class AdapterContext:
     """What the adapter rules see: the base's tie graph, the adapter's edits, and the forecasts."""
 
@@ -76,6 +88,7 @@ class AdapterContext:
     ignored: tuple[tuple[str, str], ...] = ()  # (parameter, why peft ignores the file's weights for it)
     peft: tuple[PeftView, ...] = ()  # peft's own verdicts on the tied groups the adapter touches
     unverified: tuple[tuple[tuple[str, ...], str], ...] = ()  # touched tied groups nothing could judge, and why
+    alone: AdapterAlone | None = None  # the base could not be found: what the adapter alone shows
 
     def edit_location(self, tensor: str) -> Location:
         """Point at the adapter_config.json key that puts this layer in the adapter (with its line)."""
