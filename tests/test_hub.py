@@ -201,3 +201,21 @@ def test_unreadable_cache_entry_says_so(hub: Path, monkeypatch: pytest.MonkeyPat
     assert info.value.message == (
         f"someorg/tiny: cannot read its entry in the local Hugging Face cache ({entry}): permission denied"
     )
+
+
+@pytest.mark.parametrize("blobs", [True, False])
+def test_a_cache_snapshot_is_never_fixed_in_place(hub: Path, blobs: bool) -> None:
+    """issue 18.5: a cache laid out without `blobs/` symlinks (plain files, as on filesystems without symlinks) was
+    edited in place. A cache is recognised by its structure, models--ORG--NAME/snapshots/REV."""
+    if blobs:
+        snapshot = cache_repo(hub, "someorg/broken", DEMO / "llama-untied-missing-head", COMMIT)
+    else:
+        snapshot = hub / "models--someorg--broken" / "snapshots" / COMMIT
+        shutil.copytree(DEMO / "llama-untied-missing-head", snapshot)
+        assert not any(p.is_symlink() for p in snapshot.iterdir())
+    before = {p.name: p.read_bytes() for p in snapshot.iterdir()}
+    result = runner.invoke(app, ["fix", str(snapshot), "--untie", "--in-place", "-y"])
+    assert result.exit_code == 2 and "Hugging Face cache snapshot" in result.stderr
+    assert {p.name: p.read_bytes() for p in snapshot.iterdir()} == before
+    out = hub.parent / "fixed"
+    assert runner.invoke(app, ["fix", str(snapshot), "--untie", "--output-dir", str(out)]).exit_code == 0

@@ -30,6 +30,19 @@ class Resolved:
     repo: HubRef | None = None
 
 
+_CACHE_REPO = re.compile(r"(models|datasets|spaces)--[^/]+")
+
+
+def is_cache_snapshot(root: Path) -> bool:
+    """Whether ``root`` is a snapshot of a Hugging Face cache, recognised by its structure
+    (``<cache>/models--ORG--NAME/snapshots/<revision>``) whether its files are symlinks into ``blobs/`` or copies
+    (caches on filesystems without symlinks, ``hf download --local-dir`` style copies moved into a cache)."""
+    parent = root.parent
+    if parent.name != "snapshots":
+        return False
+    return bool(_CACHE_REPO.fullmatch(parent.parent.name)) or parent.parent.joinpath("blobs").is_dir()
+
+
 def looks_like_repo_id(text: str) -> bool:
     return bool(REPO_ID.fullmatch(text)) and "--" not in text and ".." not in text and not text.endswith(".")
 

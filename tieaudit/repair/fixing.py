@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tieaudit.checkpoint.hub import is_cache_snapshot
 from tieaudit.errors import InputError, UsageError, WriteError
 from tieaudit.model import FileChange, Finding, FixOutcome, FixRun, Report, Severity
 from tieaudit.repair.plan import MODES, FixPlan, FixRefused, FixRequest, plan_fix
@@ -162,7 +163,7 @@ def fix(
 def _check_destination(display: str, output_dir: str | os.PathLike[str] | None, in_place: bool) -> Path:
     root = Path(display).resolve()
     if in_place:
-        if root.parent.name == "snapshots" and root.parent.parent.joinpath("blobs").is_dir():
+        if is_cache_snapshot(root):
             raise UsageError(
                 f"{display} is a Hugging Face cache snapshot; fix a copy with --output-dir instead of editing the cache"
             )
