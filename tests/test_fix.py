@@ -83,7 +83,9 @@ def test_fix_loads_as_intended(
     src = checkpoint(arch, variant, layout)
     before = tree_hash(src)
     out = tmp_path / "fixed"
-    report = fix(src, mode=mode, output_dir=out)
+    # a .bin without the head shows nothing of what the head held: copying the embedding is the unsafe guess here
+    guess = layout.startswith("bin") and variant == "untied_missing"
+    report = fix(src, mode=mode, output_dir=out, unsafe_fixes=guess)
 
     assert report.fix_run is not None and report.fix_run.written_to == str(out)
     unfixable = {f.fingerprint for f in audit(src).findings if ignores_flag(f)}  # (a reader ignores the flag)
@@ -421,3 +423,27 @@ def test_in_place_fix_keeps_mode_owner_and_xattrs(checkpoint, tmp_path: Path, va
     assert (now.st_uid, now.st_gid) == (was.st_uid, was.st_gid)
     if xattr:
         assert os.getxattr(path, "user.tieaudit-test") == b"keep me"
+
+
+def test_a_dropped_head_without_evidence_is_not_called_safe(checkpoint, tmp_path: Path) -> None:
+    """issue 18.3: on a .bin of an untied model whose lm_head was dropped, TIE002 said "the saved model shared" the
+    pair and called `fix --untie` safe, which copies the embedding into a head that may have been trained apart.
+    Now the finding says what the files show, and the copy needs --unsafe-fixes."""
+    src = checkpoint("llama", "untied_missing", "bin")
+    [finding] = audit(src).findings
+    assert finding.code == "TIE002" and finding.fix is not None
+    assert finding.fix.applicability == "unsafe" and "--unsafe-fixes" in (finding.fix.command or "")
+    assert "nothing in the files shows what lm_head.weight held" in finding.fix.description
+    assert finding.evidence["saved_tied"] is False and "shared" not in finding.fix.description
+    refused = fix(src, mode="untie", output_dir=tmp_path / "refused")
+    [outcome] = refused.fixes
+    assert outcome.status != "fixed" and outcome.applicability == "unsafe" and "--unsafe-fixes" in outcome.action
+    assert not (tmp_path / "refused").exists()
+    done = fix(src, mode="untie", output_dir=tmp_path / "done", unsafe_fixes=True)
+    assert [o.status for o in done.fixes] == ["fixed"]
+    # the same head dropped by save_pretrained (safetensors, format pt): the dropping rule is the evidence
+    [saved] = audit(checkpoint("llama", "untied_missing", "safetensors")).findings
+    assert saved.fix is not None and saved.fix.applicability == "safe"
+    assert "save_pretrained wrote model.safetensors and drops a tensor only when it shares storage" in (
+        saved.fix.description
+    )

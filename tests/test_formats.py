@@ -5,9 +5,11 @@ stdout holds the document and nothing else, and the exit code is the JSON report
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -148,3 +150,43 @@ def test_tieaudit_format_env_accepts_new_formats(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("TIEAUDIT_FORMAT", "github")
     result = runner.invoke(app, ["check", TARGETS["broken"][0]])
     assert result.stdout.startswith("::error ")
+
+
+def test_human_output_wraps_at_words_in_a_terminal(tmp_path: Path) -> None:
+    """issue 18.7: in a 160-column terminal findings (single ~330-character lines) wrapped mid-word. In a terminal
+    they wrap at words, continuation lines indented; paths and tensor names stay whole; into a pipe or a file each
+    line stays whole (for grep)."""
+    import pty
+
+    broken = Path(__file__).resolve().parents[1] / DEMO / "llama-untied-missing-head"
+    leader, follower = pty.openpty()
+    env = {**os.environ, "COLUMNS": "60", "NO_COLOR": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tieaudit", "check", str(broken)], stdout=follower, stderr=subprocess.PIPE, env=env
+    )
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    shown = re.sub(r"\x1b\[[0-9;]*m", "", b"".join(chunks).decode()).replace("\r\n", "\n")
+    assert proc.returncode == 1
+    lines = shown.splitlines()
+    words = {w for line in lines for w in line.split()}
+    for token in ("model.embed_tokens.weight", "lm_head.weight", str(broken)):
+        assert token in words or any(token in line for line in lines), token  # never split
+    long_lines = [line for line in lines if len(line) > 60 and " " in line.strip()]
+    assert not long_lines, long_lines
+    message = next(i for i, line in enumerate(lines) if "TIE002" in line) + 1
+    assert lines[message].startswith("  config.json:/tie_word_embeddings is false")
+    assert lines[message + 1].startswith("    ")  # continuation: two more than the first line
+    piped = subprocess.run(
+        [sys.executable, "-m", "tieaudit", "check", str(broken)], capture_output=True, text=True, env=env
+    )
+    assert any(len(line) > 200 for line in piped.stdout.splitlines())  # a pipe gets whole lines

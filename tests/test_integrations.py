@@ -150,3 +150,40 @@ def test_pre_commit_system_hook_runs_for_real(tmp_path: Path) -> None:
     _git(project, "add", "-A")
     proc = pre_commit()
     assert proc.returncode == 0 and "Passed" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_action_gives_the_base_to_adapters_only(tmp_path: Path) -> None:
+    """issue 18.2: with `paths: <model> <adapter>` and `base: ./base` (the README's example) the model path failed
+    with "--base is for adapters" (exit 2) and its TIE002 was never reported. The base now goes to adapters only,
+    one for all or per adapter (ADAPTER=BASE)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copytree(DEMO / "llama-untied-missing-head", work / "final")
+    shutil.copytree(DEMO / "llama-lora-tied", work / "lora")
+    shutil.copytree(DEMO / "llama-clean", work / "base")
+    config = json.loads((work / "lora" / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "nowhere/not-cached"  # only the action's base can find it
+    (work / "lora" / "adapter_config.json").write_text(json.dumps(config))
+    for base in ("./base", "./elsewhere lora=./base"):  # one base for all; a pair wins over it
+        proc, outputs = _run_check_step(work, paths="final lora", base=base, format="json")
+        assert outputs["exit-code"] == "1", (base, proc.stderr)
+        assert "--base is for adapters" not in proc.stderr
+        reports = [json.loads(doc) for doc in _json_documents(proc.stdout)]
+        codes = {r["target"]["path"]: {f["code"] for f in r["findings"]} for r in reports}
+        assert codes == {"final": {"TIE002"}, "lora": {"TIE102"}}, (base, codes)
+    proc, outputs = _run_check_step(work, paths="final lora", format="json")  # no base: the adapter's is missing
+    assert outputs["exit-code"] == "1"
+    assert "TIE106" in proc.stdout
+
+
+def _json_documents(text: str) -> list[str]:
+    """The JSON reports one after another on stdout (one per path)."""
+    decoder, docs, i = json.JSONDecoder(), [], 0
+    while i < len(text):
+        if text[i].isspace():
+            i += 1
+            continue
+        _, end = decoder.raw_decode(text, i)
+        docs.append(text[i:end])
+        i = end
+    return docs

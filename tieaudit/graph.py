@@ -26,6 +26,10 @@ OBSERVED_STORAGE = "shared-storage"
 OBSERVED_METADATA = "safetensors-metadata"
 OBSERVED_EQUAL = "bitwise-equal"
 OBSERVED_ABSENT = "target-absent"
+# one member of a declared pair is absent and the other is in a safetensors file save_pretrained wrote
+# ({"format": "pt"}): save_pretrained drops a tensor only when it shares storage with one it keeps, so the absent one
+# *was* the stored one when the model was saved
+OBSERVED_SAVE_RULE = "dropped-by-save-pretrained"
 
 _STATUS_ORDER = {TieStatus.TIED: 0, TieStatus.UNTIED: 1, TieStatus.DIVERGED: 2, TieStatus.MISSING: 3}
 
@@ -260,6 +264,10 @@ def _pair_state(
     observed = set(c.observed)
     if tgt is None and src is not None:
         observed.add(OBSERVED_ABSENT)
+    present = src if tgt is None else tgt if src is None else None
+    saved_by_transformers = present is not None and ckpt.metadata.get(present.file, {}).get("format") == "pt"
+    if c.declared and saved_by_transformers and present is not None and present.file.endswith(".safetensors"):
+        observed.add(OBSERVED_SAVE_RULE)
     # only a pair the loader ties needs its contents: an untied pair's verdict is structural (headers only), unless
     # another reader ties it (TIE005: whether that reader serves the stored head's weights depends on them)
     measure = tied or (c.declared and _reader_ties(c.target, declared))
@@ -292,6 +300,17 @@ def _pair_state(
         observed=tuple(sorted(observed)),
         expected_mismatch=tuple(expected_mismatch),
     )
+
+
+def head_was_source(pair: PairState) -> str | None:
+    """What in the files shows that the absent member of a pair held the stored one's values when saved (None:
+    nothing does, e.g. a .bin without the head: torch.save keeps tied tensors under both names)."""
+    if OBSERVED_METADATA in pair.observed:
+        return f"the safetensors metadata records {pair.target} as removed in favour of {pair.source}"
+    present = pair.source_info or pair.target_info
+    if OBSERVED_SAVE_RULE in pair.observed and present is not None:
+        return f"save_pretrained wrote {present.file} and drops a tensor only when it shares storage with one it keeps"
+    return None
 
 
 def _reader_ties(target: str, declared: DeclaredTies | None) -> bool:

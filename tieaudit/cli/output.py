@@ -116,10 +116,20 @@ def _options(fmt: str, output: Path | None, color: str, quiet: bool, verbose: bo
 
     return RenderOptions(
         color=fmt == "text" and use_color(color, sys.stdout if output is None else None),
+        width=terminal_width() if fmt == "text" and output is None else None,
         verbosity=-1 if quiet else (1 if verbose else 0),
         rules=rule_docs() if fmt == "sarif" else (),
         timings=timings,
     )
+
+
+def terminal_width() -> int | None:
+    """The terminal's width when stdout is one (findings are wrapped at words to it); None for files and pipes."""
+    import shutil
+
+    if not sys.stdout.isatty():
+        return None
+    return shutil.get_terminal_size().columns
 
 
 def rule_docs() -> tuple[RuleDoc, ...]:

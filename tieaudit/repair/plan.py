@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from tieaudit.checkpoint.config import escape_pointer_token, get_pointer, pointer_parts
 from tieaudit.checkpoint.types import ConfigFile, IndexMismatch, TensorInfo
 from tieaudit.declared import TIE_FLAG
-from tieaudit.graph import PairState, TieGraph
+from tieaudit.graph import PairState, TieGraph, head_was_source
 from tieaudit.model import Finding, TieStatus
 from tieaudit.repair.jsonedit import set_pointer
 
@@ -187,6 +187,9 @@ class _Planner:
             if mode == "untie" and _diverged(p):
                 self.flags[p.flag.pointer] = False
             if mode == "retie" and _untied_missing(p) and not p.flag.value:
+                if not self.request.unsafe and head_was_source(p) is None:
+                    self.blocked.setdefault((p.target, p.source), _GUESS.format(target=p.target, source=p.source))
+                    continue
                 self.flags[p.flag.pointer] = True
         active = dict(self.declared.active)
         for _ in range(len(self.flags) + 1):
@@ -265,6 +268,9 @@ class _Planner:
             if p.source_info is None or p.target_info is None:
                 if data is None or self.stored(data) is None:
                     self.blocked.setdefault(key, "neither tensor is stored: the weights are not in these files")
+                    continue
+                if not self.request.unsafe and p.declared and head_was_source(p) is None:
+                    self.blocked.setdefault(key, _GUESS.format(target=p.target, source=data))
                     continue
                 for member, info in ((p.target, p.target_info), (p.source, p.source_info)):
                     if info is None and member not in {self.stores[n].member for n in self.stores}:
@@ -470,6 +476,12 @@ def _diverged(p: PairState) -> bool:
         and not p.shape_mismatch
         and not p.expected_mismatch
     )
+
+
+_GUESS = (
+    "nothing in the files shows that {target} held {source} when saved (it may have been trained separately): "
+    "pass --unsafe-fixes to store {source} as {target} anyway, or re-save {target} from the model that has it"
+)
 
 
 def _untied_missing(p: PairState) -> bool:

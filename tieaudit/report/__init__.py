@@ -13,7 +13,7 @@ from tieaudit.model import BatchReport, Report, RuleDoc
 class RenderOptions:
     color: bool = False
     verbosity: int = 0  # -1 quiet, 0 normal, 1 verbose
-    width: int = 100
+    width: int | None = None  # wrap human output at words to this many columns (the terminal's); None: never wrap
     rules: tuple[RuleDoc, ...] = ()  # every rule's documentation (SARIF's driver.rules); the CLI passes the registry
     # wall-clock seconds in the JSON report (--timings); without them a report is a function of its input alone
     timings: bool = False

@@ -7,8 +7,10 @@ import json
 import math
 from typing import TYPE_CHECKING
 
+from rich._wrap import divide_line
 from rich.console import Console
 from rich.markup import escape
+from rich.text import Text
 
 from tieaudit.model import BatchReport, FileChange, Finding, Report, Severity, TargetError, TieGroup, TieStatus
 
@@ -67,15 +69,39 @@ def _finding_lines(f: Finding) -> list[str]:
     return lines
 
 
+class _HangingConsole(Console):
+    """Prints each line wrapped at words to ``wrap_at`` columns, continuation lines indented two more than the first;
+    a word longer than a line (a path, a tensor name) is never broken. ``wrap_at`` None: one output line per line
+    (files and pipes, where grep and diff want whole findings)."""
+
+    def __init__(self, *args: object, wrap_at: int | None = None, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.wrap_at = wrap_at
+
+    def print(self, *objects: object, **kwargs: object) -> None:
+        if self.wrap_at is None or len(objects) != 1 or not isinstance(objects[0], str) or kwargs:
+            super().print(*objects, **kwargs)  # type: ignore[arg-type]
+            return
+        text = Text.from_markup(objects[0])
+        lead = len(text.plain) - len(text.plain.lstrip(" "))
+        body = text[lead:]
+        # break at spaces only (fold=False): a word longer than the line stays whole on a line of its own
+        offsets = divide_line(body.plain, max(self.wrap_at - lead - 2, 20), fold=False)
+        for n, line in enumerate(body.divide(offsets)):
+            line.rstrip()
+            super().print(Text(" " * (lead if n == 0 else lead + 2)) + line)
+
+
 def _console(buf: io.StringIO, options: RenderOptions) -> Console:
-    return Console(
+    return _HangingConsole(
         file=buf,
         force_terminal=options.color,
         no_color=not options.color,
         color_system="standard" if options.color else None,
-        width=options.width,
+        width=options.width or 100,
         highlight=False,
         soft_wrap=True,
+        wrap_at=options.width,
     )
 
 

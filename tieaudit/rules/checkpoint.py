@@ -6,7 +6,7 @@ import shlex
 from collections.abc import Iterator
 
 from tieaudit.checkpoint.config import get_pointer
-from tieaudit.graph import OBSERVED_METADATA, OBSERVED_STORAGE, PairState
+from tieaudit.graph import PairState, head_was_source
 from tieaudit.model import Finding, FixHint, Location, Severity, TieStatus
 from tieaudit.readers import READERS, Consequence, HeadState, ReaderView
 from tieaudit.rules.context import RuleContext
@@ -150,15 +150,25 @@ def untied_weight_missing(ctx: RuleContext) -> Iterator[Finding]:
             if pair.flag
             else f"{ctx.graph.declared.architecture if ctx.graph.declared else 'the model class'} does not tie it"
         )
-        saved_tied = [o for o in pair.observed if o in (OBSERVED_METADATA, OBSERVED_STORAGE)]
         std = f" (std ≈ initializer_range {init_range})" if isinstance(init_range, (int, float)) else ""
-        hint = (
-            f"the saved model shared {pair.source} and {pair.target}: set "
-            f"{pair.flag.pointer if pair.flag else 'tie_word_embeddings'} to true, or store a copy of {pair.source} "
-            f"as {pair.target}"
-            if pair.source_info and not pair.target_info
-            else "the tensor is lost: re-save it from the model that has it"
-        )
+        flag_ptr = pair.flag.pointer if pair.flag else "tie_word_embeddings"
+        evidence = head_was_source(pair)
+        if pair.source_info and not pair.target_info and evidence:
+            hint = (
+                f"{evidence}, so {pair.target} was {pair.source} when saved: set {flag_ptr} to true, or store a "
+                f"copy of {pair.source} as {pair.target}"
+            )
+            fix = FixHint("safe", _fix_command(ctx, "untie"), hint)
+        elif pair.source_info and not pair.target_info:
+            hint = (
+                f"nothing in the files shows what {pair.target} held (a .bin keeps tied tensors under both names, "
+                f"and no safetensors metadata records a tie): if it was {pair.source}, --unsafe-fixes stores a copy "
+                f"of it; if it was trained separately, re-save it from the model that has it"
+            )
+            fix = FixHint("unsafe", _fix_command(ctx, "untie", " --unsafe-fixes"), hint)
+        else:
+            hint = "the tensor is lost: re-save it from the model that has it"
+            fix = FixHint("manual", None, hint)
         yield _finding(
             "TIE002",
             "untied-weight-missing",
@@ -173,10 +183,9 @@ def untied_weight_missing(ctx: RuleContext) -> Iterator[Finding]:
             stored=_stored_in(pair),
             initializer_range=init_range,
             observed=list(pair.observed),
-            saved_tied=bool(saved_tied) or bool(pair.source_info and not pair.target_info),
-            fix=FixHint("safe", _fix_command(ctx, "untie"), hint)
-            if pair.source_info
-            else FixHint("manual", None, hint),
+            saved_tied=evidence is not None,
+            saved_tied_evidence=evidence,
+            fix=fix,
         )
 
 
