@@ -150,7 +150,9 @@ def test_github_and_markdown_batch(run_dir: Path) -> None:
     assert "| checkpoint | result | errors | warnings | info | exit |" in md
     assert f"| `{run_dir / 'checkpoint-1000'}` | ❌ failed | 1 | 0 | 0 | 1 |" in md
     assert "⚠️ not audited" in md
-    assert md.count("### tieaudit: `") == 2 and md.count("#### Tie graph") == 2
+    # issue 18.8: a passing checkpoint is its table row, not another section with a Mermaid graph
+    assert md.count("### tieaudit: `") == 1 and md.count("#### Tie graph") == 1
+    assert f"1 checkpoint without findings: `{run_dir / 'checkpoint-500'}`." in md
 
 
 def test_text_batch_groups_per_target(run_dir: Path) -> None:
@@ -199,3 +201,17 @@ def test_python_api(run_dir: Path) -> None:
     assert batch.reports[2].findings == audit(run_dir / "checkpoint-1000").findings
     with pytest.raises(UsageError, match="at least one path"):
         audit_many([])
+
+
+def test_graph_of_a_trainer_directory_draws_every_checkpoint(run_dir: Path) -> None:
+    """issue 18.8: `graph outputs/` showed only the top-level model. It draws every checkpoint-* (the one that cannot
+    be read is an error line on stderr, and the exit code says so); mermaid, one diagram per file, asks for one."""
+    result = runner.invoke(app, ["graph", str(run_dir)])
+    assert result.exit_code == 3  # checkpoint-1500 is empty: nothing to audit there
+    assert f"{run_dir / 'checkpoint-500'}  LlamaForCausalLM" in result.stdout
+    assert f"{run_dir / 'checkpoint-1000'}  LlamaForCausalLM" in result.stdout
+    assert "checkpoint-1500" in result.stderr
+    doc = json.loads(runner.invoke(app, ["graph", str(run_dir), "--format", "json"]).stdout)
+    assert [Path(t["target"]["path"]).name for t in doc["targets"]] == ["checkpoint-500", "checkpoint-1000"]
+    mermaid = runner.invoke(app, ["graph", str(run_dir), "--format", "mermaid"])
+    assert mermaid.exit_code == 2 and "draws one checkpoint" in mermaid.stderr

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 from tieaudit.cli import options as o
 from tieaudit.cli.console import guarded, use_color
 from tieaudit.cli.output import GRAPH_FORMATS, check_choice, emit
+
+if TYPE_CHECKING:
+    from tieaudit.model import Report
 
 
 @guarded
@@ -21,31 +25,61 @@ def graph(
     """Show which tensors are tied, which flag governs them, where each is stored, and each tie's status."""
     import sys
 
+    import typer
+
     from tieaudit.auditing import audit
+    from tieaudit.batch import expand_targets
+    from tieaudit.cli.console import err
+    from tieaudit.errors import TieauditError, UsageError
     from tieaudit.report import RenderOptions
     from tieaudit.report.graph_formats import dot, mermaid
-    from tieaudit.report.json_format import group_dict
     from tieaudit.report.text import render_graph
 
     fmt = check_choice(format, GRAPH_FORMATS, "--format")
-    report = audit(path, base, select=["TIE"], probe_tokens=0, revision=revision)
+    targets = expand_targets([path])  # a trainer's output directory: its final model and every checkpoint-*
+    if len(targets) > 1 and fmt == "mermaid":
+        raise UsageError(
+            f"--format mermaid draws one checkpoint; {path} holds {len(targets)} ({', '.join(targets[:3])}"
+            f"{', ...' if len(targets) > 3 else ''}): give one of them, or use --format text, json or dot"
+        )
+    reports, failed = [], None
+    for target in targets:
+        try:
+            reports.append(audit(target, base, select=["TIE"], probe_tokens=0, revision=revision))
+        except TieauditError as exc:
+            if len(targets) == 1:
+                raise
+            err(f"tieaudit: error: {target}: {exc}")  # the others are still drawn, as `check` does
+            failed = exc if failed is None or exc.exit_code == 2 else failed
+    if not reports:
+        assert failed is not None
+        raise failed
     if fmt == "json":
-        doc = {
-            "schema_version": 1,
-            "target": {
-                "path": report.target.path,
-                "repo": None if report.target.repo is None else str(report.target.repo),
-                "architecture": report.target.architecture,
-                "layout": report.target.layout,
-            },
-            "graph": {"groups": [group_dict(g) for g in report.groups]},
-            "skipped": [{"check": s.check, "reason": s.reason} for s in report.skipped],
-        }
+        docs = [_json_doc(r) for r in reports]
+        doc = docs[0] if len(docs) == 1 else {"schema_version": 1, "targets": docs}
         emit(json.dumps(doc, indent=2) + "\n", output)
     elif fmt == "mermaid":
-        emit(mermaid(report), output)
+        emit(mermaid(reports[0]), output)
     elif fmt == "dot":
-        emit(dot(report), output)
+        emit("".join(dot(r) for r in reports), output)  # several digraphs in one file: `dot` renders each
     else:
         opts = RenderOptions(color=use_color(color, sys.stdout if output is None else None))
-        emit(render_graph(report, opts), output)
+        emit("".join(render_graph(r, opts) for r in reports), output)
+    if failed is not None:
+        raise typer.Exit(failed.exit_code)
+
+
+def _json_doc(report: Report) -> dict[str, object]:
+    from tieaudit.report.json_format import group_dict
+
+    return {
+        "schema_version": 1,
+        "target": {
+            "path": report.target.path,
+            "repo": None if report.target.repo is None else str(report.target.repo),
+            "architecture": report.target.architecture,
+            "layout": report.target.layout,
+        },
+        "graph": {"groups": [group_dict(g) for g in report.groups]},
+        "skipped": [{"check": s.check, "reason": s.reason} for s in report.skipped],
+    }

@@ -22,7 +22,7 @@ PathsArg = Annotated[
         help="Checkpoint directories (models or PEFT adapters), Hub repo ids in the local cache, or a trainer's "
         "output directory (its checkpoint-* folders).",
         show_default=False,
-        metavar="PATH...",
+        metavar="PATH",
     ),
 ]
 RevisionOpt = Annotated[

@@ -31,7 +31,7 @@ def render(report: Report, options: RenderOptions) -> str:
     return _section(report, "##")
 
 
-def _section(report: Report, h: str) -> str:
+def _section(report: Report, h: str, graph: bool = True) -> str:
     c = report.counts()
     state = "✅ passed" if report.exit_code == 0 else "❌ failed"
     t = report.target
@@ -65,7 +65,8 @@ def _section(report: Report, h: str) -> str:
             out += ["</details>", ""]
     else:
         out += ["No tie problems found.", ""]
-    out += [f"{h}# Tie graph", "", "```mermaid", mermaid(report).rstrip("\n"), "```", ""]
+    if graph:
+        out += [f"{h}# Tie graph", "", "```mermaid", mermaid(report).rstrip("\n"), "```", ""]
     if report.skipped:
         out += [f"{h}# Skipped", ""]
         out += [f"- **{s.check}**: {s.reason}" for s in report.skipped]
@@ -96,6 +97,15 @@ def render_batch(batch: BatchReport, options: RenderOptions) -> str:
             why = _cell(item.message)
             out.append(f"| `{_cell(item.path)}` | ⚠️ not audited: {why} | - | - | - | {item.exit_code} |")
     out.append("")
+    passing = [r for r in batch.reports if not r.findings and not r.skipped]
     for report in batch.reports:
-        out.append(_section(report, "###"))
+        if report not in passing:  # a checkpoint without findings is its table row: no section, no graph
+            out.append(_section(report, "###"))
+    if passing:
+        out += [
+            f"{len(passing)} checkpoint{'s' if len(passing) != 1 else ''} without findings: "
+            + ", ".join(f"`{_cell(r.target.name)}`" for r in passing)
+            + ".",
+            "",
+        ]
     return "\n".join(out)
