@@ -312,11 +312,27 @@ def test_progress_bar_draws_on_stderr_only_after_the_delay(capsys, monkeypatch) 
     assert capsys.readouterr().err == ""  # quick work: nothing drawn
     with progress_reporter(True, delay=0) as update:
         assert update is not None
-        update("comparing a with b", 1, 4)
-        update("comparing c with d", 2, 4)
+        update("comparing a with b", 1 << 20, 4 << 20)
+        update("comparing c with d", 2 << 20, 4 << 20)
     captured = capsys.readouterr()
-    assert "comparing c with d" in captured.err and "2/4" in captured.err
+    # issue 18.6: bytes done of bytes in all, and a rate (not "0/1" pairs)
+    assert "comparing c with d" in captured.err and "2.1/4.2 MB" in captured.err and "/s" in captured.err
     assert captured.out == ""
+
+
+def test_progress_counts_the_bytes_it_reads(ckpts) -> None:
+    """The callback gets bytes: it ends at the stored size of the pair it compared, rising as rows are read."""
+    from tieaudit import audit
+    from tieaudit.checkpoint import open_checkpoint
+
+    calls: list[tuple[str, int, int]] = []
+    audit(ckpts["diverged"], progress=lambda what, done, total: calls.append((what, done, total)))
+    with open_checkpoint(ckpts["diverged"]) as ckpt:
+        pair = ckpt.tensors["lm_head.weight"].nbytes + ckpt.tensors["model.embed_tokens.weight"].nbytes
+    compared = [c for c in calls if c[0].startswith("comparing")]
+    assert compared and {total for _, _, total in compared} == {pair}
+    done = [d for _, d, _ in compared]
+    assert done == sorted(done) and done[-1] == pair and len(set(done)) >= 3
 
 
 def test_progress_on_a_real_check_keeps_stdout_clean(ckpts) -> None:

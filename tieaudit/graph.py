@@ -13,14 +13,14 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
 from tieaudit.checkpoint.types import TensorInfo
-from tieaudit.compare import TensorDiff, diff_tensors
+from tieaudit.compare import RowReader, TensorDiff, diff_tensors
 from tieaudit.declared import DeclaredTies, Flag
 from tieaudit.model import Comparison, TieGroup, TieStatus
 
 if TYPE_CHECKING:
     import torch
 
-Progress = Callable[[str, int, int], None]
+Progress = Callable[[str, int, int], None]  # (what, bytes done, bytes in all; 0: unknown)
 
 OBSERVED_STORAGE = "shared-storage"
 OBSERVED_METADATA = "safetensors-metadata"
@@ -104,7 +104,9 @@ def build_graph(
     candidates = _candidate_pairs(ckpt, declared, rename, mem_to_disk)
     active = declared.active if declared else {}
     to_compare = sum(
-        1 for c in candidates if (c.target in active or _reader_ties(c.target, declared)) and _both(c, mem_to_disk)
+        ckpt.tensors[mem_to_disk[c.source]].nbytes + ckpt.tensors[mem_to_disk[c.target]].nbytes
+        for c in candidates
+        if (c.target in active or _reader_ties(c.target, declared)) and _both(c, mem_to_disk)
     )
     comparer = _Comparer(ckpt, probes, progress, total=to_compare, load_dtype=load_dtype)
     pairs = [_pair_state(c, ckpt, declared, mem_to_disk, comparer) for c in candidates]
@@ -212,12 +214,29 @@ class _Comparer:
     def compare_dtype(self, src: TensorInfo, tgt: TensorInfo) -> str | None:
         return compare_dtype(self.load_dtype, src, tgt)
 
+    def _counted(self, info: TensorInfo, cast: str | None, label: str, cap: int) -> RowReader:
+        """A row reader of ``info`` that reports the stored bytes read (a second pass for logits does not count
+        past the pair's share, ``cap``)."""
+        read = cast_reader(self.ckpt, info.name, cast)
+        per_row = info.nbytes // info.shape[0] if info.shape and info.shape[0] else info.nbytes
+
+        def counted(start: int, stop: int) -> torch.Tensor:
+            rows = read(start, stop)
+            self.done = min(self.done + (stop - start) * per_row, cap)
+            if self.progress:
+                self.progress(label, self.done, self.total)
+            return rows
+
+        return counted
+
     def compare(self, source: str, target: str, src: TensorInfo, tgt: TensorInfo) -> TensorDiff | None:
         key = (src.name, tgt.name)
         if key in self.cache:
             return self.cache[key]
+        label = f"comparing {target} with {source}"
         if self.progress:
-            self.progress(f"comparing {target} with {source}", self.done, self.total)
+            self.progress(label, self.done, self.total)
+        after = self.done + src.nbytes + tgt.nbytes
         result: TensorDiff | None = None
         cast = self.compare_dtype(src, tgt)
         if src.shape == tgt.shape and (src.dtype == tgt.dtype or cast is not None):
@@ -226,12 +245,12 @@ class _Comparer:
                 result = TensorDiff(True, 0.0, 0.0, 0.0 if self.probes else None, 1.0 if self.probes else None)
             else:
                 result = diff_tensors(
-                    cast_reader(self.ckpt, src.name, cast),
-                    cast_reader(self.ckpt, tgt.name, cast),
+                    self._counted(src, cast, label, after),
+                    self._counted(tgt, cast, label, after),
                     src.shape,
                     probes=self.probes,
                 )
-        self.done += 1
+        self.done = after
         if result is not None:
             self.cache[key] = result
         self.comparisons.append(

@@ -39,7 +39,7 @@ from tieaudit.repair.write import (
 if TYPE_CHECKING:
     from tieaudit.checkpoint import Checkpoint
 
-Progress = Callable[[str, int, int], None]
+Progress = Callable[[str, int, int], None]  # (what, bytes done, bytes in all; 0: unknown)
 
 
 def fix(

@@ -64,7 +64,7 @@ if TYPE_CHECKING:
     from tieaudit.forecast import TensorReader
     from tieaudit.peft_oracle import OracleResult
 
-Progress = Callable[[str, int, int], None]
+Progress = Callable[[str, int, int], None]  # (what, bytes done, bytes in all; 0: unknown)
 
 SUPPORTED = ("LORA",)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npz")
@@ -492,7 +492,7 @@ def _write(
         written = _carry_files(Path(base_ckpt.root), Path(ad.root), staging, base_ckpt)
         fault("staged")
         adapter_rows = TensorReader(ad)
-        total = sum(len(v) for v in job.layout.files.values())
+        total = sum(t.info.nbytes for v in job.layout.files.values() for t in v)
         done = 0
         for rel, tensors in job.layout.files.items():
             entries: list[Entry] = []
@@ -505,7 +505,7 @@ def _write(
             if progress:
                 progress(f"writing {rel}", done, total)
             written += write_safetensors(base_ckpt, entries, staging / rel, {"format": "pt"})
-            done += len(tensors)
+            done += sum(t.info.nbytes for t in tensors)
             for _, _, data in entries:
                 if isinstance(data, _Producer):
                     comparisons.extend(data.checked_comparisons())
