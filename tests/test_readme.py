@@ -1,5 +1,5 @@
-"""The README's console examples are real: every `$ tieaudit ...` command whose inputs are in this repository
-(the committed demo checkpoints) is run as written, and every line the README shows under it must appear in the
+"""The README's and docs/'s console examples are real: every `$ tieaudit ...` command whose inputs are in this
+repository (the committed demo checkpoints) is run as written, and every line the README shows under it must appear in the
 real output, in order (the README may leave lines out, marked "..." or not, never make them up). Output
 directories under /tmp are redirected to a temporary directory; timings are compared as "N s"."""
 
@@ -16,13 +16,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 TIMING = re.compile(r"\d+(\.\d+)? s\)")
 
 
-def examples() -> list[tuple[int, str, list[str]]]:
+def examples(page: Path = README) -> list[tuple[int, str, list[str]]]:
     """(line number, command, the output lines shown under it) for each `$ tieaudit` line of a console block."""
     out: list[tuple[int, str, list[str]]] = []
-    lines = README.read_text().splitlines()
+    lines = page.read_text().splitlines()
     in_block, indent = False, 0
     current: tuple[int, str, list[str]] | None = None
     for number, line in enumerate(lines, 1):
@@ -48,37 +49,58 @@ def examples() -> list[tuple[int, str, list[str]]]:
     return out
 
 
+REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
 def runnable(command: str) -> bool:
+    """Its inputs are committed demo checkpoints (outputs under /tmp), or Hub repo ids, which the test's empty
+    Hugging Face cache does not hold."""
     args = shlex.split(command)[1:]
     inputs = [a for a in args if not a.startswith("-") and ("/" in a or a.startswith("."))]
+    if inputs and all(REPO_ID.fullmatch(a) and not (ROOT / a).exists() for a in inputs):
+        return True
     return all((ROOT / a).exists() or a.startswith("/tmp/") for a in inputs) and any(
         a.startswith("fixtures/") for a in inputs
     )
 
 
-CASES = [e for e in examples() if runnable(e[1])]
+CASES = [(page.relative_to(ROOT).as_posix(), *e) for page in PAGES for e in examples(page) if runnable(e[1])]
 
 
 def test_the_readme_has_runnable_examples() -> None:
-    assert len(CASES) >= 5, [c[1] for c in CASES]
+    assert sum(1 for c in CASES if c[0] == "README.md") >= 2, [c[2] for c in CASES]
+    assert len(CASES) >= 5, [c[2] for c in CASES]
 
 
-@pytest.mark.parametrize(("line", "command", "shown"), CASES, ids=[f"README.md:{c[0]}" for c in CASES])
-def test_readme_example(line: int, command: str, shown: list[str], tmp_path: Path) -> None:
+def test_every_tieaudit_example_is_runnable() -> None:
+    """A `$ tieaudit` example whose inputs are not in this repository cannot be checked, so none may be shown."""
+    unchecked = [
+        f"{page.relative_to(ROOT)}:{line}: {command}"
+        for page in PAGES
+        for line, command, _ in examples(page)
+        if not runnable(command)
+    ]
+    assert not unchecked, unchecked
+
+
+@pytest.mark.parametrize(("page", "line", "command", "shown"), CASES, ids=[f"{c[0]}:{c[1]}" for c in CASES])
+def test_readme_example(page: str, line: int, command: str, shown: list[str], tmp_path: Path) -> None:
     argv = shlex.split(command)
     redirected = {a: str(tmp_path / Path(a).name) for a in argv if a.startswith("/tmp/")}
     argv = [redirected.get(a, a) for a in argv]
+    hub = tmp_path / "hub"  # an empty Hugging Face cache: a repo id in an example is never there
+    hub.mkdir()
     exe = Path(sys.executable).parent / "tieaudit"
     proc = subprocess.run(
         [str(exe), *argv[1:]],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        env={**os.environ, "NO_COLOR": "1", "TIEAUDIT_FORMAT": "", "COLUMNS": "200"},
+        env={**os.environ, "NO_COLOR": "1", "TIEAUDIT_FORMAT": "", "COLUMNS": "200", "HF_HUB_CACHE": str(hub)},
         timeout=300,
     )
     actual = (proc.stdout + proc.stderr).splitlines()
-    for old, new in redirected.items():
+    for old, new in [*redirected.items(), ("<HF_HUB_CACHE>", str(hub))]:
         shown = [s.replace(old, new) for s in shown]
     position = 0
     for expected in (s for s in shown if s.strip() not in ("", "...")):  # "..." marks lines left out
@@ -89,5 +111,5 @@ def test_readme_example(line: int, command: str, shown: list[str], tmp_path: Pat
                 break
         else:
             raise AssertionError(
-                f"README.md:{line}: `{command}` does not print:\n{expected}\n--- it printed:\n" + "\n".join(actual)
+                f"{page}:{line}: `{command}` does not print:\n{expected}\n--- it printed:\n" + "\n".join(actual)
             )

@@ -11,7 +11,7 @@ the index, then ``config.json`` last, everything fsynced. The switch is a single
 A crash or SIGKILL at any moment leaves PATH as it was (plus a staging directory named
 ``.NAME.tieaudit-tmp-PID-XXXX``, removed by the next run) or fully fixed. Where the kernel or filesystem has
 no RENAME_EXCHANGE, files are replaced one by one (new weight files, rewritten ones, the index, then the
-config), each with ``os.replace``; the README says what that guarantees.
+config), each with ``os.replace``; docs/commands.md (How `fix` writes) says what that guarantees.
 """
 
 from __future__ import annotations
