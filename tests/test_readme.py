@@ -1,5 +1,5 @@
 """The README's and docs/'s console examples are real: every `$ tieaudit ...` command whose inputs are in this
-repository (the committed demo checkpoints) is run as written, and every line the README shows under it must appear in the
+repository (the committed demo checkpoints) is run as written, and every line shown under it must appear in the
 real output, in order (the README may leave lines out, marked "..." or not, never make them up). Output
 directories under /tmp are redirected to a temporary directory; timings are compared as "N s"."""
 

@@ -58,8 +58,8 @@ def fix(
     progress: Progress | None = None,
     revision: str | None = None,
 ) -> Report:
-    """Repair the weight tying of the checkpoint at ``path`` (see docs/commands.md, `tieaudit fix`); a Hub repo id is read
-    from the local Hugging Face cache (at ``revision``) and needs ``output_dir``.
+    """Repair the weight tying of the checkpoint at ``path`` (docs/commands.md, `tieaudit fix`); a Hub repo id is
+    read from the local Hugging Face cache (at ``revision``) and needs ``output_dir``.
 
     Returns the report of the fixed checkpoint (or, with ``dry_run``/``diff``, of the original with the planned
     changes); ``report.fix_run`` says what was changed and ``report.fixes`` what became of each finding.
