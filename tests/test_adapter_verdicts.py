@@ -283,3 +283,14 @@ def test_base_resolved_offline_from_the_hugging_face_cache(adapter_case, tmp_pat
     report = audit(copy)
     assert report.target.base is not None and "0123abcd" in report.target.base
     assert "TIE102" in {f.code for f in report.findings}
+
+
+def test_without_base_an_ensure_weight_tying_adapter_says_what_merging_it_does(tmp_path: Path) -> None:
+    """The demo adapter (ensure_weight_tying, factors on embed_tokens and lm_head) without its base: TIE106 says the
+    peft merge on a tied base adds the delta twice, which TIE102 confirms once the base is given."""
+    demo = Path(__file__).resolve().parents[1] / "fixtures" / "demo"
+    lonely = _lonely(demo / "llama-lora-tied", tmp_path, "someorg/not-cached")
+    [finding] = audit(lonely).findings
+    assert finding.code == "TIE106" and "adds the delta twice (TIE102)" in finding.message
+    with_base = audit(lonely, base=demo / "llama-clean")
+    assert "TIE102" in {f.code for f in with_base.findings} and "TIE106" not in {f.code for f in with_base.findings}

@@ -159,12 +159,14 @@ def adapter_alone(adapter: Checkpoint, settings: AdapterSettings, why: str, requ
     edits = module_edits(adapter.tensors, settings, partner) if settings.peft_type in SUPPORTED_TYPES else {}
     pairs = {tuple(sorted((param, partner[param]))) for param, edit in edits.items() if edit.changes_weight}
     touched = tuple(sorted((a, b) for a, b in pairs))
+    lora = {param for param, edit in edits.items() if edit.lora is not None}
     return AdapterAlone(
         reason=why,
         base_name=settings.base_model_name_or_path,
         architecture=arch,
         touched=touched,
         ties_unavailable=unavailable,
+        both_adapted=any(a in lora and b in lora for a, b in touched),
         required=required,
     )
 

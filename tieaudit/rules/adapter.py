@@ -500,6 +500,11 @@ def adapter_base_missing(ctx: AdapterContext) -> Iterator[Finding]:
             f"the adapter changes layers that {arch} ties by declaration, the case tied bases break on: {pairs}; "
             "whether this base ties them depends on its config"
         )
+        if ctx.settings.ensure_weight_tying and alone.both_adapted:
+            shows += (
+                "; it was trained with ensure_weight_tying and holds LoRA factors for both layers of a pair: on a "
+                "base that ties them, peft's merge adds the delta twice (TIE102)"
+            )
     elif alone.ties_unavailable:
         shows = f"which layers the base ties is unknown too ({alone.ties_unavailable})"
     else:

@@ -68,6 +68,7 @@ class AdapterAlone:
     architecture: str | None  # the class peft wrapped (adapter_config.json's auto_mapping)
     touched: tuple[tuple[str, str], ...]  # declared tie pairs (sorted names) with a layer the adapter changes
     ties_unavailable: str | None  # why the class's declared ties could not be read (None: they were)
+    both_adapted: bool  # the adapter holds LoRA factors for both layers of a touched pair
     required: bool  # False with --no-base: the user asked for the adapter alone
 
 
