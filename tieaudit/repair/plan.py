@@ -118,7 +118,7 @@ class _Planner:
         self.oracle = oracle
         self.pairs = [p for p in graph.pairs if p.declared]
         self.flags: dict[str, bool] = {}  # governing pointer -> new value
-        self.blocked: dict[tuple[str, str], str] = {}  # (target, source) -> why it cannot be fixed this way
+        self.blocked: dict[tuple[str, str], Blocked] = {}  # (target, source) -> why it cannot be fixed this way
         self.done: dict[tuple[str, str], str] = {}  # (target, source) -> what the fix does
         self.stores: dict[str, StoreTensor] = {}
         self.drops: dict[str, DropTensor] = {}
@@ -188,7 +188,8 @@ class _Planner:
                 self.flags[p.flag.pointer] = False
             if mode == "retie" and _untied_missing(p) and not p.flag.value:
                 if not self.request.unsafe and head_was_source(p) is None:
-                    self.blocked.setdefault((p.target, p.source), _GUESS.format(target=p.target, source=p.source))
+                    guess = _GUESS.format(target=p.target, source=p.source)
+                    self.blocked.setdefault((p.target, p.source), Blocked(guess, needs_unsafe=True))
                     continue
                 self.flags[p.flag.pointer] = True
         active = dict(self.declared.active)
@@ -200,7 +201,7 @@ class _Planner:
             for pointer, why in bad.items():
                 del self.flags[pointer]
                 for p in self.governed(pointer):
-                    self.blocked.setdefault((p.target, p.source), why)
+                    self.blocked.setdefault((p.target, p.source), Blocked(why))
         return active
 
     def flag_problem(self, pointer: str, active: Mapping[str, str]) -> str | None:
@@ -267,10 +268,14 @@ class _Planner:
             data = self.group_data(p)
             if p.source_info is None or p.target_info is None:
                 if data is None or self.stored(data) is None:
-                    self.blocked.setdefault(key, "neither tensor is stored: the weights are not in these files")
+                    self.blocked.setdefault(
+                        key, Blocked("neither tensor is stored: the weights are not in these files")
+                    )
                     continue
                 if not self.request.unsafe and p.declared and head_was_source(p) is None:
-                    self.blocked.setdefault(key, _GUESS.format(target=p.target, source=data))
+                    self.blocked.setdefault(
+                        key, Blocked(_GUESS.format(target=p.target, source=data), needs_unsafe=True)
+                    )
                     continue
                 for member, info in ((p.target, p.target_info), (p.source, p.source_info)):
                     if info is None and member not in {self.stores[n].member for n in self.stores}:
@@ -292,7 +297,7 @@ class _Planner:
                 continue
             key = (p.target, p.source)
             if p.shape_mismatch or p.expected_mismatch:
-                self.blocked.setdefault(key, "the tensors differ in shape; resize them (and vocab_size) first")
+                self.blocked.setdefault(key, Blocked("the tensors differ in shape; resize them (and vocab_size) first"))
                 continue
             if _shared(p):
                 continue  # one storage under two names: nothing to drop
@@ -304,8 +309,11 @@ class _Planner:
             if win is None:
                 self.blocked.setdefault(
                     key,
-                    f"retying discards the stored {p.target} (it differs from {p.source}): pass --unsafe-fixes "
-                    f"--source {p.source} (keep the embedding) or --source {p.target} (keep the head)",
+                    Blocked(
+                        f"retying discards the stored {p.target} (it differs from {p.source}): pass --unsafe-fixes "
+                        f"--source {p.source} (keep the embedding) or --source {p.target} (keep the head)",
+                        needs_unsafe=True,
+                    ),
                 )
                 continue
             if win == p.target:
@@ -439,9 +447,8 @@ def _outcome(f: Finding, planner: _Planner, request: FixRequest) -> Outcome:
     key = (str(ev.get("target")), str(ev.get("source")))
     if f.code in ("TIE001", "TIE002", "TIE006"):
         if key in planner.blocked:
-            return Outcome(
-                planner.blocked[key], False, "unsafe" if "--unsafe-fixes" in planner.blocked[key] else "manual"
-            )
+            blocked = planner.blocked[key]
+            return Outcome(blocked.reason, False, "unsafe" if blocked.needs_unsafe else "manual")
         if key in planner.done:
             unsafe = f.code == "TIE001" and request.mode == "retie"
             return Outcome(planner.done[key], True, "unsafe" if unsafe else "safe")
@@ -476,6 +483,15 @@ def _diverged(p: PairState) -> bool:
         and not p.shape_mismatch
         and not p.expected_mismatch
     )
+
+
+@dataclass(frozen=True)
+class Blocked:
+    """Why a pair cannot be fixed by this request; ``needs_unsafe``: it can with --unsafe-fixes (the fix would
+    discard or guess data)."""
+
+    reason: str
+    needs_unsafe: bool = False
 
 
 _GUESS = (

@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING
 
 from tieaudit.adapters import ModuleEdit
 from tieaudit.forecast import MECH_DOUBLE, MECH_DROPPED, MECH_SHARED, MECH_SUM, GroupForecast, differs
-from tieaudit.model import Finding, FixHint, Location, Severity
+from tieaudit.model import FixHint, Location, Severity
 from tieaudit.rules.context import AdapterContext
 
 if TYPE_CHECKING:
     from tieaudit.adapter_confirm import PeftView
     from tieaudit.deep import Measured
-from tieaudit.rules.registry import rule
+from tieaudit.rules.registry import Violation, rule, violation
 from tieaudit.rules.wording import num as _num
 from tieaudit.rules.wording import pct as _pct
 
@@ -66,7 +66,7 @@ meant an untied model, untie the base first (`tie_word_embeddings=False` with `l
 merge with `tieaudit merge`.
 """,
 )
-def adapter_unties_weights(ctx: AdapterContext) -> Iterator[Finding]:
+def adapter_unties_weights(ctx: AdapterContext) -> Iterator[Violation]:
     forecasts = {fc.source: fc for fc in ctx.forecasts}
     views = {v.source: v for v in ctx.peft}
     for source in [*forecasts, *(s for s in views if s not in forecasts)]:
@@ -102,16 +102,13 @@ def adapter_unties_weights(ctx: AdapterContext) -> Iterator[Finding]:
                     top1_agreement=g.top1_agreement,
                 )
             evidence["peft"] = _peft_evidence(view)
-            yield Finding(
-                "TIE101",
-                "adapter-unties-weights",
-                Severity.WARNING,
+            yield violation(
                 f"the base ties {target} to {source}, but the adapted model uses different weights for them: "
                 f"{_module(source)} {s_desc}, while {_module(target)} {t_desc} ({numbers}): the adapter trained an "
                 "untied model",
                 _config_location(ctx, target),
-                evidence,
-                FixHint(
+                evidence=evidence,
+                fix=FixHint(
                     "manual",
                     None,
                     "retrain with ensure_weight_tying=True to keep the tie, or untie the base before training",
@@ -170,7 +167,7 @@ Fix: merge with `tieaudit merge ADAPTER --base BASE --output-dir DIR`, which app
 once and unties the pair where the adapter did.
 """,
 )
-def merge_corrupts_tied_weights(ctx: AdapterContext) -> Iterator[Finding]:
+def merge_corrupts_tied_weights(ctx: AdapterContext) -> Iterator[Violation]:
     reported = False
     meas = ctx.measured
     measured_text = (
@@ -203,21 +200,18 @@ def merge_corrupts_tied_weights(ctx: AdapterContext) -> Iterator[Finding]:
             yield finding
     if meas is not None and not reported and meas.max_abs_logit_diff > MEASURED_TOL * max(meas.logit_scale, 1.0):
         # reality wins over the forecast: the real merge changed the outputs
-        yield Finding(
-            "TIE102",
-            "merge-corrupts-tied-weights",
-            Severity.ERROR,
+        yield violation(
             f"merging this adapter with PEFT and reloading changed the outputs although no tied weight was "
             f"forecast to change:{measured_text}",
             Location(file="adapter_config.json"),
-            {
+            evidence={
                 "measured": {
                     "max_abs_logit_diff": meas.max_abs_logit_diff,
                     "top1_agreement": meas.top1_agreement,
                     "logit_scale": meas.logit_scale,
                 }
             },
-            FixHint("manual", None, "report this checkpoint to tieaudit: the forecast missed a mechanism"),
+            fix=FixHint("manual", None, "report this checkpoint to tieaudit: the forecast missed a mechanism"),
         )
 
 
@@ -228,7 +222,7 @@ def _tie102_forecast(
     measured_text: str,
     meas: Measured | None,
     fix: FixHint,
-) -> Finding | None:
+) -> Violation | None:
     """TIE102 in tieaudit's own words: the forecast, confirmed by peft (or peft could not be asked)."""
     bad = fc.corrupted()
     if not bad:
@@ -258,14 +252,11 @@ def _tie102_forecast(
             f"{worst} would change by max |Δ| {_num(d.max_abs_diff)} (relative {_num(d.rel_diff)}; probe logits "
             f"max |Δ| {_num(d.max_abs_logit_diff)}, top-1 agreement {_pct(d.top1_agreement)})"
         )
-    return Finding(
-        "TIE102",
-        "merge-corrupts-tied-weights",
-        Severity.ERROR,
+    return violation(
         f"merging this adapter with PEFT and reloading would not reproduce it: {measured}. Why: {mechanisms}."
         f"{measured_text}",
         _config_location(ctx, worst),
-        {
+        evidence={
             "source": fc.source,
             "members": list(fc.members),
             "corrupted": bad,
@@ -281,11 +272,11 @@ def _tie102_forecast(
                 "logit_scale": meas.logit_scale,
             },
         },
-        fix,
+        fix=fix,
     )
 
 
-def _tie102_peft(ctx: AdapterContext, view: PeftView, fix: FixHint) -> Finding | None:
+def _tie102_peft(ctx: AdapterContext, view: PeftView, fix: FixHint) -> Violation | None:
     """TIE102 from peft's own merge of the tied layers, where tieaudit's forecast disagrees or has nothing to say."""
     bad = view.corrupted()
     if not bad:
@@ -321,15 +312,12 @@ def _tie102_peft(ctx: AdapterContext, view: PeftView, fix: FixHint) -> Finding |
                     "top1_agreement": gm.top1_agreement,
                 }
             )
-    return Finding(
-        "TIE102",
-        "merge-corrupts-tied-weights",
-        Severity.ERROR,
+    return violation(
         f"merging this adapter with PEFT and reloading would not reproduce it: {measured}; measured by running "
         f"peft {view.peft_version}'s own merge_and_unload on the tied layers and reloading them as transformers "
         f"does ({view.disagreement})",
         _config_location(ctx, worst),
-        {
+        evidence={
             "source": view.source,
             "members": list(view.members),
             "corrupted": bad,
@@ -337,7 +325,7 @@ def _tie102_peft(ctx: AdapterContext, view: PeftView, fix: FixHint) -> Finding |
             "peft_measured": numbers,
             "peft": _peft_evidence(view),
         },
-        fix,
+        fix=fix,
     )
 
 
@@ -371,7 +359,7 @@ Fix: apply the adapter to the tied base it was trained on, or list the head in `
 `modules_to_save` for an untied base.
 """,
 )
-def tied_adapter_ignored(ctx: AdapterContext) -> Iterator[Finding]:
+def tied_adapter_ignored(ctx: AdapterContext) -> Iterator[Violation]:
     if not ctx.settings.ensure_weight_tying:
         return
     for name, why in ctx.ignored:
@@ -379,16 +367,13 @@ def tied_adapter_ignored(ctx: AdapterContext) -> Iterator[Finding]:
         if view is not None and name not in view.runtime_untied():
             continue  # peft's own run keeps this layer with its group: the file's weights are not lost
         edit = ctx.edits[name]
-        yield Finding(
-            "TIE103",
-            "tied-adapter-ignored",
-            Severity.WARNING,
+        yield violation(
             f"the adapter was saved with ensure_weight_tying and holds weights for {_module(name)} "
             f"({describe(edit)}), but adapter_config.json does not name it and {why}: peft ignores those "
             "weights when loading, so the adapted model is not the one that was trained",
             Location(file="adapter_config.json", tensor=name, config_key="/target_modules"),
-            {"tensor": name, "edit": describe(edit), "reason": why},
-            FixHint(
+            evidence={"tensor": name, "edit": describe(edit), "reason": why},
+            fix=FixHint(
                 "manual",
                 None,
                 "apply the adapter to the tied base it was trained on, or name the layer in "
@@ -412,19 +397,16 @@ not fit the base (a different vocabulary or hidden size): the adapter was traine
 Fix: point `--base` (or `base_model_name_or_path`) at the base the adapter was trained on.
 """,
 )
-def adapter_base_mismatch(ctx: AdapterContext) -> Iterator[Finding]:
+def adapter_base_mismatch(ctx: AdapterContext) -> Iterator[Violation]:
     for mm in ctx.mismatches:
         numbers = (
             f" (max |Δ| {_num(mm.max_abs_diff)}, relative {_num(mm.rel_diff)})" if mm.max_abs_diff is not None else ""
         )
-        yield Finding(
-            "TIE104",
-            "adapter-base-mismatch",
-            Severity.ERROR,
+        yield violation(
             f"{mm.param}: {mm.detail}{numbers}: the adapter was not trained on this base",
             Location(file="adapter_model.safetensors", tensor=mm.param),
-            {"tensor": mm.param, "kind": mm.kind, "max_abs_diff": mm.max_abs_diff, "rel_diff": mm.rel_diff},
-            FixHint("manual", None, "use the base the adapter was trained on (--base)"),
+            evidence={"tensor": mm.param, "kind": mm.kind, "max_abs_diff": mm.max_abs_diff, "rel_diff": mm.rel_diff},
+            fix=FixHint("manual", None, "use the base the adapter was trained on (--base)"),
         )
 
 
@@ -447,7 +429,7 @@ Fix: run the check where peft and torch are installed and without `--no-peft-che
 with `--deep`.
 """,
 )
-def tied_adapter_unverified(ctx: AdapterContext) -> Iterator[Finding]:
+def tied_adapter_unverified(ctx: AdapterContext) -> Iterator[Violation]:
     forecast = {fc.source for fc in ctx.forecasts}
     for members, why in ctx.unverified:
         modules = ", ".join(_module(m) for m in members)
@@ -456,15 +438,14 @@ def tied_adapter_unverified(ctx: AdapterContext) -> Iterator[Finding]:
             if members[0] in forecast
             else "tieaudit does not model this adapter"
         )
-        yield Finding(
-            "TIE105",
-            "tied-adapter-unverified",
-            Severity.WARNING,
+        yield violation(
             f"the adapter ({ctx.settings.peft_type}) touches the tied layers {modules}, but what it does to their tie "
             f"could not be checked: {ours}, and peft could not be asked ({why})",
             Location(file="adapter_config.json", tensor=members[0]),
-            {"members": list(members), "peft_type": ctx.settings.peft_type, "reason": why},
-            FixHint("manual", None, "run the check with peft installed and without --no-peft-check, or with --deep"),
+            evidence={"members": list(members), "peft_type": ctx.settings.peft_type, "reason": why},
+            fix=FixHint(
+                "manual", None, "run the check with peft installed and without --no-peft-check, or with --deep"
+            ),
         )
 
 
@@ -489,7 +470,7 @@ Fix: pass `--base BASE` (a local directory, or a Hub id already in the local cac
 check only what the adapter alone shows, `--no-base` (this finding then is info and the exit code ignores it).
 """,
 )
-def adapter_base_missing(ctx: AdapterContext) -> Iterator[Finding]:
+def adapter_base_missing(ctx: AdapterContext) -> Iterator[Violation]:
     alone = ctx.alone
     if alone is None:
         return
@@ -512,19 +493,17 @@ def adapter_base_missing(ctx: AdapterContext) -> Iterator[Finding]:
     checked = (
         "checked the adapter alone (--no-base)" if not alone.required else "the tie checks TIE101-TIE105 did not run"
     )
-    yield Finding(
-        "TIE106",
-        "adapter-base-missing",
-        Severity.ERROR if alone.required else Severity.INFO,
+    yield violation(
         f"the base model could not be found ({alone.reason}): {checked}; {shows}",
         Location(file="adapter_config.json", config_key="/base_model_name_or_path", line=_line(ctx)),
-        {
+        severity=Severity.ERROR if alone.required else Severity.INFO,
+        evidence={
             "base_model_name_or_path": alone.base_name,
             "architecture": alone.architecture,
             "touched": [list(pair) for pair in alone.touched],
             "required": alone.required,
         },
-        FixHint(
+        fix=FixHint(
             "manual", None, "pass --base BASE (a directory or a cached Hub id), or --no-base to check the adapter alone"
         ),
     )

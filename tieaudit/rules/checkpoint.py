@@ -7,17 +7,12 @@ from collections.abc import Iterator
 
 from tieaudit.checkpoint.config import get_pointer
 from tieaudit.graph import PairState, head_was_source
-from tieaudit.model import Finding, FixHint, Location, Severity, TieStatus
+from tieaudit.model import FixHint, Location, Severity, TieStatus
 from tieaudit.readers import READERS, Consequence, HeadState, ReaderView
 from tieaudit.rules.context import RuleContext
-from tieaudit.rules.registry import rule
+from tieaudit.rules.registry import Violation, rule, violation
 from tieaudit.rules.wording import num as _num
 from tieaudit.rules.wording import pct as _pct
-
-
-def _finding(code: str, name: str, severity: Severity, message: str, location: Location, **kw: object) -> Finding:
-    fix = kw.pop("fix", None)
-    return Finding(code, name, severity, message, location, dict(kw), fix if isinstance(fix, FixHint) else None)
 
 
 def _as_loaded(pair: PairState) -> str:
@@ -78,7 +73,7 @@ Fix: decide which model you meant. If both trained tensors matter, untie the con
 target and keep the source (this discards the stored target: an unsafe fix).
 """,
 )
-def tied_weights_diverge(ctx: RuleContext) -> Iterator[Finding]:
+def tied_weights_diverge(ctx: RuleContext) -> Iterator[Violation]:
     for pair in ctx.graph.pairs:
         if not (pair.tied_by_config and pair.both_stored) or pair.shape_mismatch:
             continue
@@ -86,10 +81,7 @@ def tied_weights_diverge(ctx: RuleContext) -> Iterator[Finding]:
             continue
         d = pair.diff
         flag = pair.flag.ref if pair.flag else "the model class"
-        yield _finding(
-            "TIE001",
-            "tied-weights-diverge",
-            Severity.ERROR,
+        yield violation(
             f"{flag} ties {pair.target} to {pair.source}, but both are stored and differ "
             f"(max |Δ| {_num(d.max_abs_diff)}, relative {_num(d.rel_diff)}; probe logits: max |Δ| "
             f"{_num(d.max_abs_logit_diff)}, top-1 agreement {_pct(d.top1_agreement)}"
@@ -135,7 +127,7 @@ true, or store a copy of the source as the target and keep the flag false. If th
 trained separately, it is lost: re-save from the training run.
 """,
 )
-def untied_weight_missing(ctx: RuleContext) -> Iterator[Finding]:
+def untied_weight_missing(ctx: RuleContext) -> Iterator[Violation]:
     init_range = ctx.config_value("initializer_range")
     for pair in ctx.graph.pairs:
         if pair.tied_by_config or pair.status is not TieStatus.MISSING:
@@ -169,10 +161,7 @@ def untied_weight_missing(ctx: RuleContext) -> Iterator[Finding]:
         else:
             hint = "the tensor is lost: re-save it from the model that has it"
             fix = FixHint("manual", None, hint)
-        yield _finding(
-            "TIE002",
-            "untied-weight-missing",
-            Severity.ERROR,
+        yield violation(
             f"{why}, so {pair.target} is not tied to {pair.source}, but {' and '.join(missing)} "
             f"{'is' if len(missing) == 1 else 'are'} not stored: transformers initialises "
             f"{'it' if len(missing) == 1 else 'them'} randomly on load{std}",
@@ -206,14 +195,11 @@ head, or shards were lost.
 Fix: none from these files; the weights are gone. Re-export from the original model.
 """,
 )
-def tied_weights_missing(ctx: RuleContext) -> Iterator[Finding]:
+def tied_weights_missing(ctx: RuleContext) -> Iterator[Violation]:
     for pair in ctx.graph.pairs:
         if not pair.tied_by_config or pair.status is not TieStatus.MISSING:
             continue
-        yield _finding(
-            "TIE003",
-            "tied-weights-missing",
-            Severity.ERROR,
+        yield violation(
             f"{pair.flag.ref if pair.flag else 'the model class'} ties {pair.target} to {pair.source}, but neither "
             f"is stored (nor any other tensor tied to {pair.source}): transformers reports a corrupted checkpoint "
             "and initialises them randomly",
@@ -247,15 +233,12 @@ Fix: make the config's `vocab_size` and both tensors agree (resize with `resize_
 which keeps the tie, then save), or untie deliberately.
 """,
 )
-def tied_shape_mismatch(ctx: RuleContext) -> Iterator[Finding]:
+def tied_shape_mismatch(ctx: RuleContext) -> Iterator[Violation]:
     for pair in ctx.graph.pairs:
         if pair.tied_by_config and pair.both_stored and pair.shape_mismatch:
             s, t = pair.source_info, pair.target_info
             assert s is not None and t is not None
-            yield _finding(
-                "TIE004",
-                "tied-shape-mismatch",
-                Severity.ERROR,
+            yield violation(
                 f"{pair.flag.ref if pair.flag else 'the model class'} ties {pair.target} to {pair.source}, but their "
                 f"shapes differ ({pair.source} {list(s.shape)} {s.dtype}, {pair.target} {list(t.shape)} {t.dtype}): "
                 "transformers cannot load them as one tensor (size mismatch)",
@@ -270,10 +253,7 @@ def tied_shape_mismatch(ctx: RuleContext) -> Iterator[Finding]:
         for name, stored, expected in pair.expected_mismatch:
             if pair.shape_mismatch and pair.tied_by_config:
                 continue  # already reported above, with both shapes
-            yield _finding(
-                "TIE004",
-                "tied-shape-mismatch",
-                Severity.ERROR,
+            yield violation(
                 f"{name} is stored with shape {list(stored)}, but this config builds {list(expected)} "
                 f"(tied with {pair.source if name == pair.target else pair.target}): transformers refuses to load it "
                 "(size mismatch)",
@@ -318,7 +298,7 @@ regenerate the index from the shards. A class that ignores the flag in a reader 
 the config: keep it tied, or serve it with a reader that follows the flag.
 """,
 )
-def tie_flag_conflict(ctx: RuleContext) -> Iterator[Finding]:
+def tie_flag_conflict(ctx: RuleContext) -> Iterator[Violation]:
     if ctx.config is not None:
         yield from _flag_conflicts(ctx)
     members = {n for p in ctx.graph.pairs for n in (p.source, p.target)}
@@ -333,10 +313,7 @@ def tie_flag_conflict(ctx: RuleContext) -> Iterator[Finding]:
             state = f"{mm.actual_file} holds {mm.tensor}, but the index does not list it"
         else:
             state = f"the index places {mm.tensor} in {mm.indexed_file}, but it is in {mm.actual_file}"
-        yield _finding(
-            "TIE005",
-            "tie-flag-conflict",
-            Severity.WARNING,
+        yield violation(
             f"{ctx.index_file}: {state}; transformers reads the shards, tools that trust the index see another "
             "checkpoint",
             Location(file=ctx.index_file, tensor=mm.tensor),
@@ -347,7 +324,7 @@ def tie_flag_conflict(ctx: RuleContext) -> Iterator[Finding]:
         )
 
 
-def _flag_conflicts(ctx: RuleContext) -> Iterator[Finding]:
+def _flag_conflicts(ctx: RuleContext) -> Iterator[Violation]:
     assert ctx.config is not None
     seen: set[str] = set()
     for pair in ctx.graph.pairs:
@@ -357,15 +334,13 @@ def _flag_conflicts(ctx: RuleContext) -> Iterator[Finding]:
         seen.add(flag.pointer)
         if flag.raw is not None and flag.raw != flag.value:
             arch = ctx.graph.declared.architecture if ctx.graph.declared else "the model class"
-            yield _finding(
-                "TIE005",
-                "tie-flag-conflict",
-                Severity.INFO,
+            yield violation(
                 f"config.json:{flag.pointer} is {str(flag.raw).lower()}, but {arch}'s config class forces it to "
                 f"{str(flag.value).lower()}: transformers {'ties' if flag.value else 'unties'} {pair.target} and "
                 f"{pair.source}, and so does every reader that parses config.json with transformers' config classes "
                 "(accelerate, vLLM); only a tool reading the raw JSON key sees the opposite",
                 ctx.flag_location(pair, tensor=pair.target),
+                severity=Severity.INFO,
                 pointer=flag.pointer,
                 raw=flag.raw,
                 effective=flag.value,
@@ -378,7 +353,7 @@ def _flag_conflicts(ctx: RuleContext) -> Iterator[Finding]:
     yield from _reader_conflicts(ctx)
 
 
-def _reader_conflicts(ctx: RuleContext) -> Iterator[Finding]:
+def _reader_conflicts(ctx: RuleContext) -> Iterator[Violation]:
     """Readers (tieaudit.readers) that decide the output head's tie otherwise than transformers: one finding per
     config key they read (and one for readers that ignore the flag), naming each reader, what it reads and what it
     would load from this checkpoint's tensors; the severity is the worst consequence."""
@@ -425,12 +400,10 @@ def _reader_conflicts(ctx: RuleContext) -> Iterator[Finding]:
                 _fix_command(ctx, "retie" if flag.value else "untie"),
                 f"write {_lit(flag.value)} at {pointer} and {flag.pointer}",
             )
-        yield _finding(
-            "TIE005",
-            "tie-flag-conflict",
-            max((c.severity for _, c in found), key=lambda s: s.rank),
+        yield violation(
             f"{lead} {effects}",
             Location(file="config.json", tensor=pair.target, config_key=key, line=ctx.config.line_of(key)),
+            severity=max((c.severity for _, c in found), key=lambda s: s.rank),
             pointer=key,
             value=found[0][0].value,
             governing_pointer=flag.pointer,
@@ -469,7 +442,7 @@ them tied, so the model is correct, but the file carries a redundant copy (for a
 Fix: drop the stored target; transformers re-ties it from the source on load.
 """,
 )
-def redundant_tied_copy(ctx: RuleContext) -> Iterator[Finding]:
+def redundant_tied_copy(ctx: RuleContext) -> Iterator[Violation]:
     for pair in ctx.graph.pairs:
         if not (pair.tied_by_config and pair.both_stored and pair.diff and pair.diff.bitwise_equal):
             continue
@@ -477,10 +450,7 @@ def redundant_tied_copy(ctx: RuleContext) -> Iterator[Finding]:
         assert s is not None and t is not None
         if s.storage_id is not None and s.storage_id == t.storage_id:
             continue  # one storage under two names (a pickled tied model): no extra bytes
-        yield _finding(
-            "TIE006",
-            "redundant-tied-copy",
-            Severity.INFO,
+        yield violation(
             f"{pair.target} is stored as a bitwise-equal copy of {pair.source} ({t.nbytes:,} redundant bytes); "
             "transformers loads them tied",
             ctx.flag_location(pair, tensor=pair.target),

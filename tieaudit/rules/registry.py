@@ -2,12 +2,40 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
-from tieaudit.model import Finding, Severity
+from tieaudit.model import Finding, FixHint, Location, Severity
+
+
+@dataclass(frozen=True)
+class Violation:
+    """What a rule's check yields: the registry stamps the rule's code, name and (unless overridden) severity on it,
+    as ruff's violations carry their rule, so a rule's identity is written once, in its ``@rule``."""
+
+    message: str
+    location: Location
+    evidence: Mapping[str, Any] = field(default_factory=dict)
+    fix: FixHint | None = None
+    severity: Severity | None = None  # None: the rule's severity; set where the consequence decides (TIE005)
+
+
+def violation(
+    message: str,
+    location: Location,
+    *,
+    severity: Severity | None = None,
+    fix: FixHint | None = None,
+    evidence: Mapping[str, Any] | None = None,
+    **more: Any,
+) -> Violation:
+    """A Violation whose evidence is ``evidence`` and the keyword arguments ``more``."""
+    return Violation(message, location, {**(evidence or {}), **more}, fix, severity)
+
 
 Check = Callable[..., Iterable[Finding]]
+CheckBody = Callable[..., Iterable[Violation]]
 
 
 @dataclass(frozen=True)
@@ -24,13 +52,21 @@ class Rule:
 RULES: dict[str, Rule] = {}
 
 
-def rule(code: str, name: str, severity: Severity, summary: str, explain: str, family: str) -> Callable[[Check], Check]:
-    """Register a check function under a rule code (codes are never reused)."""
+def rule(
+    code: str, name: str, severity: Severity, summary: str, explain: str, family: str
+) -> Callable[[CheckBody], CheckBody]:
+    """Register a check function under a rule code (codes are never reused). The registered check turns each
+    ``Violation`` the function yields into a ``Finding`` of this rule."""
 
-    def register(fn: Check) -> Check:
+    def register(fn: CheckBody) -> CheckBody:
         if code in RULES:
             raise RuntimeError(f"rule code {code} registered twice")
-        RULES[code] = Rule(code, name, severity, summary, explain.strip(), fn, family)
+
+        def check(ctx: Any) -> Iterator[Finding]:
+            for v in fn(ctx):
+                yield Finding(code, name, v.severity or severity, v.message, v.location, dict(v.evidence), v.fix)
+
+        RULES[code] = Rule(code, name, severity, summary, explain.strip(), check, family)
         return fn
 
     return register
