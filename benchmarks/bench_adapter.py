@@ -582,7 +582,7 @@ Three commands run as subprocesses, each with 1 warm-up run (discarded) and then
 - (i) `tieaudit check ADAPTER --base BASE -f json`: the forecast from the files; the verdict is TIE102
   present or not. The warm-up run fills a fresh tie-map cache, so the measured runs are repeat audits of
   the base's config (CI on every push): the LoRA forecast then runs on numpy alone, computed from the
-  factors and one pass over the base embedding (`tieaudit/lowrank.py`), and imports neither torch,
+  factors and one pass over the base embedding (`tieaudit/adapter/lowrank.py`), and imports neither torch,
   transformers nor peft. The first audit of a config also imports transformers and torch to build the
   declared tie map on the meta device (measured once by hand: 5.6 s, 476 MiB, with `--no-cache`);
 - (ii) the reference: a Python script that loads the base in bf16 (its config's dtype), attaches the adapter

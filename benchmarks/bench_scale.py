@@ -725,7 +725,8 @@ def render_section(
         "norms ones), written with `safetensors.torch.save_file`. `tied-clean` stores no `lm_head.weight`",
         f"({facts['gemma-bytes']['tied-clean'] / bc.MIB:,.0f} MiB); `diverged` stores it as embedding + N(0, 0.002) "
         f"({facts['gemma-bytes']['diverged'] / bc.MIB:,.0f} MiB),",
-        "so tieaudit must compare two 1,125 MiB tensors: `tieaudit/compare.py` streams row chunks of 32 MiB (float32),",
+        "so tieaudit must compare two 1,125 MiB tensors: `tieaudit/ties/compare.py` streams row chunks of 32 MiB",
+        "(float32),",
         "about 8 chunks of working set whatever the vocabulary size, which is what the 1.5 GiB bound checks.",
         "",
         results_table(gemma),

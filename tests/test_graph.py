@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from tieaudit import audit
-from tieaudit.compare import diff_tensors, probe_hidden_states, rows_per_chunk
 from tieaudit.model import TieStatus
+from tieaudit.ties.compare import diff_tensors, probe_hidden_states, rows_per_chunk
 
 
 def _copy(src: Path, tmp_path: Path, name: str = "ckpt") -> Path:

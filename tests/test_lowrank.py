@@ -1,4 +1,4 @@
-"""The low-rank forecast (tieaudit.lowrank) measures what materialising every weight measures.
+"""The low-rank forecast (tieaudit.adapter.lowrank) measures what materialising every weight measures.
 
 Two levels: `compare_lowrank` against the weights built explicitly in float64 (random factors, replaced rows,
 several chunks and blocks), and the whole adapter audit through the low-rank path against the streaming
@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from fixtures.adapter_builders import ADAPTER_ARCHS, ADAPTER_CASES, case_base_tied
-from tieaudit import audit, forecast, lowrank
-from tieaudit.compare import probe_states
-from tieaudit.lowrank import Factor, LowRankWeight, compare_lowrank
+from tieaudit import audit
+from tieaudit.adapter import forecast, lowrank
+from tieaudit.adapter.lowrank import Factor, LowRankWeight, compare_lowrank
+from tieaudit.ties.compare import probe_states
 
 
 def _explicit(w0: np.ndarray, factors: list[Factor], weight: LowRankWeight) -> np.ndarray:
@@ -169,7 +170,7 @@ def test_same_bytes_compares_every_byte(chunk: int, tmp_path) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from tieaudit.adapter_analysis import same_bytes
+    from tieaudit.adapter.analysis import same_bytes
     from tieaudit.checkpoint import open_checkpoint
 
     values = torch.arange(101, dtype=torch.uint8).reshape(101, 1)  # 101 bytes: not a multiple of 8

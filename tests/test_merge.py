@@ -486,7 +486,7 @@ def test_a_wrong_internal_model_is_stopped_by_peft(
     """tieaudit's own model of peft made wrong on purpose (LoRA deltas scaled twice, trainable-token rows not
     applied, modules_to_save copies ignored): the merge's internal checks agree with the wrong model, so only peft
     itself can tell. The commit is stopped: exit 2, nothing written, one line naming the tensor."""
-    import tieaudit.forecast as forecast
+    import tieaudit.adapter.forecast as forecast
     import tieaudit.repair.merging as merging
 
     if case == "lora_both":

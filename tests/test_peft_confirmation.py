@@ -1,4 +1,4 @@
-"""`check` holds its adapter verdicts to peft itself (tieaudit.adapter_confirm): adapter types and variants tieaudit
+"""`check` holds its adapter verdicts to peft itself (tieaudit.adapter.confirm): adapter types and variants tieaudit
 does not model (LoKr, DoRA) are judged by running peft on the tied layers, and agree with what the real libraries do
 end to end (the whole model loaded with transformers and peft, merged, saved and reloaded); with --no-peft-check they
 are TIE105, never a silent pass."""

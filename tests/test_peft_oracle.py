@@ -1,4 +1,4 @@
-"""The peft oracle (tieaudit.peft_oracle) is peft: on every adapter case of the verdict suite it gives, for the tied
+"""The peft oracle (tieaudit.adapter.oracle) is peft: on every adapter case of the verdict suite it gives, for the tied
 layers alone, the same run-time weights as the real unmerged PeftModel and the same weights as peft's real
 merge_and_unload -> save_pretrained -> from_pretrained (fixtures.adapter_builders.reality loads whole models)."""
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from fixtures.adapter_builders import ADAPTER_ARCHS, ADAPTER_CASES, ADAPTER_SPECS, UNSUPPORTED
+from tieaudit.adapter.oracle import OracleUnavailable, ask_peft
 from tieaudit.checkpoint import open_checkpoint
-from tieaudit.compare import probe_states
-from tieaudit.peft_oracle import OracleUnavailable, ask_peft
+from tieaudit.ties.compare import probe_states
 
 CASES = [(a, c) for a in ADAPTER_ARCHS for c in ADAPTER_CASES if (a, c) not in UNSUPPORTED]
 TOL = 1e-5  # float32: the same operations in another order

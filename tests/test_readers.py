@@ -1,4 +1,4 @@
-"""TIE005 names the reader, the flag it reads and what it would load (tieaudit/readers.py, docs/readers.md).
+"""TIE005 names the reader, the flag it reads and what it would load (tieaudit/ties/readers.py, docs/readers.md).
 
 Each checkpoint is a real ``save_pretrained`` of a tiny model built from its class's own default config. Where the
 reader can run here (accelerate), the test runs it and checks the claimed consequence; vLLM cannot be installed
@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 import torch
 
-from tieaudit import audit, vllm_registry
+from tieaudit import audit
 from tieaudit.model import Finding, Severity
+from tieaudit.ties import vllm_registry
 from tools import zoo
 
 

@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 from fixtures.builders import ARCHS
-from tieaudit import audit, declared, tiemap_cache
+from tieaudit import audit
 from tieaudit.report.json_format import report_dict
+from tieaudit.ties import cache as tiemap_cache
+from tieaudit.ties import declared
 
 DEMO = Path(__file__).resolve().parents[1] / "fixtures" / "demo"
 

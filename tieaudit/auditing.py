@@ -15,12 +15,12 @@ from tieaudit.errors import UsageError
 from tieaudit.model import Comparison, Finding, Report, Severity, Skipped, Stats, Target
 
 if TYPE_CHECKING:
-    from tieaudit.adapter_analysis import AdapterAnalysis
+    from tieaudit.adapter.analysis import AdapterAnalysis
     from tieaudit.checkpoint import Checkpoint
-    from tieaudit.graph import TieGraph
     from tieaudit.rules import RuleContext
     from tieaudit.rules.context import AdapterContext
     from tieaudit.rules.registry import Rule
+    from tieaudit.ties.graph import TieGraph
 
 Progress = Callable[[str, int, int], None]
 
@@ -127,7 +127,7 @@ def audit_open(
     findings: list[Finding] = []
     model_graph: TieGraph | None = None
     if ckpt.kind == "adapter":
-        from tieaudit.adapter_analysis import analyse_adapter
+        from tieaudit.adapter.analysis import analyse_adapter
 
         if progress and peft_check:
             progress("reading the adapter against its base (and asking peft)", 0, 0)
@@ -203,7 +203,7 @@ def audit_open(
 
 
 def _arch_name(ckpt: Checkpoint) -> str | None:
-    from tieaudit.declared import architecture_of
+    from tieaudit.ties.declared import architecture_of
 
     return architecture_of(ckpt.config) if ckpt.config is not None else None
 
@@ -211,9 +211,9 @@ def _arch_name(ckpt: Checkpoint) -> str | None:
 def _analyse(
     ckpt: Checkpoint, path: str, probes: int, progress: Progress | None, skipped: list[Skipped]
 ) -> tuple[TieGraph, RuleContext]:
-    from tieaudit.declared import DeclaredTiesUnavailable, declared_ties, validate_flag_types
-    from tieaudit.graph import build_graph
     from tieaudit.rules import RuleContext
+    from tieaudit.ties.declared import DeclaredTiesUnavailable, declared_ties, validate_flag_types
+    from tieaudit.ties.graph import build_graph
 
     declared = None
     if ckpt.config is None:
@@ -269,7 +269,7 @@ def _deep(
     """Run the real peft merge -> save -> reload and attach the measurement."""
     from dataclasses import replace
 
-    from tieaudit.deep import measure_adapter_merge
+    from tieaudit.adapter.deep import measure_adapter_merge
 
     if analysis.base_path is None or analysis.architecture is None:
         skipped.append(Skipped("deep", "--deep needs the base and its transformers class"))

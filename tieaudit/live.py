@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from tieaudit._version import __version__
 from tieaudit.checkpoint.types import ConfigFile, TensorInfo
-from tieaudit.declared import TIE_FLAG, DeclaredTies
 from tieaudit.model import Report, Severity, Skipped, Stats, Target
+from tieaudit.ties.declared import TIE_FLAG, DeclaredTies
 
 if TYPE_CHECKING:
     import torch
@@ -82,9 +82,9 @@ def audit_model(
 ) -> Report:
     """Audit a live model (a transformers PreTrainedModel, or a wrapper such as a PeftModel around one)."""
     from tieaudit.auditing import severity
-    from tieaudit.declared import ties_of_model
-    from tieaudit.graph import build_graph
     from tieaudit.rules import RuleContext, selected
+    from tieaudit.ties.declared import ties_of_model
+    from tieaudit.ties.graph import build_graph
 
     started = time.perf_counter()
     prefix, model = _find_pretrained(module)

@@ -1,4 +1,4 @@
-"""Regenerate tieaudit/vllm_registry.py from a vLLM release's own source (no vLLM import, no torch).
+"""Regenerate tieaudit/ties/vllm_registry.py from a vLLM release's own source (no vLLM import, no torch).
 
     pip download vllm==0.33.0 --no-deps --only-binary :all: -d /tmp/vllm && cd /tmp/vllm && unzip -q vllm-*.whl
     python tools/vllm_table.py /tmp/vllm        # the directory holding the unpacked `vllm/` package

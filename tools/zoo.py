@@ -929,7 +929,7 @@ def _stored_names(directory: Path) -> set[str]:
 def reader_claim_holds(finding: dict[str, Any], report: dict[str, Any], directory: Path) -> bool:
     """Whether a warning-level TIE005 reader claim matches the files: a reader said to find no head really finds none
     stored; one said to discard a stored head really has one to discard; the reader serves this architecture."""
-    from tieaudit import vllm_registry
+    from tieaudit.ties import vllm_registry
 
     if finding["code"] != "TIE005":
         return False

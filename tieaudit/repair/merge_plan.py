@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from tieaudit.adapters import (
+from tieaudit.adapter.files import (
     MTS_COPY,
     MTS_ORIGINAL,
     PREFIX,
@@ -26,10 +26,10 @@ from tieaudit.adapters import (
     edit_keys,
     module_edits,
 )
+from tieaudit.adapter.forecast import TokenEdit, runtime_tokens
 from tieaudit.checkpoint.types import TensorInfo
-from tieaudit.forecast import TokenEdit, runtime_tokens
-from tieaudit.graph import TieGraph
 from tieaudit.model import TieStatus
+from tieaudit.ties.graph import TieGraph
 
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"

@@ -58,11 +58,11 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-    from tieaudit.adapters import AdapterSettings
+    from tieaudit.adapter.files import AdapterSettings
+    from tieaudit.adapter.forecast import TensorReader
+    from tieaudit.adapter.oracle import OracleResult
     from tieaudit.checkpoint import Checkpoint
-    from tieaudit.compare import StreamingDiff
-    from tieaudit.forecast import TensorReader
-    from tieaudit.peft_oracle import OracleResult
+    from tieaudit.ties.compare import StreamingDiff
 
 Progress = Callable[[str, int, int], None]  # (what, bytes done, bytes in all; 0: unknown)
 
@@ -108,7 +108,7 @@ def merge(
     ``report.comparisons`` (stage ``merged``) how far each written weight is from the one the unmerged adapter
     uses. Raises `TieauditError` subclasses (exit 2) for bad input or a failed write; nothing is written then.
     """
-    from tieaudit.adapters import read_settings, resolve_base
+    from tieaudit.adapter.files import read_settings, resolve_base
     from tieaudit.auditing import _gib, severity
     from tieaudit.checkpoint import open_checkpoint
 
@@ -193,9 +193,9 @@ class _Job:
 
 
 def _prepare(ad: Checkpoint, base_ckpt: Checkpoint, settings: AdapterSettings, copies: _BaseCopyCheck) -> _Job:
-    from tieaudit.adapter_analysis import applied_edits, base_copy_mismatches, base_graph
+    from tieaudit.adapter.analysis import applied_edits, base_copy_mismatches, base_graph
+    from tieaudit.adapter.forecast import peft_merge_structure, runtime_tokens
     from tieaudit.auditing import load_dtype
-    from tieaudit.forecast import peft_merge_structure, runtime_tokens
     from tieaudit.model import Skipped
     from tieaudit.repair.oracle import LibraryOracle
     from tieaudit.repair.plan import FixRefused, untie_config
@@ -317,7 +317,7 @@ class _BaseCopyCheck:
     def __init__(self, ad: Checkpoint, base_ckpt: Checkpoint) -> None:
         import threading
 
-        from tieaudit.adapters import PREFIX
+        from tieaudit.adapter.files import PREFIX
 
         self.ad, self.base = ad, base_ckpt
         self.pairs = [
@@ -332,7 +332,7 @@ class _BaseCopyCheck:
         self.thread.start()
 
     def _run(self) -> None:
-        from tieaudit.adapter_analysis import same_bytes
+        from tieaudit.adapter.analysis import same_bytes
 
         for key, name in self.pairs:
             try:
@@ -385,7 +385,7 @@ PEFT_TOLERANCE = {"F64": 1e-4, "F32": 1e-4, "F16": 2.0**-8, "BF16": 2.0**-6}
 
 @dataclass(frozen=True)
 class PeftCheck:
-    """What peft itself computes for the tied layers the adapter touches (`tieaudit.peft_oracle`), asked before
+    """What peft itself computes for the tied layers the adapter touches (`tieaudit.adapter.oracle`), asked before
     anything is written; `verify` holds the staged merged model to it before the commit."""
 
     oracle: OracleResult | None
@@ -405,8 +405,8 @@ class PeftCheck:
     ) -> PeftCheck:
         import numpy as np
 
-        from tieaudit.adapter_confirm import MIN_PROBES, probe_inputs
-        from tieaudit.peft_oracle import MAX_BYTES, OracleUnavailable, ask_peft
+        from tieaudit.adapter.confirm import MIN_PROBES, probe_inputs
+        from tieaudit.adapter.oracle import MAX_BYTES, OracleUnavailable, ask_peft
 
         dtypes = {m: base_ckpt.tensors[d].dtype for m, d in values.items()}
         if not values:
@@ -432,9 +432,9 @@ class PeftCheck:
         WriteError (nothing is committed) when one is further than the dtype's rounding explains."""
         import numpy as np
 
-        from tieaudit.adapter_confirm import gap
+        from tieaudit.adapter.confirm import gap
+        from tieaudit.adapter.oracle import probe_checkpoint
         from tieaudit.checkpoint import open_checkpoint
-        from tieaudit.peft_oracle import probe_checkpoint
 
         if self.oracle is None:
             return []
@@ -482,8 +482,8 @@ def _write(
     progress: Progress | None,
     check: PeftCheck,
 ) -> tuple[Report, int, list[Comparison]]:
+    from tieaudit.adapter.forecast import TensorReader
     from tieaudit.auditing import audit
-    from tieaudit.forecast import TensorReader
 
     staging = make_staging(dest)
     committed = False
@@ -557,9 +557,9 @@ class _Producer:
     def __call__(self) -> Iterator[torch.Tensor]:
         import torch
 
+        from tieaudit.adapter.forecast import DeltaRows, TensorReader, apply_tokens, load_tokens
         from tieaudit.checkpoint.pickled import torch_dtype
-        from tieaudit.compare import LogitCache, StreamingDiff, probe_hidden_states, rows_per_chunk
-        from tieaudit.forecast import DeltaRows, TensorReader, apply_tokens, load_tokens
+        from tieaudit.ties.compare import LogitCache, StreamingDiff, probe_hidden_states, rows_per_chunk
 
         r = self.recipe
         shape = tuple(self.out.info.shape)

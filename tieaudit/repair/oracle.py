@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from tieaudit.checkpoint.config import escape_pointer_token
 from tieaudit.checkpoint.types import ConfigFile
-from tieaudit.graph import PairState, cast_reader, compare_dtype
+from tieaudit.ties.graph import PairState, cast_reader, compare_dtype
 
 if TYPE_CHECKING:
     from tieaudit.checkpoint import Checkpoint
@@ -23,7 +23,7 @@ class LibraryOracle:
         self.load_dtype = load_dtype
 
     def active_ties(self, config_data: dict[str, Any]) -> dict[str, str]:
-        from tieaudit.declared import declared_ties
+        from tieaudit.ties.declared import declared_ties
 
         with tempfile.TemporaryDirectory(prefix="tieaudit-config-") as tmp:
             text = json.dumps(config_data, indent=2)
@@ -37,7 +37,7 @@ class LibraryOracle:
         return drift
 
     def pairs_equal(self, pair: PairState) -> bool:
-        from tieaudit.compare import diff_tensors
+        from tieaudit.ties.compare import diff_tensors
 
         s, t = pair.source_info, pair.target_info
         if s is None or t is None or s.shape != t.shape:
@@ -54,7 +54,7 @@ def _effective(data: dict[str, Any]) -> dict[str, Any]:
     """The config as transformers reads it (defaults and derived values applied)."""
     import transformers
 
-    from tieaudit.declared import quiet_libraries
+    from tieaudit.ties.declared import quiet_libraries
 
     with tempfile.TemporaryDirectory(prefix="tieaudit-config-") as tmp, quiet_libraries():
         (Path(tmp) / "config.json").write_text(json.dumps(data), encoding="utf-8")

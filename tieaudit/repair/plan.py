@@ -21,10 +21,10 @@ from typing import Any, Protocol
 
 from tieaudit.checkpoint.config import escape_pointer_token, get_pointer, pointer_parts
 from tieaudit.checkpoint.types import ConfigFile, IndexMismatch, TensorInfo
-from tieaudit.declared import TIE_FLAG
-from tieaudit.graph import PairState, TieGraph, head_was_source
 from tieaudit.model import Finding, TieStatus
 from tieaudit.repair.jsonedit import set_pointer
+from tieaudit.ties.declared import TIE_FLAG
+from tieaudit.ties.graph import PairState, TieGraph, head_was_source
 
 MODES = ("untie", "retie")
 

@@ -6,14 +6,14 @@ import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from tieaudit.adapters import ModuleEdit
-from tieaudit.forecast import MECH_DOUBLE, MECH_DROPPED, MECH_SHARED, MECH_SUM, GroupForecast, differs
+from tieaudit.adapter.files import ModuleEdit
+from tieaudit.adapter.forecast import MECH_DOUBLE, MECH_DROPPED, MECH_SHARED, MECH_SUM, GroupForecast, differs
 from tieaudit.model import FixHint, Location, Severity
 from tieaudit.rules.context import AdapterContext
 
 if TYPE_CHECKING:
-    from tieaudit.adapter_confirm import PeftView
-    from tieaudit.deep import Measured
+    from tieaudit.adapter.confirm import PeftView
+    from tieaudit.adapter.deep import Measured
 from tieaudit.rules.registry import Violation, rule, violation
 from tieaudit.rules.wording import num as _num
 from tieaudit.rules.wording import pct as _pct
@@ -419,7 +419,7 @@ def adapter_base_mismatch(ctx: AdapterContext) -> Iterator[Violation]:
     explain="""
 The adapter holds weights for (or its config names) a layer of a tied group of the base, but what it does to the
 tie could not be checked: tieaudit does not model this adapter type or variant (LoKr, DoRA, ...), and peft itself
-could not be asked (peft is run on the tied layers alone to check every adapter verdict, see `tieaudit.peft_oracle`:
+could not be asked (peft is run on the tied layers alone to check every adapter verdict, see `tieaudit.adapter.oracle`:
 it was turned off with `--no-peft-check`, the tied weights are over its memory bound, or peft refuses the adapter).
 
 A check that could not be done is not a pass: the adapted or merged model may untie or corrupt the pair (peft's

@@ -6,13 +6,13 @@ import shlex
 from collections.abc import Iterator
 
 from tieaudit.checkpoint.config import get_pointer
-from tieaudit.graph import PairState, head_was_source
 from tieaudit.model import FixHint, Location, Severity, TieStatus
-from tieaudit.readers import READERS, Consequence, HeadState, ReaderView
 from tieaudit.rules.context import RuleContext
 from tieaudit.rules.registry import Violation, rule, violation
 from tieaudit.rules.wording import num as _num
 from tieaudit.rules.wording import pct as _pct
+from tieaudit.ties.graph import PairState, head_was_source
+from tieaudit.ties.readers import READERS, Consequence, HeadState, ReaderView
 
 
 def _as_loaded(pair: PairState) -> str:
@@ -354,7 +354,7 @@ def _flag_conflicts(ctx: RuleContext) -> Iterator[Violation]:
 
 
 def _reader_conflicts(ctx: RuleContext) -> Iterator[Violation]:
-    """Readers (tieaudit.readers) that decide the output head's tie otherwise than transformers: one finding per
+    """Readers (tieaudit.ties.readers) that decide the output head's tie otherwise than transformers: one finding per
     config key they read (and one for readers that ignore the flag), naming each reader, what it reads and what it
     would load from this checkpoint's tensors; the severity is the worst consequence."""
     declared = ctx.graph.declared

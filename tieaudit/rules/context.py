@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING
 from tieaudit.model import Location
 
 if TYPE_CHECKING:  # annotations only: `tieaudit rules` and `explain` need the registry, not the analysis modules
-    from tieaudit.adapter_confirm import PeftView
-    from tieaudit.adapters import AdapterSettings, ModuleEdit
+    from tieaudit.adapter.confirm import PeftView
+    from tieaudit.adapter.deep import Measured
+    from tieaudit.adapter.files import AdapterSettings, ModuleEdit
+    from tieaudit.adapter.forecast import GroupForecast
     from tieaudit.checkpoint.types import ConfigFile, IndexMismatch
-    from tieaudit.deep import Measured
-    from tieaudit.forecast import GroupForecast
-    from tieaudit.graph import PairState, TieGraph
+    from tieaudit.ties.graph import PairState, TieGraph
 
 
 @dataclass(frozen=True)

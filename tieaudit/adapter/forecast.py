@@ -12,7 +12,7 @@ chunks, in float32, two ways:
   ties the pair again on load when the config says so.
 
 Nothing here builds a model: the base and adapter tensors are read in row chunks. Groups of LoRA deltas and
-trainable tokens are compared from the factors (`tieaudit.lowrank`, numpy only); a group with a full copy is
+trainable tokens are compared from the factors (`tieaudit.adapter.lowrank`, numpy only); a group with a full copy is
 streamed through torch.
 """
 
@@ -22,8 +22,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from tieaudit.adapters import AdapterSettings, LoraPart, ModuleEdit
-from tieaudit.compare import LogitCache, StreamingDiff, TensorDiff, probe_hidden_states, rows_per_chunk
+from tieaudit.adapter.files import AdapterSettings, LoraPart, ModuleEdit
+from tieaudit.ties.compare import LogitCache, StreamingDiff, TensorDiff, probe_hidden_states, rows_per_chunk
 
 if TYPE_CHECKING:
     import torch
@@ -111,7 +111,7 @@ def forecast_group(
     """Run-time and merge-reload weights of one tied group (``w0_name``: the base tensor they start from), compared.
 
     ``method``: "lowrank" computes every comparison from the LoRA factors and one pass over W0 (numpy, see
-    `tieaudit.lowrank`); "stream" materialises every weight chunk by chunk (torch); "auto" (the default) takes
+    `tieaudit.adapter.lowrank`); "stream" materialises every weight chunk by chunk (torch); "auto" (the default) takes
     "lowrank" unless a member is a full `modules_to_save` copy, which only streaming can compare. None: METHOD."""
     method = method or METHOD
     structure = peft_merge_structure(members, edits, settings)
@@ -158,8 +158,8 @@ def _lowrank_group(g: _Group, base: Checkpoint, w0_name: str, adapter: Checkpoin
     source, members, shape, edits, transposed = g.source, g.members, g.shape, g.edits, g.transposed
     import numpy as np
 
-    from tieaudit.compare import probe_states
-    from tieaudit.lowrank import Factor, LowRankWeight, compare_lowrank
+    from tieaudit.adapter.lowrank import Factor, LowRankWeight, compare_lowrank
+    from tieaudit.ties.compare import probe_states
 
     def full(key: str) -> np.ndarray:
         return adapter.read_float32(key, 0, adapter.row_count(key))

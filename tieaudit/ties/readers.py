@@ -1,6 +1,6 @@
 """Readers other than transformers that decide from a checkpoint's config whether the output head is tied.
 
-transformers' own choice is the governing flag of each tie (``tieaudit.declared``). The readers here ask a
+transformers' own choice is the governing flag of each tie (``tieaudit.ties.declared``). The readers here ask a
 different config object in some checkpoints (a composite model's ``text_config``, an encoder-decoder's decoder).
 Each entry records, from that reader's source at the version named (docs/readers.md has the file and line):
 
@@ -90,7 +90,7 @@ def _accelerate_consequence(view: ReaderView, state: HeadState) -> Consequence:
 
 
 def _vllm_config(model: Any, hf_config: Any) -> tuple[Any | None, bool | None]:
-    from tieaudit import vllm_registry as vllm
+    from tieaudit.ties import vllm_registry as vllm
 
     archs = getattr(hf_config, "architectures", None) or []
     arch = archs[0] if archs else type(model).__name__

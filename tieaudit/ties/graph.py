@@ -13,9 +13,9 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
 from tieaudit.checkpoint.types import TensorInfo
-from tieaudit.compare import RowReader, TensorDiff, diff_tensors
-from tieaudit.declared import DeclaredTies, Flag
 from tieaudit.model import Comparison, TieGroup, TieStatus
+from tieaudit.ties.compare import RowReader, TensorDiff, diff_tensors
+from tieaudit.ties.declared import DeclaredTies, Flag
 
 if TYPE_CHECKING:
     import torch
@@ -333,7 +333,7 @@ def head_was_source(pair: PairState) -> str | None:
 
 
 def _reader_ties(target: str, declared: DeclaredTies | None) -> bool:
-    """Whether a reader other than transformers (tieaudit.readers) ties this pair: it is the output head's and a
+    """Whether a reader other than transformers (tieaudit.ties.readers) ties this pair: it is the output head's and a
     reader reads its flag as true (or ties it whatever the flag says)."""
     return bool(declared and target == declared.head and any(view.value for view in declared.readers))
 

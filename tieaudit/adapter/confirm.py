@@ -1,6 +1,6 @@
 """An adapter's forecast held to peft itself: for every tied group of the base the adapter touches, peft's own run
-of the tied layers (`tieaudit.peft_oracle`) gives the run-time and merge-reload verdicts, and says whether
-tieaudit's forecast (`tieaudit.forecast`) agrees with them (the same verdicts, probe-logit numbers within 2 %).
+of the tied layers (`tieaudit.adapter.oracle`) gives the run-time and merge-reload verdicts, and says whether
+tieaudit's forecast (`tieaudit.adapter.forecast`) agrees with them (the same verdicts, probe-logit numbers within 2 %).
 The adapter rules follow peft where the two disagree, and say so.
 
 "Touched" is read from the files, not from tieaudit's model of them: a group is touched when the adapter file holds
@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import numpy as np
 
-    from tieaudit.adapters import AdapterSettings
+    from tieaudit.adapter.files import AdapterSettings
+    from tieaudit.adapter.forecast import GroupForecast
+    from tieaudit.adapter.oracle import MemberProbe
     from tieaudit.checkpoint import Checkpoint
-    from tieaudit.forecast import GroupForecast
-    from tieaudit.graph import TieGraph
-    from tieaudit.peft_oracle import MemberProbe
+    from tieaudit.ties.graph import TieGraph
 
 AGREE = 0.02  # the forecast's probe-logit numbers must be within 2 % of peft's
 DIFFERS = 1e-5  # a probe-logit or row difference above this, relative to its scale, is a real difference
@@ -80,7 +80,7 @@ def gap(a: MemberProbe, b: MemberProbe) -> ProbeGap:
 
 def in_file(adapter: Checkpoint, members: Sequence[str]) -> frozenset[str]:
     """The members whose modules the adapter file holds tensors for."""
-    from tieaudit.adapters import PREFIX
+    from tieaudit.adapter.files import PREFIX
 
     modules = {m: m.rpartition(".")[0] for m in members}
     return frozenset(
@@ -114,8 +114,8 @@ def peft_views(
     max_bytes: int,
 ) -> list[PeftView]:
     """Ask peft about ``groups`` (each: the source first), and compare with the forecasts. Raises
-    `tieaudit.peft_oracle.OracleUnavailable` when peft cannot be asked."""
-    from tieaudit.peft_oracle import ask_peft
+    `tieaudit.adapter.oracle.OracleUnavailable` when peft cannot be asked."""
+    from tieaudit.adapter.oracle import ask_peft
 
     members = [m for g in groups for m in g if m in values]
     shape = base.tensors[values[members[0]]].shape
@@ -170,7 +170,7 @@ def _close(forecast: float | None, measured: float) -> bool:
 
 def _disagreement(view: PeftView, fc: GroupForecast, probes: int) -> str | None:
     """None when the forecast gives peft's verdicts and (with probes) its numbers; else what differs."""
-    from tieaudit.forecast import differs
+    from tieaudit.adapter.forecast import differs
 
     problems = []
     for t, g in view.runtime.items():
@@ -214,7 +214,7 @@ def probe_inputs(vocab: int, hidden: int, probes: int, settings: AdapterSettings
     (`compare.probe_states`; at least MIN_PROBES of each, so a check runs even with --probe-tokens 0)."""
     import numpy as np
 
-    from tieaudit.compare import PROBE_SEED, probe_states
+    from tieaudit.ties.compare import PROBE_SEED, probe_states
 
     n = max(probes, MIN_PROBES)
     rows = np.random.default_rng(PROBE_SEED).integers(0, vocab, size=min(n, vocab))

@@ -11,8 +11,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tieaudit.declared import quiet_libraries
 from tieaudit.errors import InputError
+from tieaudit.ties.declared import quiet_libraries
 
 PROBE_SEED = 0
 

@@ -10,19 +10,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tieaudit.adapters import SUPPORTED_TYPES, AdapterSettings, ModuleEdit, module_edits, read_settings, resolve_base
-from tieaudit.compare import PROBE_SEED
+from tieaudit.adapter.files import (
+    SUPPORTED_TYPES,
+    AdapterSettings,
+    ModuleEdit,
+    module_edits,
+    read_settings,
+    resolve_base,
+)
 from tieaudit.model import Comparison, Skipped, TieStatus
+from tieaudit.ties.compare import PROBE_SEED
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from tieaudit.adapter_confirm import PeftView
+    from tieaudit.adapter.confirm import PeftView
+    from tieaudit.adapter.forecast import GroupForecast
     from tieaudit.checkpoint import Checkpoint
     from tieaudit.checkpoint.types import ReadStats
-    from tieaudit.forecast import GroupForecast
-    from tieaudit.graph import TieGraph
     from tieaudit.rules.context import AdapterAlone, AdapterContext, BaseMismatch
+    from tieaudit.ties.graph import TieGraph
 
 
 @dataclass(frozen=True)
@@ -45,7 +52,7 @@ def analyse_adapter(
     peft_max_bytes: int | None = None,
     require_base: bool = True,
 ) -> AdapterAnalysis:
-    """Everything the adapter rules need. ``confirm``: hold the forecast to peft itself (`tieaudit.adapter_confirm`);
+    """Everything the adapter rules need. ``confirm``: hold the forecast to peft itself (`tieaudit.adapter.confirm`);
     without it the report says the forecast stands unconfirmed. ``require_base``: a base that cannot be found is an
     error (TIE106); False checks the adapter alone and reports that as info."""
     from tieaudit.checkpoint import open_checkpoint
@@ -144,8 +151,8 @@ def adapter_alone(adapter: Checkpoint, settings: AdapterSettings, why: str, requ
     """What the adapter alone shows when its base cannot be found: the class peft wrapped (auto_mapping), and the
     layers it changes that this class ties by declaration (from the class's default config; whether the real base
     ties them depends on its config, which is not at hand)."""
-    from tieaudit.declared import DeclaredTiesUnavailable, class_ties
     from tieaudit.rules.context import AdapterAlone
+    from tieaudit.ties.declared import DeclaredTiesUnavailable, class_ties
 
     arch = settings.base_model_class
     ties: dict[str, str] = {}
@@ -185,8 +192,8 @@ def _confirm(
 ) -> tuple[list[PeftView], list[tuple[tuple[str, ...], str]]]:
     """peft's verdicts on every tied group the adapter touches, and the groups neither peft nor the forecast could
     judge (with why)."""
-    from tieaudit.adapter_confirm import peft_views, touched_groups
-    from tieaudit.peft_oracle import MAX_BYTES, OracleUnavailable
+    from tieaudit.adapter.confirm import peft_views, touched_groups
+    from tieaudit.adapter.oracle import MAX_BYTES, OracleUnavailable
 
     bad = {m.param for m in mismatches}
     groups = [g for g in touched_groups(adapter, settings, graph) if not any(m in bad for m in g)]
@@ -299,8 +306,8 @@ def applied_edits(
 
 
 def base_graph(base_ckpt: Checkpoint, skipped: list[Skipped]) -> tuple[TieGraph, str | None]:
-    from tieaudit.declared import DeclaredTiesUnavailable, declared_ties, validate_flag_types
-    from tieaudit.graph import build_graph
+    from tieaudit.ties.declared import DeclaredTiesUnavailable, declared_ties, validate_flag_types
+    from tieaudit.ties.graph import build_graph
 
     declared = None
     if base_ckpt.config is None:
@@ -396,10 +403,10 @@ def base_copy_mismatches(
     """Base copies (`base_layer.weight`) in the adapter that differ from the base's weight. ``values``: parameter ->
     the stored base tensor it loads (see `group_base_values`); ``proven_equal``: adapter keys already found
     byte-identical to the base (see `same_bytes`)."""
-    from tieaudit.compare import diff_tensors
-    from tieaudit.forecast import differs
-    from tieaudit.graph import cast_reader
+    from tieaudit.adapter.forecast import differs
     from tieaudit.rules.context import BaseMismatch
+    from tieaudit.ties.compare import diff_tensors
+    from tieaudit.ties.graph import cast_reader
 
     out = []
     for m, disk in values.items():
@@ -484,7 +491,7 @@ def forecast_groups(
 ) -> tuple[list[GroupForecast], list[Comparison]]:
     import numpy as np
 
-    from tieaudit.forecast import forecast_group
+    from tieaudit.adapter.forecast import forecast_group
 
     bad = {m.param for m in mismatches}
     forecasts, comparisons = [], []

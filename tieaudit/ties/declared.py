@@ -22,7 +22,7 @@ from typing import Any
 from tieaudit.checkpoint.config import escape_pointer_token, get_pointer
 from tieaudit.checkpoint.types import ConfigFile
 from tieaudit.errors import InputError
-from tieaudit.readers import ReaderView
+from tieaudit.ties.readers import ReaderView
 
 TIE_FLAG = "tie_word_embeddings"
 
@@ -105,9 +105,9 @@ def declared_ties(root: Path, config: ConfigFile, *, persistent: bool = True) ->
 
     Raises DeclaredTiesUnavailable with a reason when the class is unknown, is remote code, or
     cannot be built from this config. Results are cached per (architecture, config text) in memory and, unless
-    `persistent` is False, on disk (tieaudit.tiemap_cache), so a repeat audit does not import transformers.
+    `persistent` is False, on disk (tieaudit.ties.cache), so a repeat audit does not import transformers.
     """
-    from tieaudit import tiemap_cache
+    from tieaudit.ties import cache as tiemap_cache
 
     arch = architecture_of(config)
     key = (arch or "", json.dumps(config.data, sort_keys=True))
@@ -195,7 +195,7 @@ def _to_entry(d: DeclaredTies) -> dict[str, Any]:
 def _from_entry(entry: dict[str, Any], root: Path, config: ConfigFile) -> DeclaredTies | None:
     """The DeclaredTies of a cache entry (None when the entry is malformed: it is then recomputed). An entry that
     recorded an unavailable tie map raises it again."""
-    from tieaudit.tiemap_cache import NameTable
+    from tieaudit.ties.cache import NameTable
 
     if isinstance(entry.get("unavailable"), str):
         raise DeclaredTiesUnavailable(entry["unavailable"])
@@ -326,8 +326,8 @@ def _head_weight(model: Any) -> str | None:
 
 
 def reader_flags(model: Any, hf_config: Any, config: ConfigFile) -> tuple[ReaderView, ...]:
-    """Where each modelled reader (tieaudit.readers) reads the flag of the output head's tie, from its own rule."""
-    from tieaudit.readers import READERS
+    """Where each modelled reader (tieaudit.ties.readers) reads the flag of the output head's tie, from its own rule."""
+    from tieaudit.ties.readers import READERS
 
     out = []
     for name, reader in READERS.items():

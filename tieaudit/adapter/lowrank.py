@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from tieaudit.compare import TensorDiff, rows_per_chunk
+from tieaudit.ties.compare import TensorDiff, rows_per_chunk
 
 if TYPE_CHECKING:
     import numpy as np

@@ -1,7 +1,7 @@
 """peft itself as the judge of an adapter's tied layers.
 
-tieaudit's forecast (`tieaudit.forecast`) and merge (`tieaudit.repair.merging`) compute what peft does from a model of
-peft. This module asks peft instead, at the cost of the tied layers only:
+tieaudit's forecast (`tieaudit.adapter.forecast`) and merge (`tieaudit.repair.merging`) compute what peft does from a
+model of peft. This module asks peft instead, at the cost of the tied layers only:
 
 1. the base's model class is built on the meta device from its own config (no memory), and only the modules that
    own the asked parameters (the embedding, the head: the members of the tied groups an adapter touches) are
@@ -99,7 +99,7 @@ def ask_peft(
 ) -> OracleResult:
     """Apply the adapter at ``adapter_dir`` to the modules owning ``values``' parameters (in-memory names -> the
     stored base tensor each loads) and evaluate them on ``probe_ids`` and ``h`` (``[n, hidden]``, float32)."""
-    from tieaudit.declared import quiet_libraries
+    from tieaudit.ties.declared import quiet_libraries
 
     with quiet_libraries(), _offline():
         import peft
@@ -157,7 +157,7 @@ def _meta_model(base: Checkpoint) -> Any:
     import torch
     import transformers
 
-    from tieaudit.declared import architecture_of
+    from tieaudit.ties.declared import architecture_of
 
     if base.config is None:
         raise OracleUnavailable("the base has no config.json")
@@ -204,7 +204,7 @@ def _materialise(model: Any, base: Checkpoint, values: Mapping[str, str]) -> lis
     import torch
     from torch import nn
 
-    from tieaudit.declared import _reverse_renamer
+    from tieaudit.ties.declared import _reverse_renamer
 
     classes = _tie_classes(model)
     meta_ids = {name: pid for pid, names in classes.items() for name in names}
@@ -419,7 +419,7 @@ def probe_checkpoint(
     tensors of their modules by their on-disk names, tied by the written config, evaluated like `ask_peft`."""
     import torch
 
-    from tieaudit.declared import _reverse_renamer, quiet_libraries
+    from tieaudit.ties.declared import _reverse_renamer, quiet_libraries
 
     with quiet_libraries(), _offline():
         model = _meta_model(ckpt)
