@@ -7,6 +7,7 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -79,50 +80,55 @@ def audit(
     fail_level = severity(fail_on)
     check_selectors(select, ignore)
     if probe_tokens < 0:
-        raise UsageError("--probe-tokens must be >= 0")
+        raise UsageError(f"probe_tokens must be >= 0, got {probe_tokens}")
     rules = selected(select, ignore)
     where = resolve(path, revision)
 
     with contextlib.ExitStack() as stack:
         ckpt = stack.enter_context(open_checkpoint(where.path))
-        report, _ = audit_open(
-            ckpt,
-            where.path,
-            base,
-            rules,
-            fail_level,
-            exit_zero,
-            probe_tokens,
-            progress,
-            deep,
-            stack,
-            started,
+        options = AuditOptions(
+            rules=tuple(rules),
+            fail_on=fail_level,
+            exit_zero=exit_zero,
+            probe_tokens=probe_tokens,
+            deep=deep,
             peft_check=peft_check,
             peft_max_bytes=_gib(peft_max_memory),
             require_base=require_base,
         )
+        report, _ = audit_open(ckpt, where.path, base, options, stack, started, progress)
     if where.repo is not None:
         report = dataclasses.replace(report, target=dataclasses.replace(report.target, repo=where.repo))
     return report
+
+
+@dataclass(frozen=True)
+class AuditOptions:
+    """How to audit one checkpoint: which rules, the exit policy, how deep to measure, and the adapter checks."""
+
+    rules: tuple[Rule, ...]
+    fail_on: Severity = Severity.WARNING
+    exit_zero: bool = False
+    probe_tokens: int = 64  # seeded probe states for logit comparisons (0: weights only)
+    deep: bool = False  # --deep: measure adapter merges with transformers and peft
+    peft_check: bool = True  # hold adapter verdicts to peft itself
+    peft_max_bytes: int | None = None  # the peft check's memory bound (None: its default)
+    require_base: bool = True  # an adapter whose base cannot be found is an error (TIE106)
 
 
 def audit_open(
     ckpt: Checkpoint,
     path: str,
     base: str | os.PathLike[str] | None,
-    rules: Sequence[Rule],
-    fail_level: Severity,
-    exit_zero: bool,
-    probe_tokens: int,
-    progress: Progress | None,
-    deep: bool,
+    options: AuditOptions,
     stack: contextlib.ExitStack,
     started: float,
-    peft_check: bool = True,
-    peft_max_bytes: int | None = None,
-    require_base: bool = True,
+    progress: Progress | None = None,
 ) -> tuple[Report, TieGraph | None]:
     """Audit an open checkpoint; also returns the tie graph of a model checkpoint (for `fix`)."""
+    rules, fail_level, exit_zero = options.rules, options.fail_on, options.exit_zero
+    probe_tokens, deep, peft_check = options.probe_tokens, options.deep, options.peft_check
+    peft_max_bytes, require_base = options.peft_max_bytes, options.require_base
     skipped: list[Skipped] = []
     findings: list[Finding] = []
     model_graph: TieGraph | None = None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,7 +12,7 @@ from tieaudit.cli.output import COLOR_MODES, check_choice, emit_batch, emit_repo
 from tieaudit.errors import UsageError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable
 
     from tieaudit.model import Report
 
@@ -125,18 +124,8 @@ def _prefixed(
     return step
 
 
-@contextlib.contextmanager
-def _cache_off(off: bool) -> Iterator[None]:
-    """`--no-cache`: TIEAUDIT_NO_CACHE for the duration of the command."""
-    if not off:
-        yield
-        return
-    old = os.environ.get("TIEAUDIT_NO_CACHE")
-    os.environ["TIEAUDIT_NO_CACHE"] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["TIEAUDIT_NO_CACHE"]
-        else:
-            os.environ["TIEAUDIT_NO_CACHE"] = old
+def _cache_off(off: bool) -> contextlib.AbstractContextManager[None]:
+    """`--no-cache`: the tie-map cache is off for the duration of the command."""
+    from tieaudit.ties import cache
+
+    return cache.disabled() if off else contextlib.nullcontext()

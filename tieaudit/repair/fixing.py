@@ -65,7 +65,7 @@ def fix(
     changes); ``report.fix_run`` says what was changed and ``report.fixes`` what became of each finding.
     Raises `TieauditError` subclasses (exit 2) for bad input or a failed write; the original is then intact.
     """
-    from tieaudit.auditing import audit_open, severity
+    from tieaudit.auditing import AuditOptions, audit_open, severity
     from tieaudit.checkpoint import open_checkpoint
     from tieaudit.rules import selected
 
@@ -94,9 +94,8 @@ def fix(
             raise UsageError("tieaudit fix repairs model checkpoints; for an adapter use `tieaudit merge`")
         if ckpt.index_file is None and len(ckpt.weight_files) > 1:
             raise InputError("several weight files and no shard index: transformers cannot load this layout")
-        before, graph = audit_open(
-            ckpt, display, None, rules, fail_level, exit_zero, probe_tokens, progress, False, stack, started
-        )
+        options = AuditOptions(tuple(rules), fail_level, exit_zero, probe_tokens)
+        before, graph = audit_open(ckpt, display, None, options, stack, started, progress)
         assert graph is not None
         if progress:
             progress("planning the fix", 0, 0)

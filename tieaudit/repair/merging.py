@@ -115,7 +115,7 @@ def merge(
     started = time.perf_counter()
     fail_level = severity(fail_on)
     if probe_tokens < 0:
-        raise UsageError("--probe-tokens must be >= 0")
+        raise UsageError(f"probe_tokens must be >= 0, got {probe_tokens}")
     from tieaudit.checkpoint.hub import resolve
 
     display = resolve(adapter, revision).path

@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +30,22 @@ FORMAT = 1
 _VOLATILE = ("_name_or_path", "transformers_version")
 
 
+_off = [0]  # nesting depth of `disabled()`
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """No cache for the duration (`check --no-cache`), without touching the environment."""
+    _off[0] += 1
+    try:
+        yield
+    finally:
+        _off[0] -= 1
+
+
 def cache_dir() -> Path | None:
     """Where entries live, or None when caching is off."""
-    if os.environ.get("TIEAUDIT_NO_CACHE", "").strip() not in ("", "0", "false"):
+    if _off[0] or os.environ.get("TIEAUDIT_NO_CACHE", "").strip() not in ("", "0", "false"):
         return None
     explicit = os.environ.get("TIEAUDIT_CACHE_DIR")
     if explicit:
