@@ -6,14 +6,14 @@ import contextlib
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tieaudit._version import __version__
 from tieaudit.errors import UsageError
-from tieaudit.model import Comparison, Finding, Report, Severity, Skipped, Stats, Target
+from tieaudit.model import Comparison, Finding, Progress, Report, Severity, Skipped, Stats, Target
 
 if TYPE_CHECKING:
     from tieaudit.adapter.analysis import AdapterAnalysis
@@ -22,8 +22,6 @@ if TYPE_CHECKING:
     from tieaudit.rules.context import AdapterContext
     from tieaudit.rules.registry import Rule
     from tieaudit.ties.graph import TieGraph
-
-Progress = Callable[[str, int, int], None]
 
 
 def severity(value: str | Severity) -> Severity:
@@ -130,7 +128,9 @@ def audit_open(
     probe_tokens, deep, peft_check = options.probe_tokens, options.deep, options.peft_check
     peft_max_bytes, require_base = options.peft_max_bytes, options.require_base
     skipped: list[Skipped] = []
-    findings: list[Finding] = []
+    from tieaudit.rules import run as run_rules
+
+    findings: list[Finding]
     model_graph: TieGraph | None = None
     if ckpt.kind == "adapter":
         from tieaudit.adapter.analysis import analyse_adapter
@@ -153,9 +153,7 @@ def audit_open(
         extra: list[Comparison] = []
         if deep:
             context, extra = _deep(context, analysis, Path(ckpt.root), skipped, progress)
-        for rule in rules:
-            if rule.family == "adapter":
-                findings.extend(rule.check(context))
+        findings = run_rules(rules, context)
         graph = analysis.context.graph
         groups = graph.groups if graph else ()
         comparisons = (*analysis.comparisons, *extra)
@@ -174,12 +172,9 @@ def audit_open(
                 )
             )
         model_graph, model_context = _analyse(ckpt, path, probe_tokens, progress, skipped)
-        for rule in rules:
-            if rule.family == "checkpoint":
-                findings.extend(rule.check(model_context))
+        findings = run_rules(rules, model_context)
         groups, comparisons, base_used, base_stats = model_graph.groups, model_graph.comparisons, None, None
         arch = model_graph.declared.architecture if model_graph.declared else _arch_name(ckpt)
-    findings.sort(key=lambda f: (-f.severity.rank, f.code, f.location.tensor or ""))
     read = [ckpt.stats] if base_stats is None else [ckpt.stats, base_stats]
     stats = Stats(
         header_bytes_read=sum(r.header_bytes for r in read),

@@ -82,7 +82,7 @@ def audit_model(
 ) -> Report:
     """Audit a live model (a transformers PreTrainedModel, or a wrapper such as a PeftModel around one)."""
     from tieaudit.auditing import severity
-    from tieaudit.rules import RuleContext, selected
+    from tieaudit.rules import RuleContext, run, selected
     from tieaudit.ties.declared import ties_of_model
     from tieaudit.ties.graph import build_graph
 
@@ -124,8 +124,7 @@ def audit_model(
         index_mismatches=(),
         probes=probe_tokens,
     )
-    findings = [f for r in selected(select, ignore) if r.family == "checkpoint" for f in r.check(ctx)]
-    findings.sort(key=lambda f: (-f.severity.rank, f.code, f.location.tensor or ""))
+    findings = run(selected(select, ignore), ctx)
     return Report(
         tool_version=__version__,
         target=Target(

@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 SCHEMA_VERSION = 1
+
+
+# a progress callback: (what is being done, bytes done, bytes in all; 0: unknown), on stderr in the CLI
+Progress = Callable[[str, int, int], None]
 
 
 class Severity(str, enum.Enum):

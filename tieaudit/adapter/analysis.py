@@ -14,6 +14,7 @@ from tieaudit.adapter.files import (
     SUPPORTED_TYPES,
     AdapterSettings,
     ModuleEdit,
+    fit_problems,
     module_edits,
     read_settings,
     resolve_base,
@@ -342,35 +343,12 @@ def _shape_mismatches(
         if found is None:
             continue
         _, shape = found
-        if len(shape) != 2:
-            continue
-        vocab, hidden = shape
         for m in g.members:
             e = edits.get(m)
             if e is None:
                 continue
-            problems = []
-            t = adapter.tensors
-            for key in (e.full_copy, e.base_copy):
-                if key and tuple(t[key].shape) != shape:
-                    problems.append(f"{key} has shape {list(t[key].shape)}, the base {list(shape)}")
-            if e.lora:
-                a, b = tuple(t[e.lora.a].shape), tuple(t[e.lora.b].shape)
-                want = (
-                    ((e.lora.r, vocab), (hidden, e.lora.r))
-                    if e.lora.kind == "embedding"
-                    else ((e.lora.r, hidden), (vocab, e.lora.r))
-                )
-                if (a, b) != want:
-                    problems.append(f"LoRA factors {list(a)} and {list(b)} do not fit the base weight {list(shape)}")
-            if e.tokens:
-                idx, key = e.tokens
-                vals = tuple(t[key].shape)
-                if vals != (len(idx), hidden) or any(i < 0 or i >= vocab for i in idx):
-                    problems.append(
-                        f"trainable tokens {list(vals)} at indices up to {max(idx)} do not fit "
-                        f"a {vocab} x {hidden} embedding"
-                    )
+            transposed = bool(graph.declared and m in graph.declared.transposed)
+            problems = fit_problems(e, adapter.tensors, shape, transposed, "the base weight")
             if problems:
                 out.append(BaseMismatch(m, "shape", "; ".join(problems)))
     return out
@@ -469,9 +447,9 @@ def same_bytes(a: Checkpoint, name_a: str, b: Checkpoint, name_b: str, chunk: in
 
 def _narrower(a: str, b: str) -> str | None:
     """The floating dtype of lower precision of two (None: the same dtype, or not both floating)."""
+    from tieaudit.checkpoint.arrays import NUMPY_FLOAT_DTYPES as floating
     from tieaudit.checkpoint.types import DTYPE_SIZES
 
-    floating = ("F64", "F32", "F16", "BF16")
     if a == b or a not in floating or b not in floating:
         return None
     if DTYPE_SIZES[a] == DTYPE_SIZES[b]:

@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tieaudit.errors import InputError
+from tieaudit.ties.compare import PROBE_SEED
 from tieaudit.ties.declared import quiet_libraries
-
-PROBE_SEED = 0
 
 
 @dataclass(frozen=True)

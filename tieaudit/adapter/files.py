@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -214,6 +214,39 @@ def module_edits(
         if edit.changes_weight or base:
             out[param] = edit
     return out
+
+
+def fit_problems(
+    edit: ModuleEdit, tensors: Mapping[str, TensorInfo], shape: tuple[int, ...], transposed: bool, where: str
+) -> list[str]:
+    """Why the adapter's tensors for one layer do not fit its base weight of ``shape`` (empty: they fit). ``where``
+    names the base weight in the messages; ``transposed``: the weight is stored [in, out] (transformers' Conv1D).
+
+    Embedding [vocab, hidden] and Conv1D [in, out]: A [r, rows], B [cols, r]; Linear [out, in]: A [r, in], B [out, r].
+    """
+    problems = []
+    for key in (edit.full_copy, edit.base_copy):
+        if key and tuple(tensors[key].shape) != shape:
+            problems.append(f"adapter tensor {key} has shape {list(tensors[key].shape)}, {where} {list(shape)}")
+    if edit.lora:
+        if len(shape) != 2:
+            problems.append(f"LoRA on {where}, a {len(shape)}-D weight: only Linear/Embedding layers are modelled")
+        else:
+            a, b = tuple(tensors[edit.lora.a].shape), tuple(tensors[edit.lora.b].shape)
+            rows, cols = shape
+            r = edit.lora.r
+            flipped = edit.lora.kind == "embedding" or transposed
+            want = ((r, rows), (cols, r)) if flipped else ((r, cols), (rows, r))
+            if (a, b) != want:
+                problems.append(
+                    f"LoRA factors {list(a)} and {list(b)} of {edit.module} do not fit {where} {list(shape)}"
+                )
+    if edit.tokens:
+        idx, key = edit.tokens
+        got = tuple(tensors[key].shape)
+        if len(shape) != 2 or got != (len(idx), shape[1]) or any(i < 0 or i >= shape[0] for i in idx):
+            problems.append(f"trainable tokens {list(got)} at indices {list(idx)} do not fit {where} {list(shape)}")
+    return problems
 
 
 def edit_keys(edits: Iterable[ModuleEdit]) -> set[str]:

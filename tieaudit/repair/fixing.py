@@ -7,14 +7,14 @@ import difflib
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tieaudit.checkpoint.hub import is_cache_snapshot
 from tieaudit.errors import InputError, UsageError, WriteError
-from tieaudit.model import FileChange, Finding, FixOutcome, FixRun, Report, Severity
+from tieaudit.model import FileChange, Finding, FixOutcome, FixRun, Progress, Report, Severity
 from tieaudit.repair.plan import MODES, FixPlan, FixRefused, FixRequest, plan_fix
 from tieaudit.repair.write import (
     WeightOutput,
@@ -38,8 +38,6 @@ from tieaudit.repair.write import (
 
 if TYPE_CHECKING:
     from tieaudit.checkpoint import Checkpoint
-
-Progress = Callable[[str, int, int], None]  # (what, bytes done, bytes in all; 0: unknown)
 
 
 def fix(

@@ -24,6 +24,7 @@ from tieaudit.adapter.files import (
     LoraPart,
     ModuleEdit,
     edit_keys,
+    fit_problems,
     module_edits,
 )
 from tieaudit.adapter.forecast import TokenEdit, runtime_tokens
@@ -182,27 +183,9 @@ def wrapper_aliases(adapter_tensors: Mapping[str, TensorInfo], edits: Mapping[st
 
 
 def _check_fit(param: str, edit: ModuleEdit, tensors: Mapping[str, TensorInfo], base: TensorInfo, trans: bool) -> None:
-    shape = tuple(base.shape)
-    where = f"{param} {list(shape)}"
-    for key in (edit.full_copy, edit.base_copy):
-        if key and tuple(tensors[key].shape) != shape:
-            raise MergeRefused(f"adapter tensor {key} has shape {list(tensors[key].shape)}, the base's {where}")
-    if edit.lora:
-        if len(shape) != 2:
-            raise MergeRefused(f"LoRA on {param}, a {len(shape)}-D weight: only Linear/Embedding layers are merged")
-        a, b = tuple(tensors[edit.lora.a].shape), tuple(tensors[edit.lora.b].shape)
-        rows, cols = shape
-        r = edit.lora.r
-        # Embedding [vocab, hidden], Conv1D [in, out]: A [r, rows], B [cols, r]. Linear [out, in]: A [r, in], B [out, r]
-        transposed = edit.lora.kind == "embedding" or trans
-        want = ((r, rows), (cols, r)) if transposed else ((r, cols), (rows, r))
-        if (a, b) != want:
-            raise MergeRefused(f"LoRA factors {list(a)} and {list(b)} of {edit.module} do not fit the base's {where}")
-    if edit.tokens:
-        idx, key = edit.tokens
-        got = tuple(tensors[key].shape)
-        if len(shape) != 2 or got != (len(idx), shape[1]) or any(i < 0 or i >= shape[0] for i in idx):
-            raise MergeRefused(f"trainable tokens {list(got)} at indices {list(idx)} do not fit the base's {where}")
+    problems = fit_problems(edit, tensors, tuple(base.shape), trans, f"the base's {param}")
+    if problems:
+        raise MergeRefused("; ".join(problems))
 
 
 # whether two adapter tensors are equal; with the flag, the second compared transposed (a [r, n] vs a [n, r])

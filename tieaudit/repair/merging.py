@@ -20,13 +20,13 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tieaudit.errors import InputError, UsageError, WriteError
-from tieaudit.model import Comparison, FileChange, MergeGroup, MergeRun, Report, Severity
+from tieaudit.model import Comparison, FileChange, MergeGroup, MergeRun, Progress, Report, Severity
 from tieaudit.repair.merge_plan import (
     MergeLayout,
     MergeRefused,
@@ -64,7 +64,6 @@ if TYPE_CHECKING:
     from tieaudit.checkpoint import Checkpoint
     from tieaudit.ties.compare import StreamingDiff
 
-Progress = Callable[[str, int, int], None]  # (what, bytes done, bytes in all; 0: unknown)
 
 SUPPORTED = ("LORA",)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npz")

@@ -72,6 +72,17 @@ def rule(
     return register
 
 
+def run(rules: Iterable[Rule], context: Any) -> list[Finding]:
+    """Every finding of the rules that apply to ``context`` (the adapter rules to an adapter's, the checkpoint
+    rules to a model's), worst first, then by code and tensor: the one order every report uses."""
+    from tieaudit.rules.context import AdapterContext
+
+    family = "adapter" if isinstance(context, AdapterContext) else "checkpoint"
+    findings = [f for r in rules if r.family == family for f in r.check(context)]
+    findings.sort(key=lambda f: (-f.severity.rank, f.code, f.location.tensor or ""))
+    return findings
+
+
 def all_rules() -> list[Rule]:
     _load()
     return sorted(RULES.values(), key=lambda r: r.code)

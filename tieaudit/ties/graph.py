@@ -12,15 +12,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
+from tieaudit.checkpoint.arrays import NUMPY_FLOAT_DTYPES as FLOAT_DTYPES
 from tieaudit.checkpoint.types import TensorInfo
-from tieaudit.model import Comparison, TieGroup, TieStatus
+from tieaudit.model import Comparison, Progress, TieGroup, TieStatus
 from tieaudit.ties.compare import RowReader, TensorDiff, diff_tensors
 from tieaudit.ties.declared import DeclaredTies, Flag
 
 if TYPE_CHECKING:
     import torch
 
-Progress = Callable[[str, int, int], None]  # (what, bytes done, bytes in all; 0: unknown)
 
 OBSERVED_STORAGE = "shared-storage"
 OBSERVED_METADATA = "safetensors-metadata"
@@ -173,15 +173,12 @@ def _both(c: _Candidate, mem_to_disk: dict[str, str]) -> bool:
     return c.target in mem_to_disk and c.source in mem_to_disk
 
 
-_FLOATING = frozenset({"F64", "F32", "F16", "BF16"})
-
-
 def compare_dtype(load_dtype: str | None, src: TensorInfo, tgt: TensorInfo) -> str | None:
     """The dtype a loader compares a pair in: the load dtype, else float32 when the stored dtypes differ
     (None: as stored)."""
-    if load_dtype in _FLOATING and {src.dtype, tgt.dtype} <= _FLOATING:
+    if load_dtype in FLOAT_DTYPES and {src.dtype, tgt.dtype} <= FLOAT_DTYPES:
         return load_dtype
-    if src.dtype != tgt.dtype and {src.dtype, tgt.dtype} <= _FLOATING:
+    if src.dtype != tgt.dtype and {src.dtype, tgt.dtype} <= FLOAT_DTYPES:
         return "F32"
     return None
 
