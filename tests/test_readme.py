@@ -113,3 +113,12 @@ def test_readme_example(page: str, line: int, command: str, shown: list[str], tm
             raise AssertionError(
                 f"{page}:{line}: `{command}` does not print:\n{expected}\n--- it printed:\n" + "\n".join(actual)
             )
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/rules.md"])
+def test_rule_tables_list_every_rule(page: str) -> None:
+    """The rule tables are the contract users read: every registered rule, with its code and name, and no other."""
+    from tieaudit.rules import all_rules
+
+    rows = re.findall(r"^\| (TIE\d+) \| ([a-z-]+) \|", (ROOT / page).read_text(), re.M)
+    assert rows == [(r.code, r.name) for r in all_rules()]
