@@ -124,9 +124,6 @@ def audit_open(
     progress: Progress | None = None,
 ) -> tuple[Report, TieGraph | None]:
     """Audit an open checkpoint; also returns the tie graph of a model checkpoint (for `fix`)."""
-    rules, fail_level, exit_zero = options.rules, options.fail_on, options.exit_zero
-    probe_tokens, deep, peft_check = options.probe_tokens, options.deep, options.peft_check
-    peft_max_bytes, require_base = options.peft_max_bytes, options.require_base
     skipped: list[Skipped] = []
     from tieaudit.rules import run as run_rules
 
@@ -135,25 +132,25 @@ def audit_open(
     if ckpt.kind == "adapter":
         from tieaudit.adapter.analysis import analyse_adapter
 
-        if progress and peft_check:
+        if progress and options.peft_check:
             progress("reading the adapter against its base (and asking peft)", 0, 0)
         base_arg = None if base is None else str(base)
         analysis = analyse_adapter(
             ckpt,
             path,
             base_arg,
-            probe_tokens,
+            options.probe_tokens,
             stack,
-            confirm=peft_check,
-            peft_max_bytes=peft_max_bytes,
-            require_base=require_base,
+            confirm=options.peft_check,
+            peft_max_bytes=options.peft_max_bytes,
+            require_base=options.require_base,
         )
         skipped.extend(analysis.skipped)
         context = analysis.context
         extra: list[Comparison] = []
-        if deep:
+        if options.deep:
             context, extra = _deep(context, analysis, Path(ckpt.root), skipped, progress)
-        findings = run_rules(rules, context)
+        findings = run_rules(options.rules, context)
         graph = analysis.context.graph
         groups = graph.groups if graph else ()
         comparisons = (*analysis.comparisons, *extra)
@@ -163,7 +160,7 @@ def audit_open(
     else:
         if base is not None:
             raise UsageError("--base is for adapters; PATH is a model checkpoint")
-        if deep:
+        if options.deep:
             skipped.append(
                 Skipped(
                     "deep",
@@ -171,8 +168,8 @@ def audit_open(
                     "judged from its files, as transformers would load them",
                 )
             )
-        model_graph, model_context = _analyse(ckpt, path, probe_tokens, progress, skipped)
-        findings = run_rules(rules, model_context)
+        model_graph, model_context = _analyse(ckpt, path, options.probe_tokens, progress, skipped)
+        findings = run_rules(options.rules, model_context)
         groups, comparisons, base_used, base_stats = model_graph.groups, model_graph.comparisons, None, None
         arch = model_graph.declared.architecture if model_graph.declared else _arch_name(ckpt)
     read = [ckpt.stats] if base_stats is None else [ckpt.stats, base_stats]
@@ -196,8 +193,8 @@ def audit_open(
         comparisons=tuple(comparisons),
         findings=tuple(findings),
         skipped=tuple(skipped),
-        fail_on=fail_level,
-        exit_zero=exit_zero,
+        fail_on=options.fail_on,
+        exit_zero=options.exit_zero,
         stats=stats,
     )
     return report, model_graph

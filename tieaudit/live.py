@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 from tieaudit._version import __version__
 from tieaudit.checkpoint.types import ConfigFile, TensorInfo
 from tieaudit.model import Report, Severity, Skipped, Stats, Target
-from tieaudit.ties.declared import TIE_FLAG, DeclaredTies
+from tieaudit.ties.declared import DeclaredTies
+from tieaudit.ties.readers import TIE_FLAG
 
 if TYPE_CHECKING:
     import torch

@@ -80,6 +80,13 @@ def join_pointer(parts: list[str]) -> str:
     return "".join(f"/{escape_pointer_token(p)}" for p in parts)
 
 
+def literal(value: Any) -> str:
+    """A config value as messages show it: JSON's `true`/`false` for booleans, else Python's repr."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
 def get_pointer(data: Any, pointer: str) -> Any:
     """The value at ``pointer`` (None when any part is absent)."""
     node = data

@@ -27,10 +27,12 @@ def graph(
 
     import typer
 
+    from tieaudit._version import __version__
     from tieaudit.auditing import audit
-    from tieaudit.batch import expand_targets
+    from tieaudit.batch import collect, expand_targets
     from tieaudit.cli.console import err
-    from tieaudit.errors import TieauditError, UsageError
+    from tieaudit.errors import UsageError
+    from tieaudit.model import BatchReport, TargetError
     from tieaudit.report import RenderOptions
     from tieaudit.report.graph_formats import dot, mermaid
     from tieaudit.report.text import render_graph
@@ -42,18 +44,18 @@ def graph(
             f"--format mermaid draws one checkpoint; {path} holds {len(targets)} ({', '.join(targets[:3])}"
             f"{', ...' if len(targets) > 3 else ''}): give one of them, or use --format text, json or dot"
         )
-    reports, failed = [], None
-    for target in targets:
-        try:
-            reports.append(audit(target, base, select=["TIE"], probe_tokens=0, revision=revision))
-        except TieauditError as exc:
-            if len(targets) == 1:
-                raise
-            err(f"tieaudit: error: {target}: {exc}")  # the others are still drawn, as `check` does
-            failed = exc if failed is None or exc.exit_code == 2 else failed
-    if not reports:
-        assert failed is not None
-        raise failed
+
+    def draw(target: str) -> Report:
+        return audit(target, base, select=["TIE"], probe_tokens=0, revision=revision)
+
+    errors: tuple[TargetError, ...] = ()
+    if len(targets) == 1:
+        reports = [draw(targets[0])]
+    else:  # the others are still drawn when one cannot be read, as `check` does
+        batch = collect(targets, draw, on_error=lambda e: err(f"tieaudit: error: {e.path}: {e.message}"))
+        reports, errors = list(batch.reports), batch.errors
+        if not reports:
+            raise typer.Exit(batch.exit_code)  # every target failed: the worst of their exit codes
     if fmt == "json":
         docs = [_json_doc(r) for r in reports]
         doc = docs[0] if len(docs) == 1 else {"schema_version": 1, "targets": docs}
@@ -65,8 +67,8 @@ def graph(
     else:
         opts = RenderOptions(color=use_color(color, sys.stdout if output is None else None))
         emit("".join(render_graph(r, opts) for r in reports), output)
-    if failed is not None:
-        raise typer.Exit(failed.exit_code)
+    if errors:  # the worst exit code of the targets that could not be drawn (findings do not fail `graph`)
+        raise typer.Exit(BatchReport(__version__, errors).exit_code)
 
 
 def _json_doc(report: Report) -> dict[str, object]:

@@ -19,12 +19,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from tieaudit.checkpoint.config import escape_pointer_token, get_pointer, pointer_parts
+from tieaudit.checkpoint.config import escape_pointer_token, get_pointer, literal, pointer_parts
 from tieaudit.checkpoint.types import ConfigFile, IndexMismatch, TensorInfo
 from tieaudit.model import Finding, TieStatus
 from tieaudit.repair.jsonedit import set_pointer
-from tieaudit.ties.declared import TIE_FLAG
 from tieaudit.ties.graph import PairState, TieGraph, head_was_source
+from tieaudit.ties.readers import TIE_FLAG
 
 MODES = ("untie", "retie")
 
@@ -364,7 +364,7 @@ class _Planner:
             for pointer, old in drift.items():
                 self.config_changes[pointer] = old
                 self.notes.append(
-                    f"config.json:{pointer} written as {_lit(old)}: transformers derives it from the flag, and the "
+                    f"config.json:{pointer} written as {literal(old)}: transformers derives it from the flag, and the "
                     "model must compute what it computed before"
                 )
         raise FixRefused("the config edit changes other settings transformers reads, even after pinning them")
@@ -395,7 +395,7 @@ def plan_fix(
     for pointer, value in planner.flags.items():
         for p in planner.governed(pointer):
             planner.done.setdefault(
-                (p.target, p.source), f"set {pointer} to {_lit(value)} (and every other reader's copy of it)"
+                (p.target, p.source), f"set {pointer} to {literal(value)} (and every other reader's copy of it)"
             )
     planner.config_readers()
     outcomes = {f.fingerprint: _outcome(f, planner, request) for f in findings}
@@ -467,10 +467,10 @@ def _outcome(f: Finding, planner: _Planner, request: FixRequest) -> Outcome:
         if pointer in planner.pointer_done:
             return Outcome(planner.pointer_done[pointer], False, "manual")
         if pointer in planner.config_changes:
-            return Outcome(f"write {_lit(planner.config_changes[pointer])} at {pointer}", True)
+            return Outcome(f"write {literal(planner.config_changes[pointer])} at {pointer}", True)
         governing = ev.get("governing_pointer")
         if isinstance(governing, str) and governing in planner.config_changes:
-            return Outcome(f"write {_lit(planner.config_changes[governing])} at {governing}", True)
+            return Outcome(f"write {literal(planner.config_changes[governing])} at {governing}", True)
         return Outcome("not resolved by this fix", False, "manual")
     return Outcome("tieaudit fix does not repair this finding", False, "manual")
 
@@ -528,9 +528,3 @@ def _reader_pointers(data: Mapping[str, Any], governing: str) -> list[str]:
         if isinstance(value, dict) and (TIE_FLAG in value or key == "text_config") and pointer != governing:
             found.append(pointer)
     return [p for p in found if len(pointer_parts(p)) == 1 or isinstance(data.get(pointer_parts(p)[0]), dict)]
-
-
-def _lit(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return repr(value)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shlex
 from collections.abc import Iterator
 
-from tieaudit.checkpoint.config import get_pointer
+from tieaudit.checkpoint.config import get_pointer, literal
 from tieaudit.model import FixHint, Location, Severity, TieStatus
 from tieaudit.rules.context import RuleContext
 from tieaudit.rules.registry import Violation, rule, violation
@@ -379,7 +379,7 @@ def _reader_conflicts(ctx: RuleContext) -> Iterator[Violation]:
         if reader is None or view.value == flag.value:
             continue
         groups.setdefault(None if view.forced else view.pointer, []).append((view, reader.consequence(view, state)))
-    governing = f"{flag.pointer} ({_lit(flag.value)}{', absent: the default' if flag.raw is None else ''})"
+    governing = f"{flag.pointer} ({literal(flag.value)}{', absent: the default' if flag.raw is None else ''})"
     verb = "ties" if flag.value else "does not tie"
     for pointer, found in groups.items():
         effects = "; ".join(f"{READERS[v.reader].name} {READERS[v.reader].verified} {c.text}" for v, c in found)
@@ -389,7 +389,7 @@ def _reader_conflicts(ctx: RuleContext) -> Iterator[Violation]:
             hint = FixHint("manual", None, "serve this model with a reader that follows the flag, or keep it tied")
         else:
             raw = get_pointer(ctx.config.data, pointer)
-            seen = f"{_lit(found[0][0].value)}{' (absent: the config class default)' if raw is None else ''}"
+            seen = f"{literal(found[0][0].value)}{' (absent: the config class default)' if raw is None else ''}"
             lead = (
                 f"config.json:{pointer} is {seen}, but transformers follows {governing} and {verb} {pair.target} "
                 f"to {pair.source}:"
@@ -398,7 +398,7 @@ def _reader_conflicts(ctx: RuleContext) -> Iterator[Violation]:
             hint = FixHint(
                 "safe",
                 _fix_command(ctx, "retie" if flag.value else "untie"),
-                f"write {_lit(flag.value)} at {pointer} and {flag.pointer}",
+                f"write {literal(flag.value)} at {pointer} and {flag.pointer}",
             )
         yield violation(
             f"{lead} {effects}",
@@ -422,10 +422,6 @@ def _reader_conflicts(ctx: RuleContext) -> Iterator[Violation]:
             ],
             fix=hint,
         )
-
-
-def _lit(value: object) -> str:
-    return str(value).lower() if isinstance(value, bool) else repr(value)
 
 
 @rule(

@@ -22,9 +22,7 @@ from typing import Any
 from tieaudit.checkpoint.config import escape_pointer_token, get_pointer
 from tieaudit.checkpoint.types import ConfigFile
 from tieaudit.errors import InputError
-from tieaudit.ties.readers import ReaderView
-
-TIE_FLAG = "tie_word_embeddings"
+from tieaudit.ties.readers import TIE_FLAG, ReaderView
 
 
 @dataclass(frozen=True)

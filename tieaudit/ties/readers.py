@@ -18,7 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from tieaudit.checkpoint.config import literal
 from tieaudit.model import Severity
+from tieaudit.ties import vllm_registry as vllm
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,6 @@ class HeadState:
 class Reader:
     name: str  # shown to users, e.g. "accelerate"
     verified: str  # the version whose source the entry was checked against
-    reads: str  # how it picks the config object, in the words of its source (for docs and `tieaudit readers`)
     # (model, hf_config) -> (the config object whose flag it reads, or None when it does not read one for this model;
     # the value it uses whatever that flag says, or None when it follows the flag)
     flag_config: Callable[[Any, Any], tuple[Any | None, bool | None]]
@@ -62,7 +63,7 @@ class ReaderView:
     forced: bool  # it uses `value` whatever the flag says (the model class always or never ties)
 
 
-TIE_FLAG = "tie_word_embeddings"
+TIE_FLAG = "tie_word_embeddings"  # the one definition (declared, live and the repair planner import it)
 TOP = f"/{TIE_FLAG}"
 
 
@@ -90,8 +91,6 @@ def _accelerate_consequence(view: ReaderView, state: HeadState) -> Consequence:
 
 
 def _vllm_config(model: Any, hf_config: Any) -> tuple[Any | None, bool | None]:
-    from tieaudit.ties import vllm_registry as vllm
-
     archs = getattr(hf_config, "architectures", None) or []
     arch = archs[0] if archs else type(model).__name__
     if arch not in vllm.ARCHITECTURES:
@@ -111,7 +110,7 @@ def _vllm_consequence(view: ReaderView, state: HeadState) -> Consequence:
     if view.forced:
         how = "always ties the head (whatever the flag says)" if view.value else "never ties the head"
     else:
-        how = f"reads {_lit(view.value)}"
+        how = f"reads {literal(view.value)}"
     if not view.value:
         if not state.head_stored:
             return Consequence(
@@ -136,25 +135,16 @@ def _vllm_consequence(view: ReaderView, state: HeadState) -> Consequence:
     )
 
 
-def _lit(value: bool) -> str:
-    return "true" if value else "false"
-
-
 READERS: dict[str, Reader] = {
     "accelerate": Reader(
         name="accelerate",
         verified="1.15.0",
-        reads="config.get_text_config(decoder=True).tie_word_embeddings",
         flag_config=_accelerate_config,
         consequence=_accelerate_consequence,
     ),
     "vllm": Reader(
         name="vLLM",
-        verified="0.33.0",
-        reads=(
-            "the top-level tie_word_embeddings, copied into a multimodal model's language-model config; that "
-            "config's own flag when the top level has none; some classes always or never tie"
-        ),
+        verified=vllm.VERSION,  # the release tools/vllm_table.py read
         flag_config=_vllm_config,
         consequence=_vllm_consequence,
     ),
