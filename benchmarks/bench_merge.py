@@ -1,18 +1,12 @@
 """Benchmark `tieaudit merge` against peft's merge_and_unload + save_pretrained on the Llama-3.2-1B-shaped base.
 
-The base is bench_check.py's `tied-clean` checkpoint (bf16, 2.47 GB, tied, no lm_head.weight) and the adapter
-bench_adapter.py's real peft LoRA on q_proj / v_proj / embed_tokens (r=16, non-zero factors), both built once and
-cached under benchmarks/work. In the same run, each measured through bench_check's rusage wrapper (wall time and
-the child's peak RSS; one warm-up run, then the median of the measured runs, page cache warm):
+builders.py's tied base (`tied-clean`) and its real peft LoRA on q_proj / v_proj / embed_tokens, warm, in one run:
 
     tieaudit   tieaudit merge ADAPTER --base BASE --output-dir OUT -f json
-    peft       AutoModelForCausalLM.from_pretrained(BASE, dtype=bfloat16) -> PeftModel.from_pretrained(ADAPTER)
-               -> merge_and_unload() -> save_pretrained(OUT)        (what a user runs without tieaudit)
+    peft       from_pretrained(BASE, bf16), PeftModel.from_pretrained(ADAPTER), merge_and_unload(), save_pretrained()
 
-Then, once, both outputs are loaded with transformers in float32 and their logits on fixed token ids are compared
-with the unmerged PeftModel's (base + adapter, float32): peft's merge of a LoRA on a tied embedding is wrong
-(ground-truth.md §3), tieaudit's must not be. Targets: peak RSS below the size of the base in bf16, wall time no
-worse than peft's.
+then both outputs are loaded in float32 and their logits compared with the unmerged adapter's. What is measured and
+the targets: benchmarks/README.md, "Merge"; the tables go to stdout and to the "merge" block of the README.
 
 Usage: .venv/bin/python benchmarks/bench_merge.py [--workdir DIR] [--quick] [--no-readme]
 """
@@ -24,16 +18,17 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_adapter as ba
-import bench_check as bc
+import builders as b
+import common as c
 
-SECTION = "## Merge"
+BLOCK = "merge"
 
 PEFT_MERGE = """\
 import sys, torch
@@ -72,142 +67,104 @@ print(json.dumps(out))
 
 
 @dataclass
-class Row(bc.MeasuredRuns):
+class Row(c.Runs):
+    key: str  # "tieaudit" or "peft"
     command: str
-    runs: list[bc.Run]
+    argv: list[str]
+    runs: list[c.Run]
     bytes_out: int
-    note: str = ""
 
 
-def _size(directory: Path) -> int:
-    return sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
-
-
-def measure(label: str, argv: Sequence[str], out: Path, scratch: Path, repeats: int, keep: Path) -> Row:
-    """Warm-up plus `repeats` runs, each into a fresh OUT; the last output is kept at `keep` for verification."""
-    runs = []
-    size = 0
-    for i in range(repeats + 1):
-        shutil.rmtree(out, ignore_errors=True)
-        run = bc.run_measured(argv, scratch)
-        if run.exit != 0:
-            raise RuntimeError(f"{label} failed (exit {run.exit}): {run.stderr[-2000:]}")
-        size = _size(out)
-        if i:
-            runs.append(run)
-            bc._log(f"[bench] {label}: {run.wall:.2f} s, {run.peak_rss / bc.MIB:,.0f} MiB")
+def measure(key: str, command: str, argv: list[str], out: Path, scratch: Path, repeats: int, keep: Path) -> Row:
+    """Warm, each run into a fresh OUT; the last output is kept at `keep` for verification."""
+    runs = c.measure(argv, repeats, scratch, key, before=lambda: shutil.rmtree(out, ignore_errors=True))
+    if any(r.exit != 0 for r in runs):
+        raise RuntimeError(f"{command} failed (exit {runs[-1].exit}): {runs[-1].stderr[-2000:]}")
+    size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     shutil.rmtree(keep, ignore_errors=True)
     out.rename(keep)
-    return Row(label, runs, size)
+    return Row(key, command, argv, runs, size)
 
 
 def verify(adapter: Path, base: Path, outputs: dict[str, Path]) -> dict[str, Any]:
     argv = [sys.executable, "-c", VERIFY, str(adapter), str(base)]
     for name, path in outputs.items():
         argv += [name, str(path)]
-    proc = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, **bc.CHILD_ENV}, timeout=1800)
+    proc = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, **c.CHILD_ENV}, timeout=1800)
     if proc.returncode != 0:
         raise RuntimeError(f"verification failed: {proc.stderr[-2000:]}")
     result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     return result
 
 
-def render_section(
-    rows: list[Row], merge_doc: dict[str, Any], checks: dict[str, Any], base_bytes: int, repeats: int
-) -> str:
-    info = bc.machine_info()
-    run = merge_doc["merge_run"]
-    group = run["groups"][0] if run["groups"] else {}
-    worst = max((c for c in merge_doc["comparisons"] if c["stage"] == "merged"), key=lambda c: c["max_abs_diff"])
+def results_table(rows: Sequence[Row], logits: dict[str, Any]) -> str:
+    def cells(r: Row) -> list[object]:
+        x = logits[r.key]
+        diff = f"max abs {x['max_abs_logit_diff']:.3g} (after `tie_weights()`: {x['after_tie_weights']:.3g})"
+        rss, size = f"{r.peak_rss / c.MIB:,.0f} MiB", f"{r.bytes_out / c.MIB:,.0f} MiB"
+        tied = str(x["tie_word_embeddings"]).lower()
+        return [r.command, f"{r.wall_cell} s", rss, size, f"{diff}, top-1 {x['top1_agreement']:.3f}", tied]
+
+    columns = ["command", "wall (min–max)", "peak RSS", "output size", "logits vs the unmerged adapter (float32)"]
+    return c.table([*columns, "tied flag after"], map(cells, rows), "lrrrll")
+
+
+def target_checks(rows: Sequence[Row], base_bytes: int) -> list[c.Check]:
     tie, peft = rows
-    lines = [
-        SECTION,
-        "",
-        "`tieaudit merge` against peft's `merge_and_unload()` + `save_pretrained()` on the Llama-3.2-1B-shaped tied",
-        "base (bf16, 2.47 GB) with a real peft LoRA on `q_proj`, `v_proj` and `embed_tokens` (r=16), in the same run",
-        f"(median of {repeats} after one warm-up run; page cache warm). Produced by",
-        "`.venv/bin/python benchmarks/bench_merge.py`.",
-        "",
-        "| command | wall | peak RSS | output size | logits vs the unmerged adapter (float32) | tied flag after |",
-        "|---|---|---|---|---|---|",
+    rss = f"{tie.peak_rss / c.MIB:,.0f} MiB"
+    return [
+        (tie.peak_rss < base_bytes, f"peak RSS below the size of the base ({base_bytes / c.MIB:,.0f} MiB): {rss}"),
+        c.ratio_check(tie.wall <= peft.wall, "wall time no worse than peft's", tie.wall, peft.wall, "≤ 1×"),
     ]
-    for r, key in ((tie, "tieaudit"), (peft, "peft")):
-        c = checks[key]
-        walls = [x.wall for x in r.runs]
-        spread = f" ({min(walls):.1f}–{max(walls):.1f})" if len(walls) > 1 else ""
-        lines.append(
-            f"| {r.command} | {r.wall:.2f} s{spread} | {r.peak_rss / bc.MIB:,.0f} MiB | "
-            f"{r.bytes_out / bc.MIB:,.0f} MiB | "
-            f"max abs {c['max_abs_logit_diff']:.3g} (after `tie_weights()`: {c['after_tie_weights']:.3g}), "
-            f"top-1 {c['top1_agreement']:.3f} | {str(c['tie_word_embeddings']).lower()} |"
-        )
-    rss_ok = tie.peak_rss < base_bytes
-    wall_ok = tie.wall <= peft.wall
-    lines += [
-        "",
-        f"Logit scale of the unmerged adapter on the probe ids: {checks['logit_scale']:.3g}.",
-        "",
-        "Targets:",
-        f"- [{'x' if rss_ok else ' '}] peak RSS below the size of the base in bf16 ({base_bytes / bc.MIB:,.0f} MiB): "
-        f"{tie.peak_rss / bc.MIB:,.0f} MiB",
-        f"- [{'x' if wall_ok else ' '}] wall time no worse than peft's: {tie.wall:.2f} s vs {peft.wall:.2f} s "
-        f"({peft.wall / tie.wall:.2f}x)",
-        "",
-        "Wall times in parentheses are the fastest and slowest measured runs: on this 2-core VM single runs of either",
-        "command vary by a few seconds (page-cache allocation and writeback), so the medians are close to a tie.",
-        "The import of torch and transformers (about 5 s) is in both; tieaudit also fsyncs what it writes, and",
-        "writes one more embedding-sized tensor (the correct, untied head).",
-        "",
-        f"What tieaudit decided: the pair is **{group.get('result', '?')}** ({group.get('why', '')}). "
-        f"peft: {group.get('peft_problem') or 'merges this group correctly'}.",
-        f"tieaudit's own measurement, every written weight against the adapter's run-time weight: worst max |Δ| "
-        f"{worst['max_abs_diff']:.3g} ({worst['tensor']}, bf16 rounding), {len(run['merged'])} LoRA weights merged; "
-        f"it read {run['base_bytes_read'] / bc.MIB:,.0f} MiB of the base and wrote "
-        f"{run['bytes_written'] / bc.MIB:,.0f} MiB, streaming row chunks (the untied head is one more "
-        "embedding-sized tensor than the base stores).",
-        "",
-        *bc.machine_sentence(info),
-        "",
+
+
+def merge_facts(doc: dict[str, Any]) -> list[str]:
+    """What tieaudit decided and measured, from its JSON output."""
+    run = doc["merge_run"]
+    group = run["groups"][0] if run["groups"] else {}
+    worst = max((x for x in doc["comparisons"] if x["stage"] == "merged"), key=lambda x: x["max_abs_diff"])
+    return [
+        f"tieaudit's decision: the pair is **{group.get('result', '?')}** ({group.get('why', '')}); peft: "
+        f"{group.get('peft_problem') or 'merges this group correctly'}",
+        f"tieaudit's own check of every written weight against the adapter's run-time weight: worst max |Δ| "
+        f"{worst['max_abs_diff']:.3g} ({worst['tensor']}); {len(run['merged'])} LoRA weights merged; it read "
+        f"{run['base_bytes_read'] / c.MIB:,.0f} MiB of the base and wrote {run['bytes_written'] / c.MIB:,.0f} MiB",
     ]
-    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = bc.parse_args(__doc__, argv)
-    repeats = 1 if args.quick else 3
-    base = ba.ensure_base(args.workdir)
-    adapter, _ = ba.ensure_adapter(args.workdir, base)
-    scratch = args.workdir / "scratch-merge"
-    scratch.mkdir(parents=True, exist_ok=True)
-    out = scratch / "out"
-    kept = {"tieaudit": scratch / "merged-tieaudit", "peft": scratch / "merged-peft"}
-    exe = bc.tieaudit_exe()
-    tie = measure(
-        "`tieaudit merge ADAPTER --base BASE --output-dir OUT`",
-        [exe, "merge", str(adapter), "--base", str(base), "--output-dir", str(out), "-f", "json"],
-        out,
-        scratch,
-        repeats,
-        kept["tieaudit"],
-    )
-    merge_doc = json.loads(tie.runs[-1].stdout)
-    peft = measure(
-        "peft `merge_and_unload()` + `save_pretrained()`",
-        [sys.executable, "-c", PEFT_MERGE, str(adapter), str(base), str(out)],
-        out,
-        scratch,
-        repeats,
-        kept["peft"],
-    )
-    checks = verify(adapter, base, kept)
+    args = c.parse_args(__doc__, argv)
+    started = time.perf_counter()
+    base = b.ensure_base(args.workdir)
+    adapter = b.ensure_adapter(args.workdir, base)
+    exe = c.tieaudit_exe()
+    with c.session(args.workdir, "scratch-merge-") as scratch:
+        out = scratch / "out"
+        kept = {"tieaudit": scratch / "merged-tieaudit", "peft": scratch / "merged-peft"}
+        argv = [exe, "merge", str(adapter), "--base", str(base), "--output-dir", str(out), "-f", "json"]
+        command = "`tieaudit merge ADAPTER --base BASE --output-dir OUT`"
+        tie = measure("tieaudit", command, argv, out, scratch, args.repeats, kept["tieaudit"])
+        argv = [sys.executable, "-c", PEFT_MERGE, str(adapter), str(base), str(out)]
+        command = "peft `merge_and_unload()` + `save_pretrained()`"
+        peft = measure("peft", command, argv, out, scratch, args.repeats, kept["peft"])
+        logits = verify(adapter, base, kept)
+    rows = [tie, peft]
     base_bytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))
-    section = render_section([tie, peft], merge_doc, checks, base_bytes, repeats)
-    print(section)
+    facts = [f"logit scale of the unmerged adapter on the probe ids: {logits['logit_scale']:.3g}"]
+    facts += merge_facts(json.loads(tie.runs[-1].stdout))
+    info = c.machine_info()
+    print(results_table(rows, logits), "\n".join(f"- {f}" for f in facts), sep="\n\n")
+    c.write_raw(args.workdir / "merge-results.json", info, args.repeats, rows=rows, logits=logits)
     if not args.no_readme:
-        bc.replace_readme_section(SECTION, section)
-    for path in kept.values():
-        shutil.rmtree(path, ignore_errors=True)
-    return 0
+        parts = [
+            c.machine_block(info, c.protocol(args.repeats), time.perf_counter() - started),
+            results_table(rows, logits),
+            "\n".join(f"- {f}" for f in facts),
+            "Target checks:\n\n" + c.check_lines(target_checks(rows, base_bytes)),
+            "Command lines:\n\n" + "\n".join(f"- `{c.shell(r.argv, {PEFT_MERGE: 'PEFT_MERGE'})}`" for r in rows),
+        ]
+        c.write_generated(BLOCK, "\n\n".join(parts))
+    return c.finish(target_checks(rows, base_bytes))
 
 
 if __name__ == "__main__":

@@ -1,127 +1,124 @@
-"""What holding adapter verdicts to peft itself costs (issue 16), on the Llama-3.2-1B-shaped tied bf16 base and the
-LoRA r=16 adapter of bench_adapter.py (q_proj, v_proj, embed_tokens), in one run:
+"""What holding adapter verdicts to peft itself costs (issue 16), on builders.py's tied base and LoRA adapter, warm:
 
     (a) tieaudit check ADAPTER --base BASE -f json                  peft confirms the forecast (the default)
     (b) tieaudit check ADAPTER --base BASE -f json --no-peft-check  the forecast alone (numpy only)
     (c) tieaudit merge ADAPTER --base BASE --output-dir DIR         the merge, held to peft before the commit
-    (d) in-process: the time of peft's answer inside (c) (PeftCheck.ask: build the tied layers, apply the adapter,
-        probe) and of the check of the written weights (PeftCheck.verify)
+    (d) in-process: the time of peft's answer inside one merge (PeftCheck.ask) and of the check of the written
+        weights (PeftCheck.verify)
 
-Each command: 1 warm-up run, then the median (and range) of N runs (3; 1 with --quick), wall time and peak RSS
-of the child. The tie-map cache is warm (repeat audits, as in CI after the first). The table replaces the
-"## peft check" section of benchmarks/README.md.
+The table goes to stdout and to the "peft-check" block of benchmarks/README.md.
 
 Usage: .venv/bin/python benchmarks/bench_peft_check.py [--workdir DIR] [--quick] [--no-readme]
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import statistics
+import importlib
+import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_adapter as ba
-import bench_check as bc
+import builders as b
+import common as c
 
-SECTION = "## peft check"
-MIB = 2**20
-
-
-def row(label: str, runs: Sequence[bc.Run]) -> str:
-    walls = sorted(r.wall for r in runs)
-    rss = max(r.peak_rss for r in runs) / MIB
-    codes = sorted({r.exit for r in runs})
-    return (
-        f"| {label} | {statistics.median(walls):.2f} s ({walls[0]:.2f}–{walls[-1]:.2f}) | {rss:.0f} MiB | "
-        f"{', '.join(map(str, codes))} |"
-    )
+BLOCK = "peft-check"
+MERGE_MODULES = ("tieaudit.repair.merge", "tieaudit.repair.merging")  # where PeftCheck lives (renamed once)
 
 
 def in_process_merge(adapter: Path, base: Path, out: Path) -> tuple[float, float, float]:
     """(merge wall, PeftCheck.ask, PeftCheck.verify) seconds, one in-process merge."""
-    import tieaudit.repair.merging as merging
+    import tieaudit
 
+    module: Any = next(
+        (m for m in map(_module, MERGE_MODULES) if m is not None and hasattr(m, "PeftCheck")),
+        None,
+    )
+    if module is None:
+        raise RuntimeError(f"no PeftCheck in {', '.join(MERGE_MODULES)}")
     spent = {"ask": 0.0, "verify": 0.0}
-    ask, verify = merging.PeftCheck.ask.__func__, merging.PeftCheck.verify  # type: ignore[attr-defined]
+    ask, verify = module.PeftCheck.ask.__func__, module.PeftCheck.verify
 
-    def timed_ask(cls, *a, **k):
+    def timed_ask(cls: Any, *a: Any, **k: Any) -> Any:
         t = time.perf_counter()
         try:
             return ask(cls, *a, **k)
         finally:
             spent["ask"] += time.perf_counter() - t
 
-    def timed_verify(self, *a, **k):
+    def timed_verify(self: Any, *a: Any, **k: Any) -> Any:
         t = time.perf_counter()
         try:
             return verify(self, *a, **k)
         finally:
             spent["verify"] += time.perf_counter() - t
 
-    merging.PeftCheck.ask = classmethod(timed_ask)  # type: ignore[method-assign,assignment]
-    merging.PeftCheck.verify = timed_verify  # type: ignore[method-assign]
-    started = time.perf_counter()
-    merging.merge(adapter, base=base, output_dir=out)
-    return time.perf_counter() - started, spent["ask"], spent["verify"]
+    module.PeftCheck.ask, module.PeftCheck.verify = classmethod(timed_ask), timed_verify
+    try:
+        started = time.perf_counter()
+        tieaudit.merge(adapter, base=base, output_dir=out)
+        return time.perf_counter() - started, spent["ask"], spent["verify"]
+    finally:
+        module.PeftCheck.ask, module.PeftCheck.verify = classmethod(ask), verify
+
+
+def _module(name: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+@dataclass
+class Row(c.Runs):
+    label: str
+    runs: list[c.Run]
+    expect_exit: int
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--workdir", type=Path, default=bc.DEFAULT_WORKDIR)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--no-readme", action="store_true")
-    args = parser.parse_args(argv)
-    repeats = 1 if args.quick else 3
-    workdir = args.workdir.resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
+    args = c.parse_args(__doc__, argv)
     started = time.perf_counter()
-    base = ba.ensure_base(workdir)
-    adapter, _ = ba.ensure_adapter(workdir, base)
-    exe = bc.tieaudit_exe()
-    lines = []
-    with tempfile.TemporaryDirectory(dir=workdir, prefix="scratch-peft-") as tmp:
-        scratch = Path(tmp)
-        os.environ["TIEAUDIT_CACHE_DIR"] = str(scratch / "tiemap-cache")
+    base = b.ensure_base(args.workdir)
+    adapter = b.ensure_adapter(args.workdir, base)
+    exe, n = c.tieaudit_exe(), args.repeats
+    with c.session(args.workdir, "scratch-peft-") as scratch:
         check = [exe, "check", str(adapter), "--base", str(base), "-f", "json"]
-        a = bc.measure(check, repeats, scratch, "(a) check")
-        b = bc.measure([*check, "--no-peft-check"], repeats, scratch, "(b) check --no-peft-check")
-        merges = []
-        for i in range(repeats + 1):
-            out = scratch / f"merged-{i}"
-            run = bc.run_measured([exe, "merge", str(adapter), "--base", str(base), "--output-dir", str(out)], scratch)
-            if i:
-                merges.append(run)
-            bc._log(f"(c) merge run {i}: {run.wall:.2f} s, exit {run.exit}")
-            os.system(f"rm -rf {out}")
-        wall, ask, verify = in_process_merge(adapter, base, scratch / "merged-inproc")
-    lines = [
-        "| command | wall, median (range) | peak RSS | exit |",
-        "|---|--:|--:|--:|",
-        row("(a) `check ADAPTER --base BASE -f json` (peft confirms)", a),
-        row("(b) `check ... --no-peft-check` (forecast alone)", b),
-        row("(c) `merge ADAPTER --base BASE --output-dir DIR` (held to peft)", merges),
-    ]
-    cost = statistics.median(r.wall for r in a) - statistics.median(r.wall for r in b)
-    lines += [
-        "",
-        f"- the peft check adds {cost:.2f} s to `check` ((a) − (b), medians of this run);",
-        f"- inside one in-process merge of {wall:.2f} s: peft's answer {ask:.2f} s, the check of the written weights "
-        f"{verify:.2f} s.",
-    ]
-    info = ba.machine_info()
-    section = "\n".join(
-        [SECTION, "", *lines, "", *bc.machine_sentence(info), f"({time.perf_counter() - started:.0f} s in all)", ""]
+        out = scratch / "merged"
+        merge = [exe, "merge", str(adapter), "--base", str(base), "--output-dir", str(out)]
+        rows = [
+            Row("(a) `check ADAPTER --base BASE -f json` (peft confirms)", c.measure(check, n, scratch, "(a)"), 1),
+            Row(
+                "(b) `check ... --no-peft-check` (forecast alone)",
+                c.measure([*check, "--no-peft-check"], n, scratch, "(b)"),
+                1,
+            ),
+            Row(
+                "(c) `merge ADAPTER --base BASE --output-dir DIR` (held to peft)",
+                c.measure(merge, n, scratch, "(c)", before=lambda: shutil.rmtree(out, ignore_errors=True)),
+                0,
+            ),
+        ]
+        shutil.rmtree(out, ignore_errors=True)
+        wall, ask, verify = in_process_merge(adapter, base, scratch / "merged-in-process")
+    columns = ["command", "wall s, median (min–max)", "peak RSS MiB", "exit"]
+    table = c.table(columns, ([r.label, r.wall_cell, f"{r.peak_rss / c.MIB:,.0f}", r.exit] for r in rows), "lrrr")
+    facts = (
+        f"- the peft check adds {rows[0].wall - rows[1].wall:.2f} s to `check` ((a) − (b), medians of this run)\n"
+        f"- (d) inside one in-process merge of {wall:.2f} s: peft's answer (`PeftCheck.ask`) {ask:.2f} s, the check "
+        f"of the written weights (`PeftCheck.verify`) {verify:.2f} s"
     )
-    print(section)
+    checks = [(all(x.exit == r.expect_exit for x in r.runs), f"{r.label} exits {r.expect_exit}") for r in rows]
+    info = c.machine_info()
+    print(table, facts, sep="\n\n")
     if not args.no_readme:
-        bc.replace_readme_section(SECTION, section)
-    return 0
+        machine = c.machine_block(info, c.protocol(n), time.perf_counter() - started)
+        c.write_generated(BLOCK, f"{machine}\n\n{table}\n\n{facts}\n\nChecks:\n\n{c.check_lines(checks)}")
+    return c.finish(checks)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from fixtures.builders import ARCHS, model_logits
 from tests.expect import alarms_beyond_flag_ignoring_readers, ignores_flag
 from tieaudit import audit
 from tieaudit.cli.app import app
-from tieaudit.repair import fix
+from tieaudit.repair.fix import fix
 from tieaudit.repair.jsonedit import set_json_values
 
 runner = CliRunner()
@@ -295,14 +295,23 @@ def test_read_only_checkpoint_in_place(checkpoint, tmp_path: Path) -> None:
     assert tree_hash(src) == before
 
 
-def _cli(args: list[str], env: dict[str, str] | None = None, fsize: int | None = None) -> subprocess.CompletedProcess:
+def _cli(
+    args: list[str], env: dict[str, str] | None = None, fsize: int | None = None, fault: str | None = None
+) -> subprocess.CompletedProcess:
+    """The CLI in a subprocess; ``fault``: run it through tests/faultrun.py with that fault."""
+
     def limit() -> None:
         if fsize is not None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
 
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "tieaudit", "fix", *args],
+        [
+            sys.executable,
+            *([str(ROOT / "tests" / "faultrun.py"), fault] if fault else ["-m", "tieaudit"]),
+            "fix",
+            *args,
+        ],
         capture_output=True,
         text=True,
         env=full_env,
@@ -330,7 +339,7 @@ def test_full_disk_leaves_original_intact(checkpoint, tmp_path: Path) -> None:
 def test_sigkill_at_any_step_leaves_old_or_fixed(point: str, checkpoint, tmp_path: Path, outcome, intended) -> None:
     src = copy_of(checkpoint("llama", "untied_missing", "safetensors-sharded"), tmp_path / "ckpt")
     before = tree_hash(src)
-    proc = _cli([str(src), "--untie", "--in-place", "-y"], env={"TIEAUDIT_FAULT": point})
+    proc = _cli([str(src), "--untie", "--in-place", "-y"], fault=point)
     assert proc.returncode == -9, proc.stderr
     state = tree_hash(src)
     if point == "committed":

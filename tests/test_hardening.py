@@ -394,8 +394,8 @@ def _start_paused(args: list[str], point: str, gate: Path) -> subprocess.Popen[s
     """A tieaudit process that stops at `point` of its write (holding whatever it holds) until `gate` is removed."""
     gate.touch()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tieaudit", *args],
-        env={**os.environ, "PYTHONPATH": str(ROOT), "TIEAUDIT_FAULT": f"{point}:pause:{gate}"},
+        [sys.executable, str(ROOT / "tests" / "faultrun.py"), f"{point}:pause:{gate}", *args],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -440,8 +440,17 @@ def test_a_killed_holder_does_not_block_the_next_run(checkpoint, tmp_path: Path)
     src = tmp_path / "ckpt"
     shutil.copytree(checkpoint("llama", "untied_missing", "safetensors"), src)
     killed = subprocess.run(
-        [sys.executable, "-m", "tieaudit", "fix", str(src), "--untie", "--in-place", "-y"],
-        env={**os.environ, "PYTHONPATH": str(ROOT), "TIEAUDIT_FAULT": "weights"},
+        [
+            sys.executable,
+            str(ROOT / "tests" / "faultrun.py"),
+            "weights",
+            "fix",
+            str(src),
+            "--untie",
+            "--in-place",
+            "-y",
+        ],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
         capture_output=True,
         timeout=TIMEOUT,
     )

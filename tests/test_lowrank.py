@@ -2,7 +2,7 @@
 
 Two levels: `compare_lowrank` against the weights built explicitly in float64 (random factors, replaced rows,
 several chunks and blocks), and the whole adapter audit through the low-rank path against the streaming
-reference path (`forecast.METHOD = "stream"`) on the real peft adapters of the verdict tests.
+reference path (`audit(..., forecast="stream")`) on the real peft adapters of the verdict tests.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 
 from fixtures.adapter_builders import ADAPTER_ARCHS, ADAPTER_CASES, case_base_tied
 from tieaudit import audit
-from tieaudit.adapter import forecast, lowrank
+from tieaudit.adapter import lowrank
 from tieaudit.adapter.lowrank import Factor, LowRankWeight, compare_lowrank
 from tieaudit.ties.compare import probe_states
 
@@ -109,8 +109,7 @@ def test_lowrank_audit_equals_the_streaming_reference(case, adapter_case, monkey
     arch, name = case
     base, adapter, _ = adapter_case(arch, name)
     fast = audit(adapter, base=base)
-    monkeypatch.setattr(forecast, "METHOD", "stream")
-    ref = audit(adapter, base=base)
+    ref = audit(adapter, base=base, forecast="stream")
     assert [f.code for f in fast.findings] == [f.code for f in ref.findings]
     assert len(fast.comparisons) == len(ref.comparisons)
     for c, r in zip(fast.comparisons, ref.comparisons, strict=True):

@@ -38,7 +38,7 @@ from fixtures.adapter_builders import (
 from tests.expect import alarms_beyond_flag_ignoring_readers
 from tieaudit import audit
 from tieaudit.cli.app import app
-from tieaudit.repair import merge
+from tieaudit.repair.merge import merge
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parent.parent
@@ -344,13 +344,22 @@ def test_tie102_hint_command_merges(adapter_case, tmp_path: Path) -> None:
     assert_reproduces(tmp_path / "m", real.peft_logits, real.logit_scale)
 
 
-def _cli(args: list[str], env: dict[str, str] | None = None, fsize: int | None = None) -> subprocess.CompletedProcess:
+def _cli(
+    args: list[str], env: dict[str, str] | None = None, fsize: int | None = None, fault: str | None = None
+) -> subprocess.CompletedProcess:
+    """The CLI in a subprocess; ``fault``: run it through tests/faultrun.py with that fault."""
+
     def limit() -> None:
         if fsize is not None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
 
     return subprocess.run(
-        [sys.executable, "-m", "tieaudit", "merge", *args],
+        [
+            sys.executable,
+            *([str(ROOT / "tests" / "faultrun.py"), fault] if fault else ["-m", "tieaudit"]),
+            "merge",
+            *args,
+        ],
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
@@ -365,7 +374,7 @@ def test_sigkill_leaves_nothing_half_written(point: str, adapter_case, tmp_path:
     base, adapter, real = adapter_case("llama", "lora_both")
     out = tmp_path / "merged"
     args = [str(adapter), "--base", str(base), "--output-dir", str(out)]
-    proc = _cli(args, env={"TIEAUDIT_FAULT": point})
+    proc = _cli(args, fault=point)
     assert proc.returncode == -9, proc.stderr
     assert not out.exists()  # the switch is one rename: before it, the output does not exist
     assert list(tmp_path.glob(".merged.tieaudit-tmp-*"))  # the dead run's staging directory, clearly named
@@ -487,7 +496,7 @@ def test_a_wrong_internal_model_is_stopped_by_peft(
     applied, modules_to_save copies ignored): the merge's internal checks agree with the wrong model, so only peft
     itself can tell. The commit is stopped: exit 2, nothing written, one line naming the tensor."""
     import tieaudit.adapter.forecast as forecast
-    import tieaudit.repair.merging as merging
+    import tieaudit.repair.merge as merging
 
     if case == "lora_both":
         original = forecast.DeltaRows.__init__

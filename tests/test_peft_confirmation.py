@@ -190,7 +190,7 @@ def test_new_architectures_check_and_merge(case: tuple[str, str], new_arch_cases
     -> save -> reload changes the logits); merge reproduces the unmerged adapter (also after tie_weights) or
     refuses with exit 2, never a wrong model with exit 0."""
     from tieaudit.errors import TieauditError
-    from tieaudit.repair import merge
+    from tieaudit.repair.merge import merge
 
     base, adapter, _, reference, unties, breaks = new_arch_cases[case]
     report = audit(adapter, base=base)

@@ -22,7 +22,7 @@ import torch
 from fixtures.adapter_builders import _probe_weight, _randomize, load_any, logits_any, probe_ids, tiny_tied
 from tieaudit import audit
 from tieaudit.errors import TieauditError
-from tieaudit.repair import merge
+from tieaudit.repair.merge import merge
 
 TOL = 1e-4  # x the logit scale
 

@@ -38,7 +38,8 @@ if TYPE_CHECKING:
     from tieaudit.auditing import audit
     from tieaudit.batch import audit_many
     from tieaudit.live import audit_model
-    from tieaudit.repair import fix, merge
+    from tieaudit.repair.fix import fix
+    from tieaudit.repair.merge import merge
 
 __all__ = [
     "BatchReport",
@@ -84,11 +85,11 @@ def __getattr__(name: str) -> Any:
 
         return audit_model
     if name == "merge":
-        from tieaudit.repair import merge
+        from tieaudit.repair.merge import merge
 
         return merge
     if name == "fix":
-        from tieaudit.repair import fix, merge
+        from tieaudit.repair.fix import fix
 
         return fix
     if name == "report_to_dict":

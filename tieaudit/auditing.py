@@ -17,9 +17,9 @@ from tieaudit.model import Comparison, Finding, Progress, Report, Severity, Skip
 
 if TYPE_CHECKING:
     from tieaudit.adapter.analysis import AdapterAnalysis
+    from tieaudit.adapter.context import AdapterContext
     from tieaudit.checkpoint import Checkpoint
     from tieaudit.rules import RuleContext
-    from tieaudit.rules.context import AdapterContext
     from tieaudit.rules.registry import Rule
     from tieaudit.ties.graph import TieGraph
 
@@ -64,9 +64,14 @@ def audit(
     peft_check: bool = True,
     peft_max_memory: float | None = None,
     require_base: bool = True,
+    forecast: str = "auto",
 ) -> Report:
     """Audit a checkpoint directory (or a Hub repo id in the local Hugging Face cache, at ``revision``) and return
     the report (never writes anything, never downloads).
+
+    ``forecast`` chooses how an adapter's merge is forecast: "auto" (the low-rank path unless the adapter holds full
+    module copies), "lowrank", or "stream" (materialises every weight in chunks: slower, the reference the low-rank
+    path is tested against); the verdicts are the same.
 
     Raises `TieauditError` subclasses for unreadable input (exit 2) or nothing to audit (exit 3).
     """
@@ -79,6 +84,10 @@ def audit(
     check_selectors(select, ignore)
     if probe_tokens < 0:
         raise UsageError(f"probe_tokens must be >= 0, got {probe_tokens}")
+    from tieaudit.adapter.forecast import METHODS as FORECAST_METHODS
+
+    if forecast not in FORECAST_METHODS:
+        raise UsageError(f"forecast must be one of {', '.join(FORECAST_METHODS)}, got {forecast!r}")
     rules = selected(select, ignore)
     where = resolve(path, revision)
 
@@ -93,6 +102,7 @@ def audit(
             peft_check=peft_check,
             peft_max_bytes=_gib(peft_max_memory),
             require_base=require_base,
+            forecast=forecast,
         )
         report, _ = audit_open(ckpt, where.path, base, options, stack, started, progress)
     if where.repo is not None:
@@ -112,6 +122,7 @@ class AuditOptions:
     peft_check: bool = True  # hold adapter verdicts to peft itself
     peft_max_bytes: int | None = None  # the peft check's memory bound (None: its default)
     require_base: bool = True  # an adapter whose base cannot be found is an error (TIE106)
+    forecast: str = "auto"  # the adapter merge forecast's method ("stream": the reference path, slower)
 
 
 def audit_open(
@@ -130,21 +141,15 @@ def audit_open(
     findings: list[Finding]
     model_graph: TieGraph | None = None
     if ckpt.kind == "adapter":
-        from tieaudit.adapter.analysis import analyse_adapter
+        from tieaudit.adapter.analysis import AdapterOptions, analyse_adapter
 
         if progress and options.peft_check:
             progress("reading the adapter against its base (and asking peft)", 0, 0)
         base_arg = None if base is None else str(base)
-        analysis = analyse_adapter(
-            ckpt,
-            path,
-            base_arg,
-            options.probe_tokens,
-            stack,
-            confirm=options.peft_check,
-            peft_max_bytes=options.peft_max_bytes,
-            require_base=options.require_base,
+        adapter_options = AdapterOptions(
+            options.probe_tokens, options.peft_check, options.peft_max_bytes, options.require_base, options.forecast
         )
+        analysis = analyse_adapter(ckpt, path, base_arg, adapter_options, stack)
         skipped.extend(analysis.skipped)
         context = analysis.context
         extra: list[Comparison] = []
@@ -210,27 +215,10 @@ def _analyse(
     ckpt: Checkpoint, path: str, probes: int, progress: Progress | None, skipped: list[Skipped]
 ) -> tuple[TieGraph, RuleContext]:
     from tieaudit.rules import RuleContext
-    from tieaudit.ties.declared import DeclaredTiesUnavailable, declared_ties, validate_flag_types
-    from tieaudit.ties.graph import build_graph
+    from tieaudit.ties.graph import checkpoint_graph
 
-    declared = None
-    if ckpt.config is None:
-        skipped.append(Skipped("declared-ties", "no config.json: only ties recorded in the weight files were checked"))
-    else:
-        validate_flag_types(ckpt.config)
-        if progress:
-            progress("reading the model class's declared ties", 0, 0)
-        try:
-            declared = declared_ties(Path(ckpt.root), ckpt.config)
-        except DeclaredTiesUnavailable as exc:
-            skipped.append(
-                Skipped(
-                    "declared-ties",
-                    f"{exc}; only ties recorded in the weight files (shared storage, "
-                    "safetensors metadata) were checked, and missing-tensor rules could not be applied",
-                )
-            )
-    graph = build_graph(ckpt, declared, probes=probes, progress=progress, load_dtype=load_dtype(ckpt))
+    graph, why_not = checkpoint_graph(ckpt, probes, progress)
+    skipped.extend(why_not)
     context = RuleContext(
         path=path,
         graph=graph,
@@ -240,21 +228,6 @@ def _analyse(
         probes=probes,
     )
     return graph, context
-
-
-def load_dtype(ckpt: Checkpoint) -> str | None:
-    """The dtype from_pretrained loads in by default: the config's `dtype` (`torch_dtype` before v5),
-    as a safetensors code of a floating type."""
-    from tieaudit.checkpoint.pickled import TORCH_DTYPE_NAMES
-
-    if ckpt.config is None:
-        return None
-    codes = {name: code for code, name in TORCH_DTYPE_NAMES.items() if code in ("F64", "F32", "F16", "BF16")}
-    for key in ("dtype", "torch_dtype"):
-        value = ckpt.config.data.get(key)
-        if isinstance(value, str) and value.removeprefix("torch.") in codes:
-            return codes[value.removeprefix("torch.")]
-    return None
 
 
 def _deep(

@@ -39,6 +39,33 @@ class TieStatus(str, enum.Enum):
     MISSING = "missing"  # a tensor the load needs is absent: random initialisation
 
 
+class _Word(str, enum.Enum):
+    """An enum whose members are the words the reports print (and compare equal to them)."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+class Applicability(_Word):
+    """How far a fix can be trusted (as ruff's): it keeps the model's computation, it may not, or it is by hand."""
+
+    SAFE = "safe"
+    UNSAFE = "unsafe"  # discards or guesses data: needs --unsafe-fixes
+    MANUAL = "manual"  # nothing tieaudit can write
+
+
+class FixStatus(_Word):
+    """What `tieaudit fix` did about one finding."""
+
+    FIXED = "fixed"
+    WOULD_FIX = "would-fix"  # a preview (--dry-run/--diff) that would fix it
+    NOT_FIXED = "not-fixed"  # this fix does not address it
+    REMAINS = "remains"  # addressed, but the re-audit still finds it
+
+
 @dataclass(frozen=True)
 class Location:
     """Where a finding points: a file, a tensor and/or a config key (JSON pointer) with its line."""
@@ -51,7 +78,7 @@ class Location:
 
 @dataclass(frozen=True)
 class FixHint:
-    applicability: str  # "safe" | "unsafe" | "manual"
+    applicability: Applicability
     command: str | None = None
     description: str | None = None
 
@@ -175,9 +202,9 @@ class FixOutcome:
     code: str
     fingerprint: str
     tensor: str | None
-    status: str  # "fixed" | "would-fix" | "not-fixed" | "remains"
+    status: FixStatus
     action: str  # what the fix does, or why it cannot
-    applicability: str = "safe"  # "safe" | "unsafe" | "manual"
+    applicability: Applicability = Applicability.SAFE
 
 
 @dataclass(frozen=True)

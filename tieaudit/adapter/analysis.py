@@ -26,10 +26,10 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from tieaudit.adapter.confirm import PeftView
+    from tieaudit.adapter.context import AdapterAlone, AdapterContext, BaseMismatch
     from tieaudit.adapter.forecast import GroupForecast
     from tieaudit.checkpoint import Checkpoint
     from tieaudit.checkpoint.types import ReadStats
-    from tieaudit.rules.context import AdapterAlone, AdapterContext, BaseMismatch
     from tieaudit.ties.graph import TieGraph
 
 
@@ -43,21 +43,23 @@ class AdapterAnalysis:
     base_stats: ReadStats | None = None  # bytes read from the base checkpoint
 
 
+@dataclass(frozen=True)
+class AdapterOptions:
+    """How an adapter is checked against its base."""
+
+    probes: int = 64  # seeded probe states for logit comparisons (0: weights only)
+    confirm: bool = True  # hold the forecast to peft itself (`tieaudit.adapter.confirm`); False: say it is unconfirmed
+    peft_max_bytes: int | None = None  # the peft check's memory bound (None: `oracle.MAX_BYTES`)
+    require_base: bool = True  # a base that cannot be found is an error (TIE106); False: check the adapter alone
+    forecast: str = "auto"  # the merge forecast's method: "auto", "lowrank" or "stream" (`forecast_group`)
+
+
 def analyse_adapter(
-    adapter: Checkpoint,
-    path: str,
-    base: str | None,
-    probes: int,
-    stack: contextlib.ExitStack,
-    confirm: bool = True,
-    peft_max_bytes: int | None = None,
-    require_base: bool = True,
+    adapter: Checkpoint, path: str, base: str | None, options: AdapterOptions, stack: contextlib.ExitStack
 ) -> AdapterAnalysis:
-    """Everything the adapter rules need. ``confirm``: hold the forecast to peft itself (`tieaudit.adapter.confirm`);
-    without it the report says the forecast stands unconfirmed. ``require_base``: a base that cannot be found is an
-    error (TIE106); False checks the adapter alone and reports that as info."""
+    """Everything the adapter rules need."""
+    from tieaudit.adapter.context import AdapterContext
     from tieaudit.checkpoint import open_checkpoint
-    from tieaudit.rules.context import AdapterContext
 
     assert adapter.adapter_config is not None
     settings = read_settings(adapter.adapter_config)
@@ -87,7 +89,7 @@ def analyse_adapter(
             edits=edits,
             forecasts=tuple(forecasts),
             mismatches=tuple(mismatches),
-            probes=probes,
+            probes=options.probes,
             adapter_config=adapter.adapter_config,
             ignored=tuple(ignored or []),
             peft=tuple(views),
@@ -114,7 +116,7 @@ def analyse_adapter(
                 "merge forecast (TIE101-TIE104) could not be computed",
             )
         )
-        alone = adapter_alone(adapter, settings, how, require_base)
+        alone = adapter_alone(adapter, settings, how, options.require_base)
         return result(None, {}, [], [], [], alone.architecture, alone=alone)
 
     base_ckpt = stack.enter_context(open_checkpoint(base_path))
@@ -140,9 +142,20 @@ def analyse_adapter(
         )
 
     applied, ignored = applied_edits(graph, edits, settings)
-    forecasts, comparisons = forecast_groups(adapter, base_ckpt, graph, applied, settings, probes, mismatches, skipped)
+    forecasts, comparisons = forecast_groups(
+        adapter, base_ckpt, graph, applied, settings, options.probes, mismatches, skipped, options.forecast
+    )
     views, unverified = _confirm(
-        adapter, base_ckpt, graph, forecasts, settings, probes, mismatches, skipped, confirm, peft_max_bytes
+        adapter,
+        base_ckpt,
+        graph,
+        forecasts,
+        settings,
+        options.probes,
+        mismatches,
+        skipped,
+        options.confirm,
+        options.peft_max_bytes,
     )
     comparisons += _view_comparisons(views)
     return result(graph, edits, forecasts, mismatches, comparisons, arch, ignored, views, unverified)
@@ -152,7 +165,7 @@ def adapter_alone(adapter: Checkpoint, settings: AdapterSettings, why: str, requ
     """What the adapter alone shows when its base cannot be found: the class peft wrapped (auto_mapping), and the
     layers it changes that this class ties by declaration (from the class's default config; whether the real base
     ties them depends on its config, which is not at hand)."""
-    from tieaudit.rules.context import AdapterAlone
+    from tieaudit.adapter.context import AdapterAlone
     from tieaudit.ties.declared import DeclaredTiesUnavailable, class_ties
 
     arch = settings.base_model_class
@@ -307,19 +320,11 @@ def applied_edits(
 
 
 def base_graph(base_ckpt: Checkpoint, skipped: list[Skipped]) -> tuple[TieGraph, str | None]:
-    from tieaudit.ties.declared import DeclaredTiesUnavailable, declared_ties, validate_flag_types
-    from tieaudit.ties.graph import build_graph
+    from tieaudit.ties.graph import checkpoint_graph
 
-    declared = None
-    if base_ckpt.config is None:
-        skipped.append(Skipped("declared-ties", "the base has no config.json"))
-    else:
-        validate_flag_types(base_ckpt.config)
-        try:
-            declared = declared_ties(Path(base_ckpt.root), base_ckpt.config)
-        except DeclaredTiesUnavailable as exc:
-            skipped.append(Skipped("declared-ties", f"base: {exc}"))
-    return build_graph(base_ckpt, declared, probes=0), (declared.architecture if declared else None)
+    graph, why_not = checkpoint_graph(base_ckpt, base=True)
+    skipped.extend(why_not)
+    return graph, (graph.declared.architecture if graph.declared else None)
 
 
 def _group_shape(
@@ -335,7 +340,7 @@ def _group_shape(
 def _shape_mismatches(
     adapter: Checkpoint, base_ckpt: Checkpoint, graph: TieGraph, edits: dict[str, ModuleEdit]
 ) -> list[BaseMismatch]:
-    from tieaudit.rules.context import BaseMismatch
+    from tieaudit.adapter.context import BaseMismatch
 
     out = []
     for g in graph.groups:
@@ -381,8 +386,8 @@ def base_copy_mismatches(
     """Base copies (`base_layer.weight`) in the adapter that differ from the base's weight. ``values``: parameter ->
     the stored base tensor it loads (see `group_base_values`); ``proven_equal``: adapter keys already found
     byte-identical to the base (see `same_bytes`)."""
+    from tieaudit.adapter.context import BaseMismatch
     from tieaudit.adapter.forecast import differs
-    from tieaudit.rules.context import BaseMismatch
     from tieaudit.ties.compare import diff_tensors
     from tieaudit.ties.graph import cast_reader
 
@@ -466,10 +471,11 @@ def forecast_groups(
     probes: int,
     mismatches: list[BaseMismatch],
     skipped: list[Skipped],
+    method: str = "auto",
 ) -> tuple[list[GroupForecast], list[Comparison]]:
     import numpy as np
 
-    from tieaudit.adapter.forecast import forecast_group
+    from tieaudit.adapter.forecast import GroupInput, forecast_group
 
     bad = {m.param for m in mismatches}
     forecasts, comparisons = [], []
@@ -492,20 +498,19 @@ def forecast_groups(
         gen = np.random.default_rng(PROBE_SEED)
         probe_rows = sorted({int(i) for i in gen.integers(0, vocab, size=min(probes, vocab))})
         group_edits = {m: edits[m] for m in g.members if m in edits}
-        fc = forecast_group(
+        group = GroupInput(
             g.source,
             g.members,
             (shape[0], shape[1]),
-            base_ckpt,
             disk,
             group_edits,
-            adapter,
             settings,
-            probes=probes,
-            probe_rows=probe_rows,
-            embed_scale=_embed_scale(base_ckpt),
-            transposed=graph.declared.transposed if graph.declared else frozenset(),
+            probes,
+            probe_rows,
+            _embed_scale(base_ckpt),
+            graph.declared.transposed if graph.declared else frozenset(),
         )
+        fc = forecast_group(group, base_ckpt, adapter, method)
         forecasts.append(fc)
         for target, d in fc.adapter_diffs.items():
             comparisons.append(

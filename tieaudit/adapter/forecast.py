@@ -33,11 +33,20 @@ if TYPE_CHECKING:
 RowReader = Callable[[int, int], "torch.Tensor"]
 REL_TOL = 1e-5  # relative Frobenius difference above which two float32 weights are "different"
 
-METHOD = "auto"  # forecast_group's default method (the tests set "stream" to run the reference path)
 MECH_SHARED = "shared-parameter-merge"
 MECH_DOUBLE = "double-merge-of-tied-factors"
 MECH_SUM = "both-deltas-merged-into-one-weight"
 MECH_DROPPED = "dropped-by-save-untied-config"
+# what each mechanism does, in the words of TIE102 and of `tieaudit merge`
+MECHANISM_TEXT = {
+    MECH_SHARED: "PEFT merges the LoRA delta in place into the one weight the tied layers share, so the layer "
+    "that was not adapted changes too",
+    MECH_DOUBLE: "the tied LoRA factors (ensure_weight_tying) are merged once per tied layer into the one shared "
+    "weight: the delta is added twice (W0 + 2ΔE)",
+    MECH_SUM: "both layers' deltas are merged into the one shared weight (W0 + ΔE + ΔL), which neither layer used",
+    MECH_DROPPED: "after the merge the config is untied but a layer still shares memory with another: "
+    "save_pretrained drops it and it loads randomly initialised",
+}
 
 
 class TensorReader:
@@ -92,39 +101,47 @@ def differs(d: TensorDiff) -> bool:
     return not d.bitwise_equal and (d.rel_diff is None or d.rel_diff > REL_TOL or d.rel_diff != d.rel_diff)
 
 
-def forecast_group(
-    source: str,
-    members: tuple[str, ...],
-    shape: tuple[int, int],
-    base: Checkpoint,
-    w0_name: str,
-    edits: dict[str, ModuleEdit],
-    adapter: Checkpoint,
-    settings: AdapterSettings,
-    *,
-    probes: int,
-    probe_rows: list[int],
-    embed_scale: float = 1.0,
-    transposed: frozenset[str] = frozenset(),
-    method: str | None = None,
-) -> GroupForecast:
-    """Run-time and merge-reload weights of one tied group (``w0_name``: the base tensor they start from), compared.
+@dataclass(frozen=True)
+class GroupInput:
+    """One tied group of the base that an adapter edits: what `forecast_group` needs besides the two checkpoints."""
+
+    source: str
+    members: tuple[str, ...]
+    shape: tuple[int, int]
+    w0_name: str  # the stored base tensor the members start from
+    edits: dict[str, ModuleEdit]
+    settings: AdapterSettings
+    probes: int  # seeded probe states for the logit comparisons (0: weights only)
+    probe_rows: list[int]  # embedding rows compared as outputs
+    embed_scale: float = 1.0  # the embedding's output scale (Gemma: sqrt(hidden_size))
+    transposed: frozenset[str] = frozenset()  # members stored transposed (Conv1D)
+
+
+METHODS = ("auto", "lowrank", "stream")
+
+
+def forecast_group(group: GroupInput, base: Checkpoint, adapter: Checkpoint, method: str = "auto") -> GroupForecast:
+    """Run-time and merge-reload weights of one tied group, compared.
 
     ``method``: "lowrank" computes every comparison from the LoRA factors and one pass over W0 (numpy, see
-    `tieaudit.adapter.lowrank`); "stream" materialises every weight chunk by chunk (torch); "auto" (the default) takes
-    "lowrank" unless a member is a full `modules_to_save` copy, which only streaming can compare. None: METHOD."""
-    method = method or METHOD
+    `tieaudit.adapter.lowrank`); "stream" materialises every weight chunk by chunk (torch; the reference the low-rank
+    path is tested against); "auto" takes "lowrank" unless a member is a full `modules_to_save` copy, which only
+    streaming can compare."""
+    if method not in METHODS:
+        raise ValueError(f"unknown forecast method {method!r} (expected one of {', '.join(METHODS)})")
+    source, members, shape, edits, settings = group.source, group.members, group.shape, group.edits, group.settings
+    w0_name, probe_rows, embed_scale = group.w0_name, group.probe_rows, group.embed_scale
     structure = peft_merge_structure(members, edits, settings)
     has_copy = any(e.full_copy for e in edits.values())
     if method == "lowrank" and has_copy:
         raise ValueError("the low-rank forecast cannot compare full modules_to_save copies")
-    group = _Group(source, members, shape, edits, settings, structure, probes, probe_rows, transposed)
+    inner = _Group(source, members, shape, edits, settings, structure, group.probes, probe_rows, group.transposed)
     if method == "stream" or has_copy:
         adapter_diffs, merge_diffs, rows_worst = _stream_group(
-            group, TensorReader(base).rows(w0_name), TensorReader(adapter)
+            inner, TensorReader(base).rows(w0_name), TensorReader(adapter)
         )
     else:
-        adapter_diffs, merge_diffs, rows_worst = _lowrank_group(group, base, w0_name, adapter)
+        adapter_diffs, merge_diffs, rows_worst = _lowrank_group(inner, base, w0_name, adapter)
     per_member = {}
     for m in members:
         if m not in merge_diffs:

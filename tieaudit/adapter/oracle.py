@@ -1,6 +1,6 @@
 """peft itself as the judge of an adapter's tied layers.
 
-tieaudit's forecast (`tieaudit.adapter.forecast`) and merge (`tieaudit.repair.merging`) compute what peft does from a
+tieaudit's forecast (`tieaudit.adapter.forecast`) and merge (`tieaudit.repair.merge`) compute what peft does from a
 model of peft. This module asks peft instead, at the cost of the tied layers only:
 
 1. the base's model class is built on the meta device from its own config (no memory), and only the modules that

@@ -179,3 +179,18 @@ def _string_end(text: str, pos: int) -> int:
     """Position just after the JSON string starting at ``pos`` (the text was already validated by json)."""
     match = _STRING.match(text, pos)
     return match.end() if match else pos + 1
+
+
+def load_dtype(config: ConfigFile | None) -> str | None:
+    """The dtype from_pretrained loads in by default: the config's `dtype` (`torch_dtype` before v5),
+    as a safetensors code of a floating type."""
+    from tieaudit.checkpoint.pickled import TORCH_DTYPE_NAMES
+
+    if config is None:
+        return None
+    codes = {name: code for code, name in TORCH_DTYPE_NAMES.items() if code in ("F64", "F32", "F16", "BF16")}
+    for key in ("dtype", "torch_dtype"):
+        value = config.data.get(key)
+        if isinstance(value, str) and value.removeprefix("torch.") in codes:
+            return codes[value.removeprefix("torch.")]
+    return None

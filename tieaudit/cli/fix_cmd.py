@@ -74,13 +74,17 @@ def fix(
     if output_dir is not None and in_place:
         raise UsageError("--output-dir and --in-place exclude each other")
     preview = dry_run or diff
+    if not preview and output_dir is None and not in_place:
+        raise UsageError("choose where to write: --output-dir DIR or --in-place (or preview with --dry-run/--diff)")
+    if source and not unsafe_fixes:
+        raise UsageError("--source chooses which tensor wins an unsafe retie: it needs --unsafe-fixes")
     if in_place and not preview and not yes:
         if not sys.stdin.isatty():
             raise UsageError("--in-place rewrites PATH: pass -y/--yes to confirm (stdin is not a terminal)")
         if not typer.confirm(f"Fix {path} in place?", default=False, err=True):
             err("tieaudit: nothing changed")
             raise typer.Exit(1)
-    from tieaudit.repair import fix as run_fix
+    from tieaudit.repair.fix import fix as run_fix
 
     with progress_reporter(progress, fmt != "text") as callback:
         report = run_fix(
@@ -89,8 +93,8 @@ def fix(
             mode="untie" if untie else "retie",
             output_dir=output_dir,
             in_place=in_place,
-            dry_run=dry_run,
-            diff=diff,
+            dry_run=preview,
+            diffs=diff,
             unsafe_fixes=unsafe_fixes,
             sources=o.split_codes(source) or (),
             fail_on=chosen.fail_on,

@@ -47,7 +47,7 @@ def merge(
     chosen = settings(path, config=config, isolated=isolated, format=format, fail_on=fail_on)
     fmt = chosen.format
     check_choice(color, COLOR_MODES, "--color")
-    from tieaudit.repair.merging import merge as run_merge
+    from tieaudit.repair.merge import merge as run_merge
 
     with progress_reporter(progress, fmt != "text") as callback:
         report = run_merge(

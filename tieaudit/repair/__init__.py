@@ -1,8 +1,3 @@
-"""Repairs: fix and merge planning (pure), atomic writing, and the `fix` and `merge` orchestration."""
-
-from __future__ import annotations
-
-from tieaudit.repair.fixing import fix
-from tieaudit.repair.merging import merge
-
-__all__ = ["fix", "merge"]
+"""Repairs, on top of the audit: `fix` (fix_plan: what to change, pure; fix_layout: which files; fix: the
+orchestration) and `merge` (merge_plan, merge), both written through staging (a complete staged copy, one atomic
+switch), tensor_files and lock. `tieaudit.fix` and `tieaudit.merge` are the public entry points."""

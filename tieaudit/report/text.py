@@ -12,7 +12,17 @@ from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
 
-from tieaudit.model import BatchReport, FileChange, Finding, Report, Severity, TargetError, TieGroup, TieStatus
+from tieaudit.model import (
+    BatchReport,
+    FileChange,
+    Finding,
+    FixStatus,
+    Report,
+    Severity,
+    TargetError,
+    TieGroup,
+    TieStatus,
+)
 
 if TYPE_CHECKING:
     from tieaudit.report import RenderOptions
@@ -268,7 +278,7 @@ def fix_summary_line(report: Report) -> str:
     if run is None:
         return summary_line(report)
     if run.dry_run:
-        would = sum(1 for o in report.fixes if o.status == "would-fix")
+        would = sum(1 for o in report.fixes if o.status is FixStatus.WOULD_FIX)
         state = (
             f"{len(run.changes)} change{'s' if len(run.changes) != 1 else ''} planned"
             if run.changes

@@ -6,10 +6,10 @@ import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from tieaudit.adapter.context import AdapterContext
 from tieaudit.adapter.files import ModuleEdit
-from tieaudit.adapter.forecast import MECH_DOUBLE, MECH_DROPPED, MECH_SHARED, MECH_SUM, GroupForecast, differs
-from tieaudit.model import FixHint, Location, Severity
-from tieaudit.rules.context import AdapterContext
+from tieaudit.adapter.forecast import MECHANISM_TEXT, GroupForecast, differs
+from tieaudit.model import Applicability, FixHint, Location, Severity
 
 if TYPE_CHECKING:
     from tieaudit.adapter.confirm import PeftView
@@ -109,7 +109,7 @@ def adapter_unties_weights(ctx: AdapterContext) -> Iterator[Violation]:
                 _config_location(ctx, target),
                 evidence=evidence,
                 fix=FixHint(
-                    "manual",
+                    Applicability.MANUAL,
                     None,
                     "retrain with ensure_weight_tying=True to keep the tie, or untie the base before training",
                 ),
@@ -130,17 +130,6 @@ def _peft_evidence(view: PeftView | None) -> dict[str, object] | None:
     if view is None:
         return None
     return {"version": view.peft_version, "agrees": view.agrees, "disagreement": view.disagreement}
-
-
-MECHANISM_TEXT = {
-    MECH_SHARED: "PEFT merges the LoRA delta in place into the one weight the tied layers share, so the layer "
-    "that was not adapted changes too",
-    MECH_DOUBLE: "the tied LoRA factors (ensure_weight_tying) are merged once per tied layer into the one shared "
-    "weight: the delta is added twice (W0 + 2ΔE)",
-    MECH_SUM: "both layers' deltas are merged into the one shared weight (W0 + ΔE + ΔL), which neither layer used",
-    MECH_DROPPED: "after the merge the config is untied but a layer still shares memory with another: "
-    "save_pretrained drops it and it loads randomly initialised",
-}
 
 
 @rule(
@@ -179,7 +168,7 @@ def merge_corrupts_tied_weights(ctx: AdapterContext) -> Iterator[Violation]:
     forecasts = {fc.source: fc for fc in ctx.forecasts}
     views = {v.source: v for v in ctx.peft}
     base = ctx.base or "BASE"
-    fix = FixHint("safe", f"tieaudit merge {ctx.path} --base {base} --output-dir MERGED_DIR")
+    fix = FixHint(Applicability.SAFE, f"tieaudit merge {ctx.path} --base {base} --output-dir MERGED_DIR")
     for source in [*forecasts, *(s for s in views if s not in forecasts)]:
         fc, view = forecasts.get(source), views.get(source)
         if fc is not None and (view is None or view.agrees):
@@ -187,7 +176,7 @@ def merge_corrupts_tied_weights(ctx: AdapterContext) -> Iterator[Violation]:
         elif view is not None:
             # tieaudit merge merges what it models (and checks the result against peft); the rest stays unmerged
             unmerged = FixHint(
-                "manual",
+                Applicability.MANUAL,
                 None,
                 "keep the adapter unmerged (PeftModel.from_pretrained): tieaudit merge merges only LoRA adapters it "
                 "models, and peft's own merge breaks this one",
@@ -211,7 +200,9 @@ def merge_corrupts_tied_weights(ctx: AdapterContext) -> Iterator[Violation]:
                     "logit_scale": meas.logit_scale,
                 }
             },
-            fix=FixHint("manual", None, "report this checkpoint to tieaudit: the forecast missed a mechanism"),
+            fix=FixHint(
+                Applicability.MANUAL, None, "report this checkpoint to tieaudit: the forecast missed a mechanism"
+            ),
         )
 
 
@@ -374,7 +365,7 @@ def tied_adapter_ignored(ctx: AdapterContext) -> Iterator[Violation]:
             Location(file="adapter_config.json", tensor=name, config_key="/target_modules"),
             evidence={"tensor": name, "edit": describe(edit), "reason": why},
             fix=FixHint(
-                "manual",
+                Applicability.MANUAL,
                 None,
                 "apply the adapter to the tied base it was trained on, or name the layer in "
                 "target_modules / modules_to_save",
@@ -406,7 +397,7 @@ def adapter_base_mismatch(ctx: AdapterContext) -> Iterator[Violation]:
             f"{mm.param}: {mm.detail}{numbers}: the adapter was not trained on this base",
             Location(file="adapter_model.safetensors", tensor=mm.param),
             evidence={"tensor": mm.param, "kind": mm.kind, "max_abs_diff": mm.max_abs_diff, "rel_diff": mm.rel_diff},
-            fix=FixHint("manual", None, "use the base the adapter was trained on (--base)"),
+            fix=FixHint(Applicability.MANUAL, None, "use the base the adapter was trained on (--base)"),
         )
 
 
@@ -444,7 +435,9 @@ def tied_adapter_unverified(ctx: AdapterContext) -> Iterator[Violation]:
             Location(file="adapter_config.json", tensor=members[0]),
             evidence={"members": list(members), "peft_type": ctx.settings.peft_type, "reason": why},
             fix=FixHint(
-                "manual", None, "run the check with peft installed and without --no-peft-check, or with --deep"
+                Applicability.MANUAL,
+                None,
+                "run the check with peft installed and without --no-peft-check, or with --deep",
             ),
         )
 
@@ -504,7 +497,9 @@ def adapter_base_missing(ctx: AdapterContext) -> Iterator[Violation]:
             "required": alone.required,
         },
         fix=FixHint(
-            "manual", None, "pass --base BASE (a directory or a cached Hub id), or --no-base to check the adapter alone"
+            Applicability.MANUAL,
+            None,
+            "pass --base BASE (a directory or a cached Hub id), or --no-base to check the adapter alone",
         ),
     )
 

@@ -6,9 +6,9 @@ import shlex
 from collections.abc import Iterator
 
 from tieaudit.checkpoint.config import get_pointer, literal
-from tieaudit.model import FixHint, Location, Severity, TieStatus
+from tieaudit.model import Applicability, FixHint, Location, Severity, TieStatus
 from tieaudit.rules.context import RuleContext
-from tieaudit.rules.registry import Violation, rule, violation
+from tieaudit.rules.registry import Repair, Violation, rule, violation
 from tieaudit.rules.wording import num as _num
 from tieaudit.rules.wording import pct as _pct
 from tieaudit.ties.graph import PairState, head_was_source
@@ -31,13 +31,13 @@ def _diverged_fix(ctx: RuleContext, pair: PairState) -> FixHint:
     pick = f" --unsafe-fixes --source {pair.target}"
     if pair.flag is not None and pair.flag.forced:
         return FixHint(
-            "unsafe",
+            Applicability.UNSAFE,
             _fix_command(ctx, "retie", pick),
             f"the config class forces the tie, so no config edit unties it: keep one tensor with --retie "
             f"--unsafe-fixes --source {pair.source} or {pair.target} (the other's values are discarded)",
         )
     return FixHint(
-        "safe",
+        Applicability.SAFE,
         _fix_command(ctx, "untie"),
         f"keep both trained tensors: untie the config ({pair.flag.pointer if pair.flag else 'tie_word_embeddings'} "
         f"false); or keep one with --retie{pick} (discards {pair.source})",
@@ -56,6 +56,7 @@ def _stored_in(pair: PairState) -> dict[str, str | None]:
     name="tied-weights-diverge",
     severity=Severity.ERROR,
     family="checkpoint",
+    repair=Repair.PAIR,
     summary="the governing flag ties a pair, both tensors are stored, and they differ",
     explain="""
 The config ties the pair (e.g. `tie_word_embeddings: true`), yet the checkpoint stores both tensors
@@ -110,6 +111,7 @@ def tied_weights_diverge(ctx: RuleContext) -> Iterator[Violation]:
     name="untied-weight-missing",
     severity=Severity.ERROR,
     family="checkpoint",
+    repair=Repair.PAIR,
     summary="the pair is not tied by the governing flag and a tensor of it is absent: random init on load",
     explain="""
 The governing flag does not tie the pair (`tie_word_embeddings: false`, or the tie is not declared
@@ -150,17 +152,17 @@ def untied_weight_missing(ctx: RuleContext) -> Iterator[Violation]:
                 f"{evidence}, so {pair.target} was {pair.source} when saved: set {flag_ptr} to true, or store a "
                 f"copy of {pair.source} as {pair.target}"
             )
-            fix = FixHint("safe", _fix_command(ctx, "untie"), hint)
+            fix = FixHint(Applicability.SAFE, _fix_command(ctx, "untie"), hint)
         elif pair.source_info and not pair.target_info:
             hint = (
                 f"nothing in the files shows what {pair.target} held (a .bin keeps tied tensors under both names, "
                 f"and no safetensors metadata records a tie): if it was {pair.source}, --unsafe-fixes stores a copy "
                 f"of it; if it was trained separately, re-save it from the model that has it"
             )
-            fix = FixHint("unsafe", _fix_command(ctx, "untie", " --unsafe-fixes"), hint)
+            fix = FixHint(Applicability.UNSAFE, _fix_command(ctx, "untie", " --unsafe-fixes"), hint)
         else:
             hint = "the tensor is lost: re-save it from the model that has it"
-            fix = FixHint("manual", None, hint)
+            fix = FixHint(Applicability.MANUAL, None, hint)
         yield violation(
             f"{why}, so {pair.target} is not tied to {pair.source}, but {' and '.join(missing)} "
             f"{'is' if len(missing) == 1 else 'are'} not stored: transformers initialises "
@@ -207,7 +209,9 @@ def tied_weights_missing(ctx: RuleContext) -> Iterator[Violation]:
             source=pair.source,
             target=pair.target,
             stored=_stored_in(pair),
-            fix=FixHint("manual", None, "the weights are not in these files: re-export from the original model"),
+            fix=FixHint(
+                Applicability.MANUAL, None, "the weights are not in these files: re-export from the original model"
+            ),
         )
 
 
@@ -248,7 +252,9 @@ def tied_shape_mismatch(ctx: RuleContext) -> Iterator[Violation]:
                 shapes={pair.source: list(s.shape), pair.target: list(t.shape)},
                 dtypes={pair.source: s.dtype, pair.target: t.dtype},
                 stored=_stored_in(pair),
-                fix=FixHint("manual", None, "make both tensors and the config's vocab_size agree, or untie the pair"),
+                fix=FixHint(
+                    Applicability.MANUAL, None, "make both tensors and the config's vocab_size agree, or untie the pair"
+                ),
             )
         for name, stored, expected in pair.expected_mismatch:
             if pair.shape_mismatch and pair.tied_by_config:
@@ -263,7 +269,9 @@ def tied_shape_mismatch(ctx: RuleContext) -> Iterator[Violation]:
                 tensor=name,
                 stored_shape=list(stored),
                 expected_shape=list(expected),
-                fix=FixHint("manual", None, "update vocab_size (and the other tensor of the pair) to match"),
+                fix=FixHint(
+                    Applicability.MANUAL, None, "update vocab_size (and the other tensor of the pair) to match"
+                ),
             )
 
 
@@ -276,6 +284,7 @@ def _line(ctx: RuleContext, pointer: str) -> int | None:
     name="tie-flag-conflict",
     severity=Severity.WARNING,
     family="checkpoint",
+    repair=Repair.CONFIG,
     summary="another reader decides the head's tie otherwise than transformers (named, with what it loads)",
     explain="""
 transformers decides a tie by the `tie_word_embeddings` of the class that declares it. Other readers
@@ -320,7 +329,7 @@ def tie_flag_conflict(ctx: RuleContext) -> Iterator[Violation]:
             tensor=mm.tensor,
             indexed_file=mm.indexed_file,
             actual_file=mm.actual_file,
-            fix=FixHint("safe", _fix_command(ctx, "untie"), "regenerate the index from the shards"),
+            fix=FixHint(Applicability.SAFE, _fix_command(ctx, "untie"), "regenerate the index from the shards"),
         )
 
 
@@ -345,7 +354,7 @@ def _flag_conflicts(ctx: RuleContext) -> Iterator[Violation]:
                 raw=flag.raw,
                 effective=flag.value,
                 fix=FixHint(
-                    "safe",
+                    Applicability.SAFE,
                     _fix_command(ctx, "retie" if flag.value else "untie"),
                     f"write {str(flag.value).lower()} at {flag.pointer}, keeping what transformers computes",
                 ),
@@ -386,7 +395,9 @@ def _reader_conflicts(ctx: RuleContext) -> Iterator[Violation]:
         if pointer is None:
             lead = f"transformers follows {governing} and {verb} {pair.target} to {pair.source}, but"
             key = flag.pointer
-            hint = FixHint("manual", None, "serve this model with a reader that follows the flag, or keep it tied")
+            hint = FixHint(
+                Applicability.MANUAL, None, "serve this model with a reader that follows the flag, or keep it tied"
+            )
         else:
             raw = get_pointer(ctx.config.data, pointer)
             seen = f"{literal(found[0][0].value)}{' (absent: the config class default)' if raw is None else ''}"
@@ -396,7 +407,7 @@ def _reader_conflicts(ctx: RuleContext) -> Iterator[Violation]:
             )
             key = pointer
             hint = FixHint(
-                "safe",
+                Applicability.SAFE,
                 _fix_command(ctx, "retie" if flag.value else "untie"),
                 f"write {literal(flag.value)} at {pointer} and {flag.pointer}",
             )
@@ -429,6 +440,7 @@ def _reader_conflicts(ctx: RuleContext) -> Iterator[Violation]:
     name="redundant-tied-copy",
     severity=Severity.INFO,
     family="checkpoint",
+    repair=Repair.PAIR,
     summary="tied, both stored, bitwise equal",
     explain="""
 The pair is tied and both tensors are stored as separate, bitwise-equal copies. transformers loads
@@ -454,5 +466,5 @@ def redundant_tied_copy(ctx: RuleContext) -> Iterator[Violation]:
             target=pair.target,
             redundant_bytes=t.nbytes,
             stored=_stored_in(pair),
-            fix=FixHint("safe", _fix_command(ctx, "retie"), f"drop {pair.target} from the weights"),
+            fix=FixHint(Applicability.SAFE, _fix_command(ctx, "retie"), f"drop {pair.target} from the weights"),
         )

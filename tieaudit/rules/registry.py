@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,14 @@ Check = Callable[..., Iterable[Finding]]
 CheckBody = Callable[..., Iterable[Violation]]
 
 
+class Repair(enum.Enum):
+    """What `tieaudit fix` can do about a rule's findings."""
+
+    PAIR = "pair"  # store, copy or drop tensors of the finding's (target, source) pair, or set its flag
+    CONFIG = "config"  # rewrite config keys or the shard index
+    MANUAL = "manual"  # nothing: the finding's fix hint says what to do by hand
+
+
 @dataclass(frozen=True)
 class Rule:
     code: str
@@ -47,13 +56,14 @@ class Rule:
     explain: str  # long help for `tieaudit explain`
     check: Check
     family: str  # "checkpoint" or "adapter"
+    repair: Repair = Repair.MANUAL
 
 
 RULES: dict[str, Rule] = {}
 
 
 def rule(
-    code: str, name: str, severity: Severity, summary: str, explain: str, family: str
+    code: str, name: str, severity: Severity, summary: str, explain: str, family: str, repair: Repair = Repair.MANUAL
 ) -> Callable[[CheckBody], CheckBody]:
     """Register a check function under a rule code (codes are never reused). The registered check turns each
     ``Violation`` the function yields into a ``Finding`` of this rule."""
@@ -66,7 +76,7 @@ def rule(
             for v in fn(ctx):
                 yield Finding(code, name, v.severity or severity, v.message, v.location, dict(v.evidence), v.fix)
 
-        RULES[code] = Rule(code, name, severity, summary, explain.strip(), check, family)
+        RULES[code] = Rule(code, name, severity, summary, explain.strip(), check, family, repair)
         return fn
 
     return register
@@ -75,7 +85,7 @@ def rule(
 def run(rules: Iterable[Rule], context: Any) -> list[Finding]:
     """Every finding of the rules that apply to ``context`` (the adapter rules to an adapter's, the checkpoint
     rules to a model's), worst first, then by code and tensor: the one order every report uses."""
-    from tieaudit.rules.context import AdapterContext
+    from tieaudit.adapter.context import AdapterContext
 
     family = "adapter" if isinstance(context, AdapterContext) else "checkpoint"
     findings = [f for r in rules if r.family == family for f in r.check(context)]

@@ -26,7 +26,7 @@ from typing import Any
 
 from tieaudit._version import __version__
 
-FORMAT = 1
+FORMAT = 2  # 2: flags of configs nested more than one level deep point at their own key
 _VOLATILE = ("_name_or_path", "transformers_version")
 
 

@@ -405,13 +405,10 @@ def _expanded_with_tie_forced(sub: Any) -> dict[str, str]:
 
 
 def _flag_for(sub_config: Any, top_config: Any, config: ConfigFile) -> Flag:
-    """Which key of config.json governs a sub-model's ties: the flag of the config object it holds."""
-    pointer = f"/{TIE_FLAG}"
-    if sub_config is not top_config:
-        for name in getattr(top_config, "sub_configs", {}) or {}:
-            if getattr(top_config, name, None) is sub_config:
-                pointer = f"/{escape_pointer_token(name)}/{TIE_FLAG}"
-                break
+    """Which key of config.json governs a sub-model's ties: the flag of the config object it holds, at any depth
+    (`config_pointer`, the one answer to "where is this config's flag"); the top level for a config that is not
+    reachable from the top (built by the model itself)."""
+    pointer = config_pointer(top_config, sub_config) or f"/{TIE_FLAG}"
     raw = get_pointer(config.data, pointer)
     value = bool(getattr(sub_config, TIE_FLAG, False))
     return Flag(pointer=pointer, value=value, raw=raw, forced=value and _forces_tie(type(sub_config)))

@@ -14,12 +14,14 @@ from typing import TYPE_CHECKING, Protocol
 
 from tieaudit.checkpoint.arrays import NUMPY_FLOAT_DTYPES as FLOAT_DTYPES
 from tieaudit.checkpoint.types import TensorInfo
-from tieaudit.model import Comparison, Progress, TieGroup, TieStatus
+from tieaudit.model import Comparison, Progress, Skipped, TieGroup, TieStatus
 from tieaudit.ties.compare import RowReader, TensorDiff, diff_tensors
 from tieaudit.ties.declared import DeclaredTies, Flag
 
 if TYPE_CHECKING:
     import torch
+
+    from tieaudit.checkpoint import Checkpoint
 
 
 OBSERVED_STORAGE = "shared-storage"
@@ -412,3 +414,41 @@ def _groups(
         )
     groups.sort(key=lambda g: g.source)
     return groups
+
+
+def checkpoint_graph(
+    ckpt: Checkpoint, probes: int = 0, progress: Progress | None = None, base: bool = False
+) -> tuple[TieGraph, list[Skipped]]:
+    """The one path from a checkpoint directory to its tie graph: the model class's declared ties (when the config
+    names a class tieaudit can read), joined with the files, compared in the dtype transformers loads in. Also
+    returns what could not be checked. ``base``: the checkpoint is an adapter's base (the reasons say so)."""
+    from pathlib import Path
+
+    from tieaudit.checkpoint.config import load_dtype
+    from tieaudit.ties.declared import DeclaredTiesUnavailable, declared_ties, validate_flag_types
+
+    skipped: list[Skipped] = []
+    declared = None
+    if ckpt.config is None:
+        why = (
+            "the base has no config.json"
+            if base
+            else "no config.json: only ties recorded in the weight files were checked"
+        )
+        skipped.append(Skipped("declared-ties", why))
+    else:
+        validate_flag_types(ckpt.config)
+        if progress:
+            progress("reading the model class's declared ties", 0, 0)
+        try:
+            declared = declared_ties(Path(ckpt.root), ckpt.config)
+        except DeclaredTiesUnavailable as exc:
+            why = (
+                f"base: {exc}"
+                if base
+                else f"{exc}; only ties recorded in the weight files (shared storage, safetensors metadata) were "
+                "checked, and missing-tensor rules could not be applied"
+            )
+            skipped.append(Skipped("declared-ties", why))
+    graph = build_graph(ckpt, declared, probes=probes, progress=progress, load_dtype=load_dtype(ckpt.config))
+    return graph, skipped

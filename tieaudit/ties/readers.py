@@ -14,11 +14,11 @@ Adding a reader means adding an entry here, its evidence to docs/readers.md, and
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from tieaudit.checkpoint.config import literal
+from tieaudit.checkpoint.config import escape_pointer_token, literal, pointer_parts
 from tieaudit.model import Severity
 from tieaudit.ties import vllm_registry as vllm
 
@@ -149,3 +149,17 @@ READERS: dict[str, Reader] = {
         consequence=_vllm_consequence,
     ),
 }
+
+
+def flag_copies(data: Mapping[str, Any], governing: str) -> list[str]:
+    """Every other key of config.json (as parsed: ``data``) where a reader of the raw JSON may look for the
+    governing flag at ``governing``: the top level and every sub-config that has the flag (``text_config`` always).
+    `tieaudit fix` writes the same value to all of them, so no reader, modelled or not, sees another."""
+    found = []
+    if governing != f"/{TIE_FLAG}":
+        found.append(f"/{TIE_FLAG}")
+    for key, value in data.items():
+        pointer = f"/{escape_pointer_token(key)}/{TIE_FLAG}"
+        if isinstance(value, dict) and (TIE_FLAG in value or key == "text_config") and pointer != governing:
+            found.append(pointer)
+    return [p for p in found if len(pointer_parts(p)) == 1 or isinstance(data.get(pointer_parts(p)[0]), dict)]

@@ -19,12 +19,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from tieaudit.checkpoint.config import escape_pointer_token, get_pointer, literal, pointer_parts
+from tieaudit.checkpoint.config import get_pointer, literal
 from tieaudit.checkpoint.types import ConfigFile, IndexMismatch, TensorInfo
-from tieaudit.model import Finding, TieStatus
+from tieaudit.model import Applicability, Finding, TieStatus
 from tieaudit.repair.jsonedit import set_pointer
+from tieaudit.rules.registry import Repair
 from tieaudit.ties.graph import PairState, TieGraph, head_was_source
-from tieaudit.ties.readers import TIE_FLAG
+from tieaudit.ties.readers import flag_copies
 
 MODES = ("untie", "retie")
 
@@ -81,7 +82,7 @@ class DropTensor:
 class Outcome:
     action: str
     fixable: bool
-    applicability: str = "safe"
+    applicability: Applicability = Applicability.SAFE
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,7 @@ class _Planner:
         self.pairs = [p for p in graph.pairs if p.declared]
         self.flags: dict[str, bool] = {}  # governing pointer -> new value
         self.blocked: dict[tuple[str, str], Blocked] = {}  # (target, source) -> why it cannot be fixed this way
-        self.done: dict[tuple[str, str], str] = {}  # (target, source) -> what the fix does
+        self.done: dict[tuple[str, str], Done] = {}  # (target, source) -> what the fix does
         self.stores: dict[str, StoreTensor] = {}
         self.drops: dict[str, DropTensor] = {}
         self.config_changes: dict[str, Any] = {}
@@ -175,7 +176,7 @@ class _Planner:
         writes: dict[str, bool] = {}
         for pointer, value in self.flags.items():
             writes[pointer] = value
-            for other in _reader_pointers(self.config.data, pointer):
+            for other in flag_copies(self.config.data, pointer):
                 writes[other] = value
         return writes
 
@@ -280,7 +281,7 @@ class _Planner:
                 for member, info in ((p.target, p.target_info), (p.source, p.source_info)):
                     if info is None and member not in {self.stores[n].member for n in self.stores}:
                         self.store(member, data, f"untied: store {member} as a copy of {data}, the tensor it loaded as")
-                self.done.setdefault(key, f"store the absent tensor of the pair as a copy of {data}")
+                self.done.setdefault(key, Done(f"store the absent tensor of the pair as a copy of {data}"))
             elif self.request.mode == "untie" and _shared(p):
                 self.store(
                     p.target,
@@ -289,7 +290,7 @@ class _Planner:
                     "would drop it)",
                     replace=True,
                 )
-                self.done.setdefault(key, f"store {p.target} as a separate copy")
+                self.done.setdefault(key, Done(f"store {p.target} as a separate copy"))
 
     def retie_members(self, active: Mapping[str, str]) -> None:
         for p in self.pairs:
@@ -303,7 +304,7 @@ class _Planner:
                 continue  # one storage under two names: nothing to drop
             if self.equal(p):
                 self.drop(p.target, f"retied: {p.target} is a bitwise-equal copy of {p.source}")
-                self.done[key] = f"drop the redundant copy {p.target}"
+                self.done[key] = Done(f"drop the redundant copy {p.target}")
                 continue
             win = self.winner(p)
             if win is None:
@@ -319,7 +320,9 @@ class _Planner:
             if win == p.target:
                 self.store(p.source, p.target, f"retied on {p.target}'s values (--source)", replace=True)
             self.drop(p.target, f"retied on {win}'s values (--source); the other tensor's values are discarded")
-            self.done[key] = f"keep {win}'s values as {p.source}, drop {p.target} (discards the other tensor)"
+            self.done[key] = Done(
+                f"keep {win}'s values as {p.source}, drop {p.target} (discards the other tensor)", True
+            )
 
     # -- config readers and the index ------------------------------------------------------------
 
@@ -341,7 +344,7 @@ class _Planner:
                     )
                     continue
                 self.config_changes[flag.pointer] = flag.value
-            for other in _reader_pointers(self.config.data, flag.pointer):
+            for other in flag_copies(self.config.data, flag.pointer):
                 raw = get_pointer(self.config.data, other)
                 if raw is not None and raw != flag.value:
                     self.config_changes[other] = flag.value
@@ -386,7 +389,9 @@ def plan_fix(
         reason = (
             "no config.json" if config is None else "the model class's declared ties are unknown"
         ) + ": tieaudit repairs only ties it can check against the model class"
-        return FixPlan(request, outcomes={f.fingerprint: Outcome(reason, False, "manual") for f in findings})
+        return FixPlan(
+            request, outcomes={f.fingerprint: Outcome(reason, False, Applicability.MANUAL) for f in findings}
+        )
     planner = _Planner(graph, config, index_mismatches, request, oracle)
     active = planner.choose_flags()
     planner.untie_members(active)
@@ -395,7 +400,7 @@ def plan_fix(
     for pointer, value in planner.flags.items():
         for p in planner.governed(pointer):
             planner.done.setdefault(
-                (p.target, p.source), f"set {pointer} to {literal(value)} (and every other reader's copy of it)"
+                (p.target, p.source), Done(f"set {pointer} to {literal(value)} (and every other reader's copy of it)")
             )
     planner.config_readers()
     outcomes = {f.fingerprint: _outcome(f, planner, request) for f in findings}
@@ -443,36 +448,40 @@ def untie_config(graph: TieGraph, config: ConfigFile, pointers: Iterable[str], o
 
 
 def _outcome(f: Finding, planner: _Planner, request: FixRequest) -> Outcome:
-    ev = f.evidence
-    key = (str(ev.get("target")), str(ev.get("source")))
-    if f.code in ("TIE001", "TIE002", "TIE006"):
+    """What this plan does about ``f``: decided by what the rule says fix can repair (`Rule.repair`) and by the
+    finding's typed location and evidence, never by its code or wording."""
+    from tieaudit.rules import get_rule
+
+    rule = get_rule(f.code)
+    repair = rule.repair if rule else Repair.MANUAL
+    if repair is Repair.PAIR:
+        key = (str(f.evidence.get("target")), str(f.evidence.get("source")))
         if key in planner.blocked:
             blocked = planner.blocked[key]
-            return Outcome(blocked.reason, False, "unsafe" if blocked.needs_unsafe else "manual")
+            return Outcome(
+                blocked.reason, False, Applicability.UNSAFE if blocked.needs_unsafe else Applicability.MANUAL
+            )
         if key in planner.done:
-            unsafe = f.code == "TIE001" and request.mode == "retie"
-            return Outcome(planner.done[key], True, "unsafe" if unsafe else "safe")
-        if f.code == "TIE006":
-            return Outcome("left as is: the pair is tied and loads correctly (--retie drops the copy)", False, "safe")
+            done = planner.done[key]
+            return Outcome(done.action, True, Applicability.UNSAFE if done.discards else Applicability.SAFE)
+        if any((p.target, p.source) == key and p.status is TieStatus.TIED for p in planner.pairs):
+            return Outcome("left as is: the pair is tied and loads correctly (--retie drops the copy)", False)
         other = "retie" if request.mode == "untie" else "untie"
-        return Outcome(f"not resolved by --{request.mode} (try --{other})", False, "safe")
-    if f.code == "TIE003":
-        return Outcome("the weights are not in these files: re-export from the original model", False, "manual")
-    if f.code == "TIE004":
-        return Outcome("make both tensors and vocab_size agree (resize_token_embeddings), then save", False, "manual")
-    if f.code == "TIE005":
+        return Outcome(f"not resolved by --{request.mode} (try --{other})", False)
+    if repair is Repair.CONFIG:
         pointer = f.location.config_key
-        if "indexed_file" in ev:
+        if "indexed_file" in f.evidence:
             return Outcome("regenerate the index from the shards", True)
         if pointer in planner.pointer_done:
-            return Outcome(planner.pointer_done[pointer], False, "manual")
+            return Outcome(planner.pointer_done[pointer], False, Applicability.MANUAL)
         if pointer in planner.config_changes:
             return Outcome(f"write {literal(planner.config_changes[pointer])} at {pointer}", True)
-        governing = ev.get("governing_pointer")
+        governing = f.evidence.get("governing_pointer")
         if isinstance(governing, str) and governing in planner.config_changes:
             return Outcome(f"write {literal(planner.config_changes[governing])} at {governing}", True)
-        return Outcome("not resolved by this fix", False, "manual")
-    return Outcome("tieaudit fix does not repair this finding", False, "manual")
+        return Outcome("not resolved by this fix", False, Applicability.MANUAL)
+    hint = f.fix.description if f.fix and f.fix.description else "tieaudit fix does not repair this finding"
+    return Outcome(hint, False, Applicability.MANUAL)
 
 
 def _diverged(p: PairState) -> bool:
@@ -483,6 +492,14 @@ def _diverged(p: PairState) -> bool:
         and not p.shape_mismatch
         and not p.expected_mismatch
     )
+
+
+@dataclass(frozen=True)
+class Done:
+    """What the plan does for a pair; ``discards``: it throws stored values away (an unsafe retie)."""
+
+    action: str
+    discards: bool = False
 
 
 @dataclass(frozen=True)
@@ -516,15 +533,3 @@ def _info_of(pairs: Iterable[PairState], member: str) -> TensorInfo | None:
         if p.target == member and p.target_info is not None:
             return p.target_info
     return None
-
-
-def _reader_pointers(data: Mapping[str, Any], governing: str) -> list[str]:
-    """The other places readers look for the flag: the top level and every sub-config (text_config always)."""
-    found = []
-    if governing != f"/{TIE_FLAG}":
-        found.append(f"/{TIE_FLAG}")
-    for key, value in data.items():
-        pointer = f"/{escape_pointer_token(key)}/{TIE_FLAG}"
-        if isinstance(value, dict) and (TIE_FLAG in value or key == "text_config") and pointer != governing:
-            found.append(pointer)
-    return [p for p in found if len(pointer_parts(p)) == 1 or isinstance(data.get(pointer_parts(p)[0]), dict)]

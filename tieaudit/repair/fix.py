@@ -14,26 +14,22 @@ from typing import TYPE_CHECKING
 
 from tieaudit.checkpoint.hub import is_cache_snapshot
 from tieaudit.errors import InputError, UsageError, WriteError
-from tieaudit.model import FileChange, Finding, FixOutcome, FixRun, Progress, Report, Severity
-from tieaudit.repair.plan import MODES, FixPlan, FixRefused, FixRequest, plan_fix
-from tieaudit.repair.write import (
-    WeightOutput,
+from tieaudit.model import FileChange, Finding, FixOutcome, FixRun, FixStatus, Progress, Report, Severity
+from tieaudit.repair.fix_layout import WeightOutput, layout_weights, new_config_text, new_index_text, write_weight_files
+from tieaudit.repair.fix_plan import MODES, FixPlan, FixRefused, FixRequest, plan_fix
+from tieaudit.repair.lock import write_lock
+from tieaudit.repair.staging import (
     carry_metadata,
     check_output_dir,
     clean_stale_staging,
     commit_in_place,
     commit_output_dir,
     current_umask,
-    fault,
     fsync_tree,
-    layout_weights,
     make_staging,
-    new_config_text,
-    new_index_text,
     populate,
-    write_lock,
+    step,
     write_text,
-    write_weight_files,
 )
 
 if TYPE_CHECKING:
@@ -47,7 +43,7 @@ def fix(
     output_dir: str | os.PathLike[str] | None = None,
     in_place: bool = False,
     dry_run: bool = False,
-    diff: bool = False,
+    diffs: bool = False,
     unsafe_fixes: bool = False,
     sources: Sequence[str] = (),
     fail_on: str | Severity = Severity.WARNING,
@@ -59,8 +55,10 @@ def fix(
     """Repair the weight tying of the checkpoint at ``path`` (docs/commands.md, `tieaudit fix`); a Hub repo id is
     read from the local Hugging Face cache (at ``revision``) and needs ``output_dir``.
 
-    Returns the report of the fixed checkpoint (or, with ``dry_run``/``diff``, of the original with the planned
-    changes); ``report.fix_run`` says what was changed and ``report.fixes`` what became of each finding.
+    ``dry_run``: plan and report, write nothing; ``diffs``: also give unified diffs of the JSON files the fix
+    rewrites (``fix_run.diffs``). Returns the report of the fixed checkpoint (or, with ``dry_run``, of the
+    original with the planned changes); ``report.fix_run`` says what was changed and ``report.fixes`` what became
+    of each finding.
     Raises `TieauditError` subclasses (exit 2) for bad input or a failed write; the original is then intact.
     """
     from tieaudit.auditing import AuditOptions, audit_open, severity
@@ -69,12 +67,12 @@ def fix(
 
     started = time.perf_counter()
     if mode not in MODES:
-        raise UsageError("choose --untie or --retie")
-    dry = dry_run or diff
+        raise UsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    dry = dry_run
     if not dry and (output_dir is None) == (not in_place):
-        raise UsageError("choose where to write: --output-dir DIR or --in-place (or preview with --dry-run/--diff)")
+        raise UsageError("give exactly one of output_dir and in_place=True (or dry_run=True)")
     if sources and not unsafe_fixes:
-        raise UsageError("--source chooses which tensor wins an unsafe retie: it needs --unsafe-fixes")
+        raise UsageError("sources choose which tensor wins an unsafe retie: they need unsafe_fixes=True")
     fail_level = severity(fail_on)
     from tieaudit.checkpoint.hub import resolve
 
@@ -99,7 +97,7 @@ def fix(
             progress("planning the fix", 0, 0)
         request = FixRequest(mode=mode, unsafe=unsafe_fixes, sources=tuple(sources))
         _check_sources(request, graph.disk_names)
-        from tieaudit.auditing import load_dtype
+        from tieaudit.checkpoint.config import load_dtype
         from tieaudit.repair.oracle import LibraryOracle
 
         try:
@@ -109,7 +107,7 @@ def fix(
                 ckpt.config,
                 ckpt.index_mismatches,
                 request,
-                LibraryOracle(ckpt, load_dtype(ckpt)),
+                LibraryOracle(ckpt, load_dtype(ckpt.config)),
             )
         except FixRefused as exc:
             raise InputError(f"cannot fix {display}: {exc}") from None
@@ -117,21 +115,10 @@ def fix(
         config_text = new_config_text(ckpt, plan)
         index_text = new_index_text(ckpt, plan, weights)
         changes = _changes(ckpt, plan, weights, config_text is not None, index_text is not None)
-        diffs = _diffs(ckpt, config_text, index_text) if diff else ()
+        json_diffs = _diffs(ckpt, config_text, index_text) if diffs else ()
         if dry or not changes:
             outcomes = _outcomes(before.findings, plan, None, dry)
-            run = FixRun(
-                mode=mode,
-                dry_run=dry,
-                source_path=display,
-                written_to=None,
-                changes=tuple(changes),
-                fixed=0,
-                total=len(before.findings),
-                seconds=round(time.perf_counter() - started, 3),
-                notes=plan.notes,
-                diffs=diffs,
-            )
+            run = _fix_run(request, plan, display, None, changes, outcomes, 0, started, json_diffs, dry)
             return replace(before, fixes=outcomes, fix_run=run)
 
         assert dest is not None
@@ -141,20 +128,35 @@ def fix(
         )
     after = replace(after, target=replace(after.target, path=os.fspath(output_dir) if output_dir else display))
     outcomes = _outcomes(before.findings, plan, after.findings, False)
-    run = FixRun(
-        mode=mode,
-        dry_run=False,
-        source_path=display,
-        written_to=after.target.path,
+    run = _fix_run(request, plan, display, after.target.path, changes, outcomes, written, started, json_diffs, False)
+    return replace(after, fixes=outcomes, fix_run=run)
+
+
+def _fix_run(
+    request: FixRequest,
+    plan: FixPlan,
+    source: str,
+    written_to: str | None,
+    changes: Sequence[FileChange],
+    outcomes: Sequence[FixOutcome],
+    written: int,
+    started: float,
+    diffs: tuple[str, ...],
+    dry: bool,
+) -> FixRun:
+    return FixRun(
+        mode=request.mode,
+        dry_run=dry,
+        source_path=source,
+        written_to=written_to,
         changes=tuple(changes),
-        fixed=sum(1 for o in outcomes if o.status == "fixed"),
-        total=len(before.findings),
+        fixed=sum(1 for o in outcomes if o.status is FixStatus.FIXED),
+        total=len(outcomes),
         bytes_written=written,
         seconds=round(time.perf_counter() - started, 3),
         notes=plan.notes,
         diffs=diffs,
     )
-    return replace(after, fixes=outcomes, fix_run=run)
 
 
 def _check_destination(display: str, output_dir: str | os.PathLike[str] | None, in_place: bool) -> Path:
@@ -204,20 +206,20 @@ def _write(
         if config_text is not None and ckpt.config is not None:
             skip.add(ckpt.config.rel)
         populate(Path(ckpt.root), staging, skip, link=in_place)
-        fault("staged")
+        step("staged")
         written = write_weight_files(ckpt, weights, staging)
-        fault("weights")
+        step("weights")
         if index_text is not None and ckpt.index_file:
             written += write_text(staging / ckpt.index_file, index_text[1])
-        fault("index")
+        step("index")
         if config_text is not None and ckpt.config is not None:
             written += write_text(staging / ckpt.config.rel, config_text[1])
-        fault("config")
+        step("config")
         carry_metadata(Path(ckpt.root), staging, skip)
         fsync_tree(staging)
         after = audit(staging, fail_on=fail_level, exit_zero=exit_zero)
         _refuse_regressions(before_findings, after.findings)
-        fault("verified")
+        step("verified")
         if in_place:
             order = [*weights.new_files, *weights.rewritten]
             order += [rel for rel in (ckpt.index_file, ckpt.config.rel if ckpt.config else None) if rel in skip]
@@ -260,11 +262,11 @@ def _outcomes(
     for f in before:
         planned = plan.outcomes[f.fingerprint]
         if after is None:
-            status = ("would-fix" if dry else "fixed") if planned.fixable else "not-fixed"
+            status = (FixStatus.WOULD_FIX if dry else FixStatus.FIXED) if planned.fixable else FixStatus.NOT_FIXED
         elif (f.code, f.location.tensor, f.location.config_key) not in remaining:
-            status = "fixed"
+            status = FixStatus.FIXED
         else:
-            status = "remains" if planned.fixable else "not-fixed"
+            status = FixStatus.REMAINS if planned.fixable else FixStatus.NOT_FIXED
         out.append(FixOutcome(f.code, f.fingerprint, f.location.tensor, status, planned.action, planned.applicability))
     return tuple(out)
 

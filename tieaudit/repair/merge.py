@@ -41,18 +41,17 @@ from tieaudit.repair.merge_plan import (
     unsupported_variant,
     wrapper_aliases,
 )
-from tieaudit.repair.write import (
-    Entry,
+from tieaudit.repair.staging import (
     check_output_dir,
     clean_stale_staging,
     commit_output_dir,
     current_umask,
-    fault,
     fsync_tree,
     make_staging,
-    write_safetensors,
+    step,
     write_text,
 )
+from tieaudit.repair.tensor_files import Entry, write_safetensors
 
 if TYPE_CHECKING:
     import numpy as np
@@ -193,12 +192,11 @@ class _Job:
 
 def _prepare(ad: Checkpoint, base_ckpt: Checkpoint, settings: AdapterSettings, copies: _BaseCopyCheck) -> _Job:
     from tieaudit.adapter.analysis import applied_edits, base_copy_mismatches, base_graph
-    from tieaudit.adapter.forecast import peft_merge_structure, runtime_tokens
-    from tieaudit.auditing import load_dtype
+    from tieaudit.adapter.forecast import MECHANISM_TEXT, peft_merge_structure, runtime_tokens
+    from tieaudit.checkpoint.config import load_dtype
     from tieaudit.model import Skipped
+    from tieaudit.repair.fix_plan import FixRefused, untie_config
     from tieaudit.repair.oracle import LibraryOracle
-    from tieaudit.repair.plan import FixRefused, untie_config
-    from tieaudit.rules.adapter import MECHANISM_TEXT
 
     skipped: list[Skipped] = []
     graph, _ = base_graph(base_ckpt, skipped)
@@ -251,7 +249,7 @@ def _prepare(ad: Checkpoint, base_ckpt: Checkpoint, settings: AdapterSettings, c
     if pointers:
         assert base_ckpt.config is not None
         try:
-            oracle = LibraryOracle(base_ckpt, load_dtype(base_ckpt))
+            oracle = LibraryOracle(base_ckpt, load_dtype(base_ckpt.config))
             uc = untie_config(graph, base_ckpt.config, sorted(pointers), oracle)
         except FixRefused as exc:
             raise MergeRefused(f"the adapter unties a tied pair, but {exc}") from None
@@ -489,7 +487,7 @@ def _write(
     comparisons: list[Comparison] = []
     try:
         written = _carry_files(Path(base_ckpt.root), Path(ad.root), staging, base_ckpt)
-        fault("staged")
+        step("staged")
         adapter_rows = TensorReader(ad)
         total = sum(t.info.nbytes for v in job.layout.files.values() for t in v)
         done = 0
@@ -508,17 +506,17 @@ def _write(
             for _, _, data in entries:
                 if isinstance(data, _Producer):
                     comparisons.extend(data.checked_comparisons())
-        fault("weights")
+        step("weights")
         if job.layout.index_file is not None:
             written += write_text(staging / job.layout.index_file, _index_text(base_ckpt, job.layout))
-        fault("index")
+        step("index")
         written += write_text(staging / "config.json", _config_text(base_ckpt, job.config))
-        fault("config")
+        step("config")
         fsync_tree(staging)
         if progress:
             progress("checking the written tied weights against peft", 0, 0)
         comparisons.extend(check.verify(staging))
-        fault("peft-checked")
+        step("peft-checked")
         if progress:
             progress("re-auditing the merged model", 0, 0)
         after = audit(staging, fail_on=fail_level, exit_zero=exit_zero)
@@ -526,7 +524,7 @@ def _write(
         if errors:
             first = errors[0]
             raise WriteError(f"internal check failed: the merged model would have {first.code} ({first.message})")
-        fault("verified")
+        step("verified")
         os.chmod(staging, 0o777 & ~current_umask())
         commit_output_dir(staging, dest)
         committed = True
