@@ -73,27 +73,27 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name == "audit":
-        from tieaudit.auditing import audit
+        from tieaudit.auditing import audit  # lazy: `import tieaudit` stays cheap (module __getattr__)
 
         return audit
     if name == "audit_many":
-        from tieaudit.batch import audit_many
+        from tieaudit.batch import audit_many  # lazy: `import tieaudit` stays cheap (module __getattr__)
 
         return audit_many
     if name == "audit_model":
-        from tieaudit.live import audit_model
+        from tieaudit.live import audit_model  # lazy: `import tieaudit` stays cheap (module __getattr__)
 
         return audit_model
     if name == "merge":
-        from tieaudit.repair.merge import merge
+        from tieaudit.repair.merge import merge  # lazy: `import tieaudit` stays cheap (module __getattr__)
 
         return merge
     if name == "fix":
-        from tieaudit.repair.fix import fix
+        from tieaudit.repair.fix import fix  # lazy: `import tieaudit` stays cheap (module __getattr__)
 
         return fix
     if name == "report_to_dict":
-        from tieaudit.report.json_format import report_dict
+        from tieaudit.report.json_format import report_dict  # lazy: `import tieaudit` stays cheap (module __getattr__)
 
         return report_dict
     raise AttributeError(f"module 'tieaudit' has no attribute {name!r}")

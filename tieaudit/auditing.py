@@ -7,13 +7,20 @@ import dataclasses
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tieaudit._version import __version__
+from tieaudit.adapter.forecast import METHODS as FORECAST_METHODS
+from tieaudit.checkpoint import open_checkpoint
+from tieaudit.checkpoint.hub import resolve
 from tieaudit.errors import UsageError
 from tieaudit.model import Comparison, Finding, Progress, Report, Severity, Skipped, Stats, Target
+from tieaudit.rules import RuleContext, selected, unknown_selectors
+from tieaudit.rules import run as run_rules
+from tieaudit.ties.declared import architecture_of
+from tieaudit.ties.graph import checkpoint_graph
 
 if TYPE_CHECKING:
     from tieaudit.adapter.analysis import AdapterAnalysis
@@ -33,7 +40,6 @@ def severity(value: str | Severity) -> Severity:
 
 def check_selectors(select: Sequence[str] | None, ignore: Sequence[str] | None) -> None:
     """UsageError for a `--select`/`--ignore` value that names no rule."""
-    from tieaudit.rules import unknown_selectors
 
     bad = unknown_selectors([*(select or []), *(ignore or [])])
     if bad:
@@ -75,16 +81,12 @@ def audit(
 
     Raises `TieauditError` subclasses for unreadable input (exit 2) or nothing to audit (exit 3).
     """
-    from tieaudit.checkpoint import open_checkpoint
-    from tieaudit.checkpoint.hub import resolve
-    from tieaudit.rules import selected
 
     started = time.perf_counter()
     fail_level = severity(fail_on)
     check_selectors(select, ignore)
     if probe_tokens < 0:
         raise UsageError(f"probe_tokens must be >= 0, got {probe_tokens}")
-    from tieaudit.adapter.forecast import METHODS as FORECAST_METHODS
 
     if forecast not in FORECAST_METHODS:
         raise UsageError(f"forecast must be one of {', '.join(FORECAST_METHODS)}, got {forecast!r}")
@@ -136,12 +138,11 @@ def audit_open(
 ) -> tuple[Report, TieGraph | None]:
     """Audit an open checkpoint; also returns the tie graph of a model checkpoint (for `fix`)."""
     skipped: list[Skipped] = []
-    from tieaudit.rules import run as run_rules
 
     findings: list[Finding]
     model_graph: TieGraph | None = None
     if ckpt.kind == "adapter":
-        from tieaudit.adapter.analysis import AdapterOptions, analyse_adapter
+        from tieaudit.adapter.analysis import AdapterOptions, analyse_adapter  # lazy: only for adapters
 
         if progress and options.peft_check:
             progress("reading the adapter against its base (and asking peft)", 0, 0)
@@ -206,7 +207,6 @@ def audit_open(
 
 
 def _arch_name(ckpt: Checkpoint) -> str | None:
-    from tieaudit.ties.declared import architecture_of
 
     return architecture_of(ckpt.config) if ckpt.config is not None else None
 
@@ -214,8 +214,6 @@ def _arch_name(ckpt: Checkpoint) -> str | None:
 def _analyse(
     ckpt: Checkpoint, path: str, probes: int, progress: Progress | None, skipped: list[Skipped]
 ) -> tuple[TieGraph, RuleContext]:
-    from tieaudit.rules import RuleContext
-    from tieaudit.ties.graph import checkpoint_graph
 
     graph, why_not = checkpoint_graph(ckpt, probes, progress)
     skipped.extend(why_not)
@@ -238,9 +236,8 @@ def _deep(
     progress: Progress | None,
 ) -> tuple[AdapterContext, list[Comparison]]:
     """Run the real peft merge -> save -> reload and attach the measurement."""
-    from dataclasses import replace
 
-    from tieaudit.adapter.deep import measure_adapter_merge
+    from tieaudit.adapter.deep import measure_adapter_merge  # lazy: only for adapters
 
     if analysis.base_path is None or analysis.architecture is None:
         skipped.append(Skipped("deep", "--deep needs the base and its transformers class"))

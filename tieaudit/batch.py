@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from tieaudit._version import __version__
+from tieaudit.auditing import audit, severity
 from tieaudit.errors import TieauditError, UsageError
 from tieaudit.model import BatchReport, Report, Severity, TargetError
 
@@ -101,7 +102,6 @@ def collect(
 def audit_many(paths: Sequence[str | os.PathLike[str]], **audit_kwargs: Any) -> BatchReport:
     """Audit several checkpoints (a directory of `checkpoint-*` folders counts as its checkpoints) with
     `tieaudit.audit(path, **audit_kwargs)` each; returns one `BatchReport` whose `exit_code` is the worst."""
-    from tieaudit.auditing import audit, severity
 
     if not paths:
         raise UsageError("audit_many needs at least one path")

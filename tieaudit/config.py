@@ -27,6 +27,8 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from tieaudit.errors import InputError
+from tieaudit.report import FORMATS
+from tieaudit.rules import unknown_selectors
 
 SEVERITIES = ("error", "warning", "info")
 KEYS = ("select", "ignore", "fail-on", "format", "per-path-ignores")
@@ -112,8 +114,6 @@ def parse_config(path: Path) -> Config:
             raise InputError(f"{where}: {key} must be one of {', '.join(choices)}, got {value!r}")
         return value.lower()
 
-    from tieaudit.report import FORMATS
-
     per_path = table.get("per-path-ignores", {})
     if not isinstance(per_path, dict):
         raise InputError(f"{where}: per-path-ignores must be a table of glob = [codes], got {per_path!r}")
@@ -130,7 +130,6 @@ def parse_config(path: Path) -> Config:
 
 
 def _check_selectors(config: Config, where: str) -> None:
-    from tieaudit.rules import unknown_selectors
 
     for key, values in (
         ("select", config.select or ()),
@@ -153,9 +152,9 @@ def _has_table(pyproject: Path) -> bool:
 
 def _read_toml(path: Path) -> dict[str, Any]:
     if sys.version_info >= (3, 11):
-        import tomllib
+        import tomllib  # lazy: tomllib on Python 3.11+, tomli before
     else:  # pragma: no cover - Python 3.10
-        import tomli as tomllib
+        import tomli as tomllib  # lazy: tomllib on Python 3.11+, tomli before
     try:
         with open(path, "rb") as fh:
             data: dict[str, Any] = tomllib.load(fh)

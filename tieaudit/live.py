@@ -13,9 +13,13 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from tieaudit._version import __version__
+from tieaudit.auditing import severity
+from tieaudit.checkpoint.pickled import dtype_code
 from tieaudit.checkpoint.types import ConfigFile, TensorInfo
 from tieaudit.model import Report, Severity, Skipped, Stats, Target
-from tieaudit.ties.declared import DeclaredTies
+from tieaudit.rules import RuleContext, run, selected
+from tieaudit.ties.declared import DeclaredTies, ties_of_model
+from tieaudit.ties.graph import build_graph
 from tieaudit.ties.readers import TIE_FLAG
 
 if TYPE_CHECKING:
@@ -53,7 +57,6 @@ class LiveTensors:
 
 
 def _dtype_code(t: torch.Tensor) -> str:
-    from tieaudit.checkpoint.pickled import dtype_code
 
     return dtype_code(t.dtype) or str(t.dtype)
 
@@ -82,10 +85,6 @@ def audit_model(
     probe_tokens: int = 64,
 ) -> Report:
     """Audit a live model (a transformers PreTrainedModel, or a wrapper such as a PeftModel around one)."""
-    from tieaudit.auditing import severity
-    from tieaudit.rules import RuleContext, run, selected
-    from tieaudit.ties.declared import ties_of_model
-    from tieaudit.ties.graph import build_graph
 
     started = time.perf_counter()
     prefix, model = _find_pretrained(module)

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tieaudit.adapter.confirm import peft_views, touched_groups
+from tieaudit.adapter.context import AdapterAlone, AdapterContext, BaseMismatch
 from tieaudit.adapter.files import (
     SUPPORTED_TYPES,
     AdapterSettings,
@@ -19,8 +21,17 @@ from tieaudit.adapter.files import (
     read_settings,
     resolve_base,
 )
+from tieaudit.adapter.forecast import GroupInput, differs, forecast_group
+from tieaudit.adapter.oracle import MAX_BYTES, OracleUnavailable
+from tieaudit.checkpoint import open_checkpoint
+from tieaudit.checkpoint.arrays import NUMPY_FLOAT_DTYPES as floating
+from tieaudit.checkpoint.safetensors_header import read_into
+from tieaudit.checkpoint.types import DTYPE_SIZES
+from tieaudit.errors import InputError
 from tieaudit.model import Comparison, Skipped, TieStatus
-from tieaudit.ties.compare import PROBE_SEED
+from tieaudit.ties.compare import PROBE_SEED, diff_tensors
+from tieaudit.ties.declared import DeclaredTiesUnavailable, class_ties
+from tieaudit.ties.graph import cast_reader, checkpoint_graph
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -58,8 +69,6 @@ def analyse_adapter(
     adapter: Checkpoint, path: str, base: str | None, options: AdapterOptions, stack: contextlib.ExitStack
 ) -> AdapterAnalysis:
     """Everything the adapter rules need."""
-    from tieaudit.adapter.context import AdapterContext
-    from tieaudit.checkpoint import open_checkpoint
 
     assert adapter.adapter_config is not None
     settings = read_settings(adapter.adapter_config)
@@ -122,8 +131,6 @@ def analyse_adapter(
     base_ckpt = stack.enter_context(open_checkpoint(base_path))
     base_stats[0] = base_ckpt.stats
     if base_ckpt.kind != "model":
-        from tieaudit.errors import InputError
-
         raise InputError(f"base {base_path} is itself an adapter; pass the base model directory")
     graph, arch = base_graph(base_ckpt, skipped)
     members = {n for g in graph.groups for n in g.members}
@@ -165,8 +172,6 @@ def adapter_alone(adapter: Checkpoint, settings: AdapterSettings, why: str, requ
     """What the adapter alone shows when its base cannot be found: the class peft wrapped (auto_mapping), and the
     layers it changes that this class ties by declaration (from the class's default config; whether the real base
     ties them depends on its config, which is not at hand)."""
-    from tieaudit.adapter.context import AdapterAlone
-    from tieaudit.ties.declared import DeclaredTiesUnavailable, class_ties
 
     arch = settings.base_model_class
     ties: dict[str, str] = {}
@@ -206,8 +211,6 @@ def _confirm(
 ) -> tuple[list[PeftView], list[tuple[tuple[str, ...], str]]]:
     """peft's verdicts on every tied group the adapter touches, and the groups neither peft nor the forecast could
     judge (with why)."""
-    from tieaudit.adapter.confirm import peft_views, touched_groups
-    from tieaudit.adapter.oracle import MAX_BYTES, OracleUnavailable
 
     bad = {m.param for m in mismatches}
     groups = [g for g in touched_groups(adapter, settings, graph) if not any(m in bad for m in g)]
@@ -320,7 +323,6 @@ def applied_edits(
 
 
 def base_graph(base_ckpt: Checkpoint, skipped: list[Skipped]) -> tuple[TieGraph, str | None]:
-    from tieaudit.ties.graph import checkpoint_graph
 
     graph, why_not = checkpoint_graph(base_ckpt, base=True)
     skipped.extend(why_not)
@@ -340,7 +342,6 @@ def _group_shape(
 def _shape_mismatches(
     adapter: Checkpoint, base_ckpt: Checkpoint, graph: TieGraph, edits: dict[str, ModuleEdit]
 ) -> list[BaseMismatch]:
-    from tieaudit.adapter.context import BaseMismatch
 
     out = []
     for g in graph.groups:
@@ -386,10 +387,6 @@ def base_copy_mismatches(
     """Base copies (`base_layer.weight`) in the adapter that differ from the base's weight. ``values``: parameter ->
     the stored base tensor it loads (see `group_base_values`); ``proven_equal``: adapter keys already found
     byte-identical to the base (see `same_bytes`)."""
-    from tieaudit.adapter.context import BaseMismatch
-    from tieaudit.adapter.forecast import differs
-    from tieaudit.ties.compare import diff_tensors
-    from tieaudit.ties.graph import cast_reader
 
     out = []
     for m, disk in values.items():
@@ -426,8 +423,6 @@ def same_bytes(a: Checkpoint, name_a: str, b: Checkpoint, name_b: str, chunk: in
     The two buffers are allocated once and refilled (fresh buffers per chunk cost a page fault per 4 KiB)."""
     import numpy as np
 
-    from tieaudit.checkpoint.safetensors_header import read_into
-
     ia, ib = a.tensors[name_a], b.tensors[name_b]
     ra, rb = a.byte_range(name_a), b.byte_range(name_b)
     if ia.dtype != ib.dtype or tuple(ia.shape) != tuple(ib.shape) or ra is None or rb is None or ra[2] != rb[2]:
@@ -452,8 +447,6 @@ def same_bytes(a: Checkpoint, name_a: str, b: Checkpoint, name_b: str, chunk: in
 
 def _narrower(a: str, b: str) -> str | None:
     """The floating dtype of lower precision of two (None: the same dtype, or not both floating)."""
-    from tieaudit.checkpoint.arrays import NUMPY_FLOAT_DTYPES as floating
-    from tieaudit.checkpoint.types import DTYPE_SIZES
 
     if a == b or a not in floating or b not in floating:
         return None
@@ -474,8 +467,6 @@ def forecast_groups(
     method: str = "auto",
 ) -> tuple[list[GroupForecast], list[Comparison]]:
     import numpy as np
-
-    from tieaudit.adapter.forecast import GroupInput, forecast_group
 
     bad = {m.param for m in mismatches}
     forecasts, comparisons = [], []

@@ -10,8 +10,14 @@ a tensor under one of its members' modules or adapter_config.json names one of t
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
+
+from tieaudit.adapter.files import PREFIX
+from tieaudit.adapter.forecast import differs
+from tieaudit.adapter.oracle import ask_peft
+from tieaudit.model import TieStatus
+from tieaudit.ties.compare import PROBE_SEED, probe_states
 
 if TYPE_CHECKING:
     import numpy as np
@@ -80,7 +86,6 @@ def gap(a: MemberProbe, b: MemberProbe) -> ProbeGap:
 
 def in_file(adapter: Checkpoint, members: Sequence[str]) -> frozenset[str]:
     """The members whose modules the adapter file holds tensors for."""
-    from tieaudit.adapter.files import PREFIX
 
     modules = {m: m.rpartition(".")[0] for m in members}
     return frozenset(
@@ -90,7 +95,6 @@ def in_file(adapter: Checkpoint, members: Sequence[str]) -> frozenset[str]:
 
 def touched_groups(adapter: Checkpoint, settings: AdapterSettings, graph: TieGraph) -> list[tuple[str, ...]]:
     """Members of every group the base ties (and loads intact) whose modules the adapter file or config mentions."""
-    from tieaudit.model import TieStatus
 
     out = []
     for g in graph.groups:
@@ -115,7 +119,6 @@ def peft_views(
 ) -> list[PeftView]:
     """Ask peft about ``groups`` (each: the source first), and compare with the forecasts. Raises
     `tieaudit.adapter.oracle.OracleUnavailable` when peft cannot be asked."""
-    from tieaudit.adapter.oracle import ask_peft
 
     members = [m for g in groups for m in g if m in values]
     shape = base.tensors[values[members[0]]].shape
@@ -157,7 +160,6 @@ def peft_views(
 
 
 def _with(view: PeftView, why: str | None) -> PeftView:
-    from dataclasses import replace
 
     return replace(view, agrees=why is None, disagreement=why)
 
@@ -170,7 +172,6 @@ def _close(forecast: float | None, measured: float) -> bool:
 
 def _disagreement(view: PeftView, fc: GroupForecast, probes: int) -> str | None:
     """None when the forecast gives peft's verdicts and (with probes) its numbers; else what differs."""
-    from tieaudit.adapter.forecast import differs
 
     problems = []
     for t, g in view.runtime.items():
@@ -213,8 +214,6 @@ def probe_inputs(vocab: int, hidden: int, probes: int, settings: AdapterSettings
     """Probe token ids (seeded rows and every trainable-token index) and the forecast's probe hidden states
     (`compare.probe_states`; at least MIN_PROBES of each, so a check runs even with --probe-tokens 0)."""
     import numpy as np
-
-    from tieaudit.ties.compare import PROBE_SEED, probe_states
 
     n = max(probes, MIN_PROBES)
     rows = np.random.default_rng(PROBE_SEED).integers(0, vocab, size=min(n, vocab))

@@ -7,6 +7,7 @@ inputs again. This loads the whole model (it is the path tieaudit otherwise avoi
 
 from __future__ import annotations
 
+import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,6 @@ class Measured:
 def measure_adapter_merge(base: Path, adapter: Path, architecture: str, *, tokens: int = 16) -> Measured:
     """Run the real merge -> save -> reload and compare logits with the unmerged adapter, in the dtype the
     config names (as the user would load it), on the CPU."""
-    import json
 
     import torch
 

@@ -294,7 +294,7 @@ def resolve_base(explicit: str | None, settings: AdapterSettings, adapter_root: 
 def _from_hf_cache(repo_id: str) -> Path | None:
     """The cached snapshot of `repo_id` at main, looked up as a PATH's (tieaudit.checkpoint.hub); None when it is not
     a repo id or not usable from the cache (the caller reports it)."""
-    from tieaudit.checkpoint.hub import cached_snapshot, looks_like_repo_id
+    from tieaudit.checkpoint.hub import cached_snapshot, looks_like_repo_id  # lazy: only for a base named by Hub id
 
     if not looks_like_repo_id(repo_id):
         return None

@@ -23,7 +23,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tieaudit.adapter.files import AdapterSettings, LoraPart, ModuleEdit
-from tieaudit.ties.compare import LogitCache, StreamingDiff, TensorDiff, probe_hidden_states, rows_per_chunk
+from tieaudit.ties.compare import (
+    LogitCache,
+    StreamingDiff,
+    TensorDiff,
+    probe_hidden_states,
+    probe_states,
+    rows_per_chunk,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -175,8 +182,11 @@ def _lowrank_group(g: _Group, base: Checkpoint, w0_name: str, adapter: Checkpoin
     source, members, shape, edits, transposed = g.source, g.members, g.shape, g.edits, g.transposed
     import numpy as np
 
-    from tieaudit.adapter.lowrank import Factor, LowRankWeight, compare_lowrank
-    from tieaudit.ties.compare import probe_states
+    from tieaudit.adapter.lowrank import (  # lazy: the rules import this module at start-up
+        Factor,
+        LowRankWeight,
+        compare_lowrank,
+    )
 
     def full(key: str) -> np.ndarray:
         return adapter.read_float32(key, 0, adapter.row_count(key))

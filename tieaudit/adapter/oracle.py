@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tieaudit.errors import TieauditError
+from tieaudit.ties.declared import _reverse_renamer, architecture_of, quiet_libraries
 
 if TYPE_CHECKING:
     import numpy as np
@@ -99,7 +100,6 @@ def ask_peft(
 ) -> OracleResult:
     """Apply the adapter at ``adapter_dir`` to the modules owning ``values``' parameters (in-memory names -> the
     stored base tensor each loads) and evaluate them on ``probe_ids`` and ``h`` (``[n, hidden]``, float32)."""
-    from tieaudit.ties.declared import quiet_libraries
 
     with quiet_libraries(), _offline():
         import peft
@@ -157,8 +157,6 @@ def _meta_model(base: Checkpoint) -> Any:
     import torch
     import transformers
 
-    from tieaudit.ties.declared import architecture_of
-
     if base.config is None:
         raise OracleUnavailable("the base has no config.json")
     arch = architecture_of(base.config)
@@ -203,8 +201,6 @@ def _materialise(model: Any, base: Checkpoint, values: Mapping[str, str]) -> lis
     """Give the modules owning ``values``' parameters real float32 tensors on the CPU; returns notes."""
     import torch
     from torch import nn
-
-    from tieaudit.ties.declared import _reverse_renamer
 
     classes = _tie_classes(model)
     meta_ids = {name: pid for pid, names in classes.items() for name in names}
@@ -418,8 +414,6 @@ def probe_checkpoint(
     """The ``members`` of a written model (e.g. a merge's staging directory) as transformers loads them: the stored
     tensors of their modules by their on-disk names, tied by the written config, evaluated like `ask_peft`."""
     import torch
-
-    from tieaudit.ties.declared import _reverse_renamer, quiet_libraries
 
     with quiet_libraries(), _offline():
         model = _meta_model(ckpt)

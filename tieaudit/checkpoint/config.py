@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tieaudit.checkpoint.pickled import TORCH_DTYPE_NAMES
 from tieaudit.checkpoint.safetensors_header import open_regular_file, read_exact
 from tieaudit.checkpoint.types import ConfigFile, ReadStats
 from tieaudit.errors import InputError
@@ -184,7 +185,6 @@ def _string_end(text: str, pos: int) -> int:
 def load_dtype(config: ConfigFile | None) -> str | None:
     """The dtype from_pretrained loads in by default: the config's `dtype` (`torch_dtype` before v5),
     as a safetensors code of a floating type."""
-    from tieaudit.checkpoint.pickled import TORCH_DTYPE_NAMES
 
     if config is None:
         return None

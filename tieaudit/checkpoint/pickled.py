@@ -8,6 +8,7 @@ inside the functions so that importing this module (and opening safetensors chec
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import warnings
 from dataclasses import dataclass
@@ -91,7 +92,6 @@ def _probe(path: Path, rel: str) -> tuple[bool, int]:
 
 def _torch_load(path: Path, rel: str, *, mmap: bool) -> Any:
     """torch.load with weights_only=True; mmap only for zip files (legacy files cannot be mapped)."""
-    import pickle
 
     import torch
 

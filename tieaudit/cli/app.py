@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from tieaudit._version import __version__
 from tieaudit.cli.check import check
 from tieaudit.cli.fix_cmd import fix
 from tieaudit.cli.graph_cmd import graph
@@ -27,8 +28,6 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        from tieaudit._version import __version__
-
         typer.echo(f"tieaudit {__version__}")
         raise typer.Exit(0)
 

@@ -51,9 +51,20 @@ def check(
     """
     import typer
 
-    from tieaudit.auditing import audit, check_selectors, severity
-    from tieaudit.batch import collect, expand_targets, is_batch
-    from tieaudit.report.text import batch_summary_line, summary_line
+    from tieaudit.auditing import (  # lazy: start-up (--help, rules, explain) does not need it
+        audit,
+        check_selectors,
+        severity,
+    )
+    from tieaudit.batch import (  # lazy: start-up (--help, rules, explain) does not need it
+        collect,
+        expand_targets,
+        is_batch,
+    )
+    from tieaudit.report.text import (  # lazy: start-up (--help, rules, explain) does not need it
+        batch_summary_line,
+        summary_line,
+    )
 
     given = list(paths)
     if revision is not None and len(given) > 1:
@@ -126,6 +137,6 @@ def _prefixed(
 
 def _cache_off(off: bool) -> contextlib.AbstractContextManager[None]:
     """`--no-cache`: the tie-map cache is off for the duration of the command."""
-    from tieaudit.ties import cache
+    from tieaudit.ties import cache  # lazy: start-up (--help, rules, explain) does not need it
 
     return cache.disabled() if off else contextlib.nullcontext()

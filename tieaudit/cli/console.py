@@ -6,6 +6,7 @@ import contextlib
 import functools
 import os
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -76,7 +77,6 @@ def progress_reporter(
     if not progress_wanted(enabled, machine_format):
         yield None
         return
-    import threading
 
     from rich.console import Console
     from rich.progress import (

@@ -64,7 +64,10 @@ def fix(
     Exit codes: 0 nothing left at or above --fail-on, 1 findings remain (with --dry-run/--diff: something
     would change), 2 bad input or a failed write (the original is intact), 3 nothing to fix at PATH.
     """
-    from tieaudit.report.text import fix_summary_line, summary_line
+    from tieaudit.report.text import (  # lazy: start-up (--help, rules, explain) does not need it
+        fix_summary_line,
+        summary_line,
+    )
 
     chosen = settings(path, config=config, isolated=isolated, format=format, fail_on=fail_on)
     fmt = chosen.format
@@ -84,7 +87,7 @@ def fix(
         if not typer.confirm(f"Fix {path} in place?", default=False, err=True):
             err("tieaudit: nothing changed")
             raise typer.Exit(1)
-    from tieaudit.repair.fix import fix as run_fix
+    from tieaudit.repair.fix import fix as run_fix  # lazy: start-up (--help, rules, explain) does not need it
 
     with progress_reporter(progress, fmt != "text") as callback:
         report = run_fix(

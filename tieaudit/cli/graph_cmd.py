@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import TYPE_CHECKING
 
+from tieaudit._version import __version__
 from tieaudit.cli import options as o
-from tieaudit.cli.console import guarded, use_color
+from tieaudit.cli.console import err, guarded, use_color
 from tieaudit.cli.output import GRAPH_FORMATS, check_choice, emit
+from tieaudit.errors import UsageError
+from tieaudit.model import BatchReport, TargetError
+from tieaudit.report import RenderOptions
 
 if TYPE_CHECKING:
     from tieaudit.model import Report
@@ -23,19 +28,13 @@ def graph(
     color: o.ColorOpt = "auto",
 ) -> None:
     """Show which tensors are tied, which flag governs them, where each is stored, and each tie's status."""
-    import sys
 
     import typer
 
-    from tieaudit._version import __version__
-    from tieaudit.auditing import audit
-    from tieaudit.batch import collect, expand_targets
-    from tieaudit.cli.console import err
-    from tieaudit.errors import UsageError
-    from tieaudit.model import BatchReport, TargetError
-    from tieaudit.report import RenderOptions
-    from tieaudit.report.graph_formats import dot, mermaid
-    from tieaudit.report.text import render_graph
+    from tieaudit.auditing import audit  # lazy: start-up (--help, rules, explain) does not need it
+    from tieaudit.batch import collect, expand_targets  # lazy: start-up (--help, rules, explain) does not need it
+    from tieaudit.report.graph_formats import dot, mermaid  # lazy: start-up (--help, rules, explain) does not need it
+    from tieaudit.report.text import render_graph  # lazy: start-up (--help, rules, explain) does not need it
 
     fmt = check_choice(format, GRAPH_FORMATS, "--format")
     targets = expand_targets([path])  # a trainer's output directory: its final model and every checkpoint-*
@@ -72,7 +71,7 @@ def graph(
 
 
 def _json_doc(report: Report) -> dict[str, object]:
-    from tieaudit.report.json_format import group_dict
+    from tieaudit.report.json_format import group_dict  # lazy: start-up (--help, rules, explain) does not need it
 
     return {
         "schema_version": 1,

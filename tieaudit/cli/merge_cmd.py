@@ -42,12 +42,15 @@ def merge(
     Exit codes: 0 the merged model is clean, 1 it has findings at or above --fail-on, 2 bad input or a failed
     write (nothing is written), 3 nothing to merge at PATH.
     """
-    from tieaudit.report.text import merge_summary_line, summary_line
+    from tieaudit.report.text import (  # lazy: start-up (--help, rules, explain) does not need it
+        merge_summary_line,
+        summary_line,
+    )
 
     chosen = settings(path, config=config, isolated=isolated, format=format, fail_on=fail_on)
     fmt = chosen.format
     check_choice(color, COLOR_MODES, "--color")
-    from tieaudit.repair.merge import merge as run_merge
+    from tieaudit.repair.merge import merge as run_merge  # lazy: start-up (--help, rules, explain) does not need it
 
     with progress_reporter(progress, fmt != "text") as callback:
         report = run_merge(

@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tieaudit.cli.console import use_color
+from tieaudit.cli.options import split_codes
 from tieaudit.errors import UsageError, WriteError
-from tieaudit.report import FORMATS  # the report package imports only the data model: cheap at start-up
+from tieaudit.model import RuleDoc
+from tieaudit.report import (
+    FORMATS,  # the report package imports only the data model: cheap at start-up
+    RenderOptions,
+    render,
+    render_batch,
+)
 
 if TYPE_CHECKING:
     from tieaudit.model import BatchReport, Report, RuleDoc
@@ -75,8 +84,7 @@ def settings_for(
     ignore: list[str] | None = None,
 ) -> dict[str, Settings]:
     """`settings` for each of several paths, reading the configuration once (only `per-path-ignores` differ)."""
-    from tieaudit.cli.options import split_codes
-    from tieaudit.config import load_config
+    from tieaudit.config import load_config  # lazy: start-up (--help, rules, explain) does not need it
 
     cfg = load_config(config, isolated=isolated)
     chosen_select = split_codes(select) or (list(cfg.select) if cfg.select is not None else None)
@@ -96,7 +104,6 @@ def emit_report(
     report: Report, fmt: str, output: Path | None, color: str, quiet: bool, verbose: bool, timings: bool = False
 ) -> None:
     """Render `report` in `fmt` and write it to stdout or `output` (colour only for text on a terminal)."""
-    from tieaudit.report import render
 
     emit(render(report, fmt, _options(fmt, output, color, quiet, verbose, timings)), output)
 
@@ -105,14 +112,11 @@ def emit_batch(
     batch: BatchReport, fmt: str, output: Path | None, color: str, quiet: bool, verbose: bool, timings: bool = False
 ) -> None:
     """`emit_report` for the one document covering every target of a batch."""
-    from tieaudit.report import render_batch
 
     emit(render_batch(batch, fmt, _options(fmt, output, color, quiet, verbose, timings)), output)
 
 
 def _options(fmt: str, output: Path | None, color: str, quiet: bool, verbose: bool, timings: bool) -> RenderOptions:
-    from tieaudit.cli.console import use_color
-    from tieaudit.report import RenderOptions
 
     return RenderOptions(
         color=fmt == "text" and use_color(color, sys.stdout if output is None else None),
@@ -125,7 +129,6 @@ def _options(fmt: str, output: Path | None, color: str, quiet: bool, verbose: bo
 
 def terminal_width() -> int | None:
     """The terminal's width when stdout is one (findings are wrapped at words to it); None for files and pipes."""
-    import shutil
 
     if not sys.stdout.isatty():
         return None
@@ -134,8 +137,7 @@ def terminal_width() -> int | None:
 
 def rule_docs() -> tuple[RuleDoc, ...]:
     """Every registered rule's documentation, for the formats that publish it (SARIF)."""
-    from tieaudit.model import RuleDoc
-    from tieaudit.rules.registry import all_rules
+    from tieaudit.rules.registry import all_rules  # lazy: start-up (--help, rules, explain) does not need it
 
     return tuple(RuleDoc(r.code, r.name, r.severity, r.summary, r.explain) for r in all_rules())
 

@@ -16,7 +16,7 @@ from tieaudit.errors import UsageError
 @guarded
 def rules(format: o.RulesFormatOpt = "text") -> None:
     """List every rule: code, name, default severity and when it fires."""
-    from tieaudit.rules import all_rules
+    from tieaudit.rules import all_rules  # lazy: start-up (--help, rules, explain) does not need it
 
     fmt = check_choice(format, ("text", "json"), "--format")
     items = all_rules()
@@ -35,7 +35,7 @@ def rules(format: o.RulesFormatOpt = "text") -> None:
 @guarded
 def explain(code: Annotated[str, typer.Argument(help="Rule code or name, e.g. TIE002.")]) -> None:
     """Explain one rule: what it means, why it matters, how to fix it."""
-    from tieaudit.rules import get_rule
+    from tieaudit.rules import get_rule  # lazy: start-up (--help, rules, explain) does not need it
 
     r = get_rule(code)
     if r is None:

@@ -12,12 +12,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tieaudit.checkpoint.hub import is_cache_snapshot
+from tieaudit.auditing import AuditOptions, audit, audit_open, severity
+from tieaudit.checkpoint import open_checkpoint
+from tieaudit.checkpoint.config import load_dtype
+from tieaudit.checkpoint.hub import is_cache_snapshot, resolve
 from tieaudit.errors import InputError, UsageError, WriteError
 from tieaudit.model import FileChange, Finding, FixOutcome, FixRun, FixStatus, Progress, Report, Severity
 from tieaudit.repair.fix_layout import WeightOutput, layout_weights, new_config_text, new_index_text, write_weight_files
 from tieaudit.repair.fix_plan import MODES, FixPlan, FixRefused, FixRequest, plan_fix
 from tieaudit.repair.lock import write_lock
+from tieaudit.repair.oracle import LibraryOracle
 from tieaudit.repair.staging import (
     carry_metadata,
     check_output_dir,
@@ -31,6 +35,7 @@ from tieaudit.repair.staging import (
     step,
     write_text,
 )
+from tieaudit.rules import selected
 
 if TYPE_CHECKING:
     from tieaudit.checkpoint import Checkpoint
@@ -61,9 +66,6 @@ def fix(
     of each finding.
     Raises `TieauditError` subclasses (exit 2) for bad input or a failed write; the original is then intact.
     """
-    from tieaudit.auditing import AuditOptions, audit_open, severity
-    from tieaudit.checkpoint import open_checkpoint
-    from tieaudit.rules import selected
 
     started = time.perf_counter()
     if mode not in MODES:
@@ -74,7 +76,6 @@ def fix(
     if sources and not unsafe_fixes:
         raise UsageError("sources choose which tensor wins an unsafe retie: they need unsafe_fixes=True")
     fail_level = severity(fail_on)
-    from tieaudit.checkpoint.hub import resolve
 
     display = resolve(path, revision).path
     rules = selected(None, None)
@@ -97,8 +98,6 @@ def fix(
             progress("planning the fix", 0, 0)
         request = FixRequest(mode=mode, unsafe=unsafe_fixes, sources=tuple(sources))
         _check_sources(request, graph.disk_names)
-        from tieaudit.checkpoint.config import load_dtype
-        from tieaudit.repair.oracle import LibraryOracle
 
         try:
             plan = plan_fix(
@@ -195,7 +194,6 @@ def _write(
     exit_zero: bool,
     before_findings: Sequence[Finding],
 ) -> tuple[Report, int]:
-    from tieaudit.auditing import audit
 
     staging = make_staging(final)
     committed = False

@@ -23,6 +23,7 @@ from tieaudit.checkpoint.config import get_pointer, literal
 from tieaudit.checkpoint.types import ConfigFile, IndexMismatch, TensorInfo
 from tieaudit.model import Applicability, Finding, TieStatus
 from tieaudit.repair.jsonedit import set_pointer
+from tieaudit.rules import get_rule
 from tieaudit.rules.registry import Repair
 from tieaudit.ties.graph import PairState, TieGraph, head_was_source
 from tieaudit.ties.readers import flag_copies
@@ -450,7 +451,6 @@ def untie_config(graph: TieGraph, config: ConfigFile, pointers: Iterable[str], o
 def _outcome(f: Finding, planner: _Planner, request: FixRequest) -> Outcome:
     """What this plan does about ``f``: decided by what the rule says fix can repair (`Rule.repair`) and by the
     finding's typed location and evidence, never by its code or wording."""
-    from tieaudit.rules import get_rule
 
     rule = get_rule(f.code)
     repair = rule.repair if rule else Repair.MANUAL

@@ -24,7 +24,7 @@ def write_lock(root: Path, display: str) -> Iterator[None]:
     The lock file, ``.<name>.tieaudit-lock`` next to ``root`` (so it survives the directory swap), holds the
     holder's PID and is removed on release; a killed holder's lock is released by the kernel. A second writer
     does not wait: it fails at once with WriteError (exit 2) naming the holder, before it has written anything."""
-    import fcntl
+    import fcntl  # lazy: POSIX only
 
     path = root.parent / f".{root.name}{LOCK_SUFFIX}"
     while True:

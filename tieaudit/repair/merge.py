@@ -17,16 +17,38 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tieaudit.adapter.analysis import applied_edits, base_copy_mismatches, base_graph, same_bytes
+from tieaudit.adapter.confirm import MIN_PROBES, gap, probe_inputs
+from tieaudit.adapter.files import PREFIX, read_settings, resolve_base
+from tieaudit.adapter.forecast import (
+    MECHANISM_TEXT,
+    DeltaRows,
+    TensorReader,
+    apply_tokens,
+    load_tokens,
+    peft_merge_structure,
+    runtime_tokens,
+)
+from tieaudit.adapter.oracle import MAX_BYTES, OracleUnavailable, ask_peft, probe_checkpoint
+from tieaudit.auditing import _gib, audit, severity
+from tieaudit.checkpoint import open_checkpoint
+from tieaudit.checkpoint.config import load_dtype
+from tieaudit.checkpoint.hub import resolve
+from tieaudit.checkpoint.pickled import torch_dtype
 from tieaudit.errors import InputError, UsageError, WriteError
-from tieaudit.model import Comparison, FileChange, MergeGroup, MergeRun, Progress, Report, Severity
+from tieaudit.model import Comparison, FileChange, MergeGroup, MergeRun, Progress, Report, Severity, Skipped
+from tieaudit.repair.fix_plan import FixRefused, untie_config
+from tieaudit.repair.jsonedit import dump_like, set_json_values
 from tieaudit.repair.merge_plan import (
     MergeLayout,
     MergeRefused,
@@ -41,6 +63,7 @@ from tieaudit.repair.merge_plan import (
     unsupported_variant,
     wrapper_aliases,
 )
+from tieaudit.repair.oracle import LibraryOracle
 from tieaudit.repair.staging import (
     check_output_dir,
     clean_stale_staging,
@@ -52,6 +75,7 @@ from tieaudit.repair.staging import (
     write_text,
 )
 from tieaudit.repair.tensor_files import Entry, write_safetensors
+from tieaudit.ties.compare import LogitCache, StreamingDiff, probe_hidden_states, rows_per_chunk
 
 if TYPE_CHECKING:
     import numpy as np
@@ -106,15 +130,11 @@ def merge(
     ``report.comparisons`` (stage ``merged``) how far each written weight is from the one the unmerged adapter
     uses. Raises `TieauditError` subclasses (exit 2) for bad input or a failed write; nothing is written then.
     """
-    from tieaudit.adapter.files import read_settings, resolve_base
-    from tieaudit.auditing import _gib, severity
-    from tieaudit.checkpoint import open_checkpoint
 
     started = time.perf_counter()
     fail_level = severity(fail_on)
     if probe_tokens < 0:
         raise UsageError(f"probe_tokens must be >= 0, got {probe_tokens}")
-    from tieaudit.checkpoint.hub import resolve
 
     display = resolve(adapter, revision).path
     with contextlib.ExitStack() as stack:
@@ -191,12 +211,6 @@ class _Job:
 
 
 def _prepare(ad: Checkpoint, base_ckpt: Checkpoint, settings: AdapterSettings, copies: _BaseCopyCheck) -> _Job:
-    from tieaudit.adapter.analysis import applied_edits, base_copy_mismatches, base_graph
-    from tieaudit.adapter.forecast import MECHANISM_TEXT, peft_merge_structure, runtime_tokens
-    from tieaudit.checkpoint.config import load_dtype
-    from tieaudit.model import Skipped
-    from tieaudit.repair.fix_plan import FixRefused, untie_config
-    from tieaudit.repair.oracle import LibraryOracle
 
     skipped: list[Skipped] = []
     graph, _ = base_graph(base_ckpt, skipped)
@@ -312,9 +326,6 @@ class _BaseCopyCheck:
     name, byte for byte (the copies are embedding-sized: reading them overlaps with importing transformers)."""
 
     def __init__(self, ad: Checkpoint, base_ckpt: Checkpoint) -> None:
-        import threading
-
-        from tieaudit.adapter.files import PREFIX
 
         self.ad, self.base = ad, base_ckpt
         self.pairs = [
@@ -329,7 +340,6 @@ class _BaseCopyCheck:
         self.thread.start()
 
     def _run(self) -> None:
-        from tieaudit.adapter.analysis import same_bytes
 
         for key, name in self.pairs:
             try:
@@ -402,9 +412,6 @@ class PeftCheck:
     ) -> PeftCheck:
         import numpy as np
 
-        from tieaudit.adapter.confirm import MIN_PROBES, probe_inputs
-        from tieaudit.adapter.oracle import MAX_BYTES, OracleUnavailable, ask_peft
-
         dtypes = {m: base_ckpt.tensors[d].dtype for m, d in values.items()}
         if not values:
             return cls(None, (), np.zeros((0, 0), np.float32), dtypes)
@@ -428,10 +435,6 @@ class PeftCheck:
         """The staged model's tied weights, loaded as transformers loads them, against peft's run-time ones; raises
         WriteError (nothing is committed) when one is further than the dtype's rounding explains."""
         import numpy as np
-
-        from tieaudit.adapter.confirm import gap
-        from tieaudit.adapter.oracle import probe_checkpoint
-        from tieaudit.checkpoint import open_checkpoint
 
         if self.oracle is None:
             return []
@@ -479,8 +482,6 @@ def _write(
     progress: Progress | None,
     check: PeftCheck,
 ) -> tuple[Report, int, list[Comparison]]:
-    from tieaudit.adapter.forecast import TensorReader
-    from tieaudit.auditing import audit
 
     staging = make_staging(dest)
     committed = False
@@ -553,10 +554,6 @@ class _Producer:
 
     def __call__(self) -> Iterator[torch.Tensor]:
         import torch
-
-        from tieaudit.adapter.forecast import DeltaRows, TensorReader, apply_tokens, load_tokens
-        from tieaudit.checkpoint.pickled import torch_dtype
-        from tieaudit.ties.compare import LogitCache, StreamingDiff, probe_hidden_states, rows_per_chunk
 
         r = self.recipe
         shape = tuple(self.out.info.shape)
@@ -656,7 +653,6 @@ def _carry_files(base_root: Path, adapter_root: Path, staging: Path, base_ckpt: 
 
 
 def _index_text(base_ckpt: Checkpoint, layout: MergeLayout) -> str:
-    from tieaudit.repair.jsonedit import dump_like
 
     weight_map = {t.name: rel for rel, tensors in layout.files.items() for t in tensors}
     total = sum(t.info.nbytes for tensors in layout.files.values() for t in tensors)
@@ -667,8 +663,6 @@ def _index_text(base_ckpt: Checkpoint, layout: MergeLayout) -> str:
         old = json.loads(old_text)
         old_meta = old.get("metadata") if isinstance(old, dict) else None
         if isinstance(old_meta, dict) and "total_parameters" in old_meta:
-            import math
-
             meta["total_parameters"] = sum(math.prod(t.info.shape) for ts in layout.files.values() for t in ts)
     data = {"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}
     if old_text is not None and base_ckpt.index_file == layout.index_file:
@@ -677,7 +671,6 @@ def _index_text(base_ckpt: Checkpoint, layout: MergeLayout) -> str:
 
 
 def _config_text(base_ckpt: Checkpoint, changes: Mapping[str, Any]) -> str:
-    from tieaudit.repair.jsonedit import set_json_values
 
     assert base_ckpt.config is not None
     text = (Path(base_ckpt.root) / base_ckpt.config.rel).read_text(encoding="utf-8").removeprefix("\ufeff")

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 from tieaudit.checkpoint.config import escape_pointer_token
 from tieaudit.checkpoint.types import ConfigFile
+from tieaudit.ties.compare import diff_tensors
+from tieaudit.ties.declared import declared_ties, quiet_libraries
 from tieaudit.ties.graph import PairState, cast_reader, compare_dtype
 
 if TYPE_CHECKING:
@@ -23,7 +25,6 @@ class LibraryOracle:
         self.load_dtype = load_dtype
 
     def active_ties(self, config_data: dict[str, Any]) -> dict[str, str]:
-        from tieaudit.ties.declared import declared_ties
 
         with tempfile.TemporaryDirectory(prefix="tieaudit-config-") as tmp:
             text = json.dumps(config_data, indent=2)
@@ -37,7 +38,6 @@ class LibraryOracle:
         return drift
 
     def pairs_equal(self, pair: PairState) -> bool:
-        from tieaudit.ties.compare import diff_tensors
 
         s, t = pair.source_info, pair.target_info
         if s is None or t is None or s.shape != t.shape:
@@ -53,8 +53,6 @@ class LibraryOracle:
 def _effective(data: dict[str, Any]) -> dict[str, Any]:
     """The config as transformers reads it (defaults and derived values applied)."""
     import transformers
-
-    from tieaudit.ties.declared import quiet_libraries
 
     with tempfile.TemporaryDirectory(prefix="tieaudit-config-") as tmp, quiet_libraries():
         (Path(tmp) / "config.json").write_text(json.dumps(data), encoding="utf-8")

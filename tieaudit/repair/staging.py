@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tieaudit.errors import WriteError
+from tieaudit.errors import UsageError, WriteError
 
 if TYPE_CHECKING:
     pass
@@ -71,7 +71,6 @@ def _alive(pid: int) -> bool:
 def check_output_dir(output_dir: str | os.PathLike[str], inputs: Iterable[Path], what: str) -> Path:
     """The absolute destination of ``--output-dir``: absent or an empty directory, outside every input directory
     (``what`` names them in the error), its parent created and writable. Raises UsageError / WriteError."""
-    from tieaudit.errors import UsageError
 
     dest = Path(output_dir).absolute()
     for root in inputs:

@@ -9,7 +9,9 @@ import ctypes
 import errno
 import json
 import os
+import queue
 import struct
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -84,8 +86,6 @@ class _FileWriter:
     Items: bytes-like data, or ``(source fd, offset, length, message)`` to copy file to file."""
 
     def __init__(self, fd: int, depth: int = 3) -> None:
-        import queue
-        import threading
 
         self.fd = fd
         self.synced = 0

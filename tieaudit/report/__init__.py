@@ -24,7 +24,13 @@ BatchRenderer = Callable[[BatchReport, RenderOptions], str]
 
 
 def renderers() -> dict[str, Renderer]:
-    from tieaudit.report import github, json_format, markdown, sarif, text
+    from tieaudit.report import (  # lazy: start-up imports the registry, not every renderer
+        github,
+        json_format,
+        markdown,
+        sarif,
+        text,
+    )
 
     return {
         "text": text.render,
@@ -48,7 +54,13 @@ def render(report: Report, fmt: str, options: RenderOptions | None = None) -> st
 def render_batch(batch: BatchReport, fmt: str, options: RenderOptions | None = None) -> str:
     """One document covering every target of a batch (JSON: the per-target reports under a combined summary;
     SARIF: one run per target)."""
-    from tieaudit.report import github, json_format, markdown, sarif, text
+    from tieaudit.report import (  # lazy: start-up imports the registry, not every renderer
+        github,
+        json_format,
+        markdown,
+        sarif,
+        text,
+    )
 
     table: dict[str, BatchRenderer] = {
         "text": text.render_batch,

@@ -57,7 +57,10 @@ def cache_dir() -> Path | None:
 
 def transformers_version() -> str | None:
     """The installed transformers version, read from its metadata (importing transformers is what we avoid)."""
-    from importlib.metadata import PackageNotFoundError, version
+    from importlib.metadata import (  # lazy: ~20 ms that start-up never needs
+        PackageNotFoundError,
+        version,
+    )
 
     try:
         return version("transformers")

@@ -22,7 +22,9 @@ from typing import Any
 from tieaudit.checkpoint.config import escape_pointer_token, get_pointer
 from tieaudit.checkpoint.types import ConfigFile
 from tieaudit.errors import InputError
-from tieaudit.ties.readers import TIE_FLAG, ReaderView
+from tieaudit.ties import cache as tiemap_cache
+from tieaudit.ties.cache import NameTable
+from tieaudit.ties.readers import READERS, TIE_FLAG, ReaderView
 
 
 @dataclass(frozen=True)
@@ -105,8 +107,6 @@ def declared_ties(root: Path, config: ConfigFile, *, persistent: bool = True) ->
     cannot be built from this config. Results are cached per (architecture, config text) in memory and, unless
     `persistent` is False, on disk (tieaudit.ties.cache), so a repeat audit does not import transformers.
     """
-    from tieaudit.ties import cache as tiemap_cache
-
     arch = architecture_of(config)
     key = (arch or "", json.dumps(config.data, sort_keys=True))
     if key in _cache:
@@ -193,8 +193,6 @@ def _to_entry(d: DeclaredTies) -> dict[str, Any]:
 def _from_entry(entry: dict[str, Any], root: Path, config: ConfigFile) -> DeclaredTies | None:
     """The DeclaredTies of a cache entry (None when the entry is malformed: it is then recomputed). An entry that
     recorded an unavailable tie map raises it again."""
-    from tieaudit.ties.cache import NameTable
-
     if isinstance(entry.get("unavailable"), str):
         raise DeclaredTiesUnavailable(entry["unavailable"])
     try:
@@ -325,7 +323,6 @@ def _head_weight(model: Any) -> str | None:
 
 def reader_flags(model: Any, hf_config: Any, config: ConfigFile) -> tuple[ReaderView, ...]:
     """Where each modelled reader (tieaudit.ties.readers) reads the flag of the output head's tie, from its own rule."""
-    from tieaudit.ties.readers import READERS
 
     out = []
     for name, reader in READERS.items():

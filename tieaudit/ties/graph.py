@@ -10,13 +10,16 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from tieaudit.checkpoint.arrays import NUMPY_FLOAT_DTYPES as FLOAT_DTYPES
+from tieaudit.checkpoint.config import load_dtype
+from tieaudit.checkpoint.pickled import torch_dtype
 from tieaudit.checkpoint.types import TensorInfo
 from tieaudit.model import Comparison, Progress, Skipped, TieGroup, TieStatus
 from tieaudit.ties.compare import RowReader, TensorDiff, diff_tensors
-from tieaudit.ties.declared import DeclaredTies, Flag
+from tieaudit.ties.declared import DeclaredTies, DeclaredTiesUnavailable, Flag, declared_ties, validate_flag_types
 
 if TYPE_CHECKING:
     import torch
@@ -189,7 +192,6 @@ def cast_reader(ckpt: TensorSource, name: str, cast: str | None) -> Callable[[in
     """Row reader of a stored tensor, cast to the safetensors dtype `cast` (None: as stored)."""
     if cast is None:
         return lambda a, b: ckpt.read_rows(name, a, b)
-    from tieaudit.checkpoint.pickled import torch_dtype
 
     dtype = torch_dtype(cast)
     return lambda a, b: ckpt.read_rows(name, a, b).to(dtype)
@@ -422,10 +424,6 @@ def checkpoint_graph(
     """The one path from a checkpoint directory to its tie graph: the model class's declared ties (when the config
     names a class tieaudit can read), joined with the files, compared in the dtype transformers loads in. Also
     returns what could not be checked. ``base``: the checkpoint is an adapter's base (the reasons say so)."""
-    from pathlib import Path
-
-    from tieaudit.checkpoint.config import load_dtype
-    from tieaudit.ties.declared import DeclaredTiesUnavailable, declared_ties, validate_flag_types
 
     skipped: list[Skipped] = []
     declared = None
