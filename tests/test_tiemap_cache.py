@@ -29,6 +29,7 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     root = tmp_path / "cache"
     monkeypatch.setenv("TIEAUDIT_CACHE_DIR", str(root))
     monkeypatch.delenv("TIEAUDIT_NO_CACHE", raising=False)
+    monkeypatch.setenv("TIEAUDIT_NO_TABLE", "1")  # the shipped table would answer first: this is the cache's test
     monkeypatch.setattr(declared, "_cache", {})  # the in-memory layer would hide the disk one
     return root
 

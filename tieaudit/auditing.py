@@ -19,6 +19,7 @@ from tieaudit.errors import UsageError
 from tieaudit.model import Comparison, Finding, Progress, Report, Severity, Skipped, Stats, Target
 from tieaudit.rules import RuleContext, selected, unknown_selectors
 from tieaudit.rules import run as run_rules
+from tieaudit.threads import numeric_threads
 from tieaudit.ties.declared import architecture_of
 from tieaudit.ties.graph import checkpoint_graph
 
@@ -150,7 +151,8 @@ def audit_open(
         adapter_options = AdapterOptions(
             options.probe_tokens, options.peft_check, options.peft_max_bytes, options.require_base, options.forecast
         )
-        analysis = analyse_adapter(ckpt, path, base_arg, adapter_options, stack)
+        with numeric_threads():  # BLAS sized to the CPUs nobody else is using (tieaudit/threads.py)
+            analysis = analyse_adapter(ckpt, path, base_arg, adapter_options, stack)
         skipped.extend(analysis.skipped)
         context = analysis.context
         extra: list[Comparison] = []

@@ -57,6 +57,19 @@ SKIP: dict[str, str] = {
 }
 
 
+def default_dir() -> Path:
+    """Where the test suite keeps the zoo of the installed versions: ``$TIEAUDIT_ZOO_DIR`` (else
+    ``~/.cache/tieaudit-zoo``) / ``transformers-<version>-<hash of the versions and of this file>``."""
+    import hashlib
+    from importlib.metadata import version
+
+    key = hashlib.sha256(
+        "\n".join([version("transformers"), version("torch"), Path(__file__).read_text()]).encode()
+    ).hexdigest()[:16]
+    base = Path(os.environ.get("TIEAUDIT_ZOO_DIR") or Path.home() / ".cache" / "tieaudit-zoo")
+    return base / f"transformers-{version('transformers')}-{key}"
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Enumeration
 # --------------------------------------------------------------------------------------------------------------------

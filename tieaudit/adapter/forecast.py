@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tieaudit.adapter.files import AdapterSettings, LoraPart, ModuleEdit
+from tieaudit.threads import size_torch
 from tieaudit.ties.compare import (
     LogitCache,
     StreamingDiff,
@@ -64,6 +65,8 @@ class TensorReader:
 
     def rows(self, name: str) -> RowReader:
         import torch
+
+        size_torch(torch)
 
         read = self._ckpt.read_rows  # type: ignore[attr-defined]
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tieaudit.errors import TieauditError
+from tieaudit.threads import size_torch
 from tieaudit.ties.declared import _reverse_renamer, architecture_of, quiet_libraries
 
 if TYPE_CHECKING:
@@ -105,6 +106,7 @@ def ask_peft(
         import peft
         import torch
 
+        size_torch(torch)
         model = _meta_model(base)
         members = list(values)
         _check_size(model, members, max_bytes)

@@ -77,7 +77,11 @@ ProgressOpt = Annotated[
 ]
 NoCacheOpt = Annotated[
     bool,
-    typer.Option("--no-cache", help="Do not read or write the tie-map cache (also: TIEAUDIT_NO_CACHE=1)."),
+    typer.Option(
+        "--no-cache",
+        help="Compute the declared tie map with transformers: no shipped table, no tie-map cache "
+        "(also: TIEAUDIT_NO_CACHE=1).",
+    ),
 ]
 NoBaseOpt = Annotated[
     bool,

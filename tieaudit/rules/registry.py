@@ -7,7 +7,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tieaudit.adapter.context import AdapterContext
 from tieaudit.model import Finding, FixHint, Location, Severity
 
 
@@ -87,8 +86,7 @@ def run(rules: Iterable[Rule], context: Any) -> list[Finding]:
     """Every finding of the rules that apply to ``context`` (the adapter rules to an adapter's, the checkpoint
     rules to a model's), worst first, then by code and tensor: the one order every report uses."""
 
-    family = "adapter" if isinstance(context, AdapterContext) else "checkpoint"
-    findings = [f for r in rules if r.family == family for f in r.check(context)]
+    findings = [f for r in rules if r.family == context.family for f in r.check(context)]
     findings.sort(key=lambda f: (-f.severity.rank, f.code, f.location.tensor or ""))
     return findings
 
@@ -129,4 +127,4 @@ def _matches(r: Rule, selector: str) -> bool:
 
 def _load() -> None:
     # importing the rule modules registers their rules
-    pass  # noqa: F401; lazy: a cycle (the rule modules import the registry)
+    from tieaudit.rules import adapter, checkpoint  # noqa: F401  # lazy: a cycle (the rule modules import the registry)

@@ -25,6 +25,7 @@ from tieaudit.errors import InputError
 from tieaudit.ties import cache as tiemap_cache
 from tieaudit.ties.cache import NameTable
 from tieaudit.ties.readers import READERS, TIE_FLAG, ReaderView
+from tieaudit.ties.table import shipped_ties
 
 
 @dataclass(frozen=True)
@@ -104,13 +105,20 @@ def declared_ties(root: Path, config: ConfigFile, *, persistent: bool = True) ->
     """Build the model class of `config.architectures` on the meta device and read its tie map.
 
     Raises DeclaredTiesUnavailable with a reason when the class is unknown, is remote code, or
-    cannot be built from this config. Results are cached per (architecture, config text) in memory and, unless
-    `persistent` is False, on disk (tieaudit.ties.cache), so a repeat audit does not import transformers.
+    cannot be built from this config. The shipped table (tieaudit.ties.table) answers first, without transformers,
+    where it can vouch for this config and the installed transformers; then results are cached per (architecture,
+    config text) in memory and, unless `persistent` is False, on disk (tieaudit.ties.cache), so a repeat audit does
+    not import transformers either.
     """
     arch = architecture_of(config)
     key = (arch or "", json.dumps(config.data, sort_keys=True))
     if key in _cache:
         return _cache[key]
+    if tiemap_cache.cache_dir() is not None:  # --no-cache: computed with transformers, whatever is shipped
+        shipped = shipped_ties(config, arch, lambda: _compute(root, config, arch))
+        if shipped is not None:
+            _cache[key] = shipped
+            return shipped
     version = tiemap_cache.transformers_version() if persistent and tiemap_cache.cache_dir() else None
     disk_key = tiemap_cache.entry_key(arch, config.data, version) if version else None
     if disk_key is not None:

@@ -7,6 +7,7 @@ with a randomly initialised tensor. It returns data; the rules turn it into find
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -18,6 +19,7 @@ from tieaudit.checkpoint.config import load_dtype
 from tieaudit.checkpoint.pickled import torch_dtype
 from tieaudit.checkpoint.types import TensorInfo
 from tieaudit.model import Comparison, Progress, Skipped, TieGroup, TieStatus
+from tieaudit.threads import numeric_threads
 from tieaudit.ties.compare import RowReader, TensorDiff, diff_tensors
 from tieaudit.ties.declared import DeclaredTies, DeclaredTiesUnavailable, Flag, declared_ties, validate_flag_types
 
@@ -114,7 +116,8 @@ def build_graph(
         if (c.target in active or _reader_ties(c.target, declared)) and _both(c, mem_to_disk)
     )
     comparer = _Comparer(ckpt, probes, progress, total=to_compare, load_dtype=load_dtype)
-    pairs = [_pair_state(c, ckpt, declared, mem_to_disk, comparer) for c in candidates]
+    with numeric_threads() if to_compare else contextlib.nullcontext():
+        pairs = [_pair_state(c, ckpt, declared, mem_to_disk, comparer) for c in candidates]
     pairs = _resolve_covered(pairs)
     groups = _groups(pairs, declared, mem_to_disk, ckpt)
     return TieGraph(
