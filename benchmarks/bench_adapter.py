@@ -162,7 +162,7 @@ def measure(argv: list[str], state: str, repeats: int, scratch: Path, label: str
     """cold: `files` evicted and an empty tie-map cache before each run; warm: after a warm-up run; load: the warm
     runs again with the CPU burner on, without a warm-up (the quiet warm row just before left everything warm)."""
     if state == "cold":
-        return c.measure(argv, repeats, scratch, label, cold=files)
+        return c.measure(argv, repeats, scratch, f"{label} (cold)", cold=files)
     with c.cpu_burner() if state == "load" else nullcontext():
         return c.measure(argv, repeats, scratch, f"{label} ({STATES[state]})", warmup=state == "warm")
 

@@ -46,7 +46,8 @@ class Row(c.Runs):
 
 
 def measure(argv: list[str], repeats: int, scratch: Path, label: str, cold: Path | None) -> list[c.Run]:
-    return c.measure(argv, repeats, scratch, label, cold=None if cold is None else [cold])
+    state = "warm" if cold is None else "cold"
+    return c.measure(argv, repeats, scratch, f"{label} ({state})", cold=None if cold is None else [cold])
 
 
 def startup_rows(repeats: int, scratch: Path) -> list[Row]:

@@ -123,8 +123,8 @@ def bench_layout(layout: str, src: Path, scratch: Path, repeats: int) -> list[Ro
         if command.startswith("tieaudit"):
             fix = (c.last_json(runs[-1].stdout) or {}).get("fix_run") or {}
             row.bytes_written, row.note = fix.get("bytes_written"), f"fixed {fix.get('fixed')} of {fix.get('total')}"
-            if not fix or fix.get("fixed") != fix.get("total") or {r.exit for r in runs} != {0}:
-                row.problems.append(f"exit {sorted({r.exit for r in runs})}, fix_run {fix or 'missing'}")
+            if fix.get("fixed") != 1 or fix.get("total") != 1 or {r.exit for r in runs} != {0}:
+                row.problems.append(f"exit {sorted({r.exit for r in runs})}, {row.note}, expected exit 0, fixed 1 of 1")
         rows.append(row)
         return row
 
@@ -159,9 +159,20 @@ def results_table(rows: Sequence[Row]) -> str:
     return c.table(columns, map(cells, rows), "llrrrrl")
 
 
-def target_checks(rows: Sequence[Row]) -> list[c.Check]:
-    return [
-        (not r.problems, f"{r.layout}: `{r.command}` " + ("; ".join(r.problems) or "fixed, and the fix held"))
+def source_check(layout: str, src: Path) -> c.Check:
+    """The premise: tieaudit finds the TIE002 the fix is for (exit 1)."""
+    proc = subprocess.run([c.tieaudit_exe(), "check", str(src), "-f", "json"], capture_output=True, text=True)
+    codes = sorted({f["code"] for f in (c.last_json(proc.stdout) or {}).get("findings", [])})
+    ok = proc.returncode == 1 and "TIE002" in codes
+    return (
+        ok,
+        f"{layout}: the source audits as TIE002 before the fix: exit {proc.returncode}, findings {codes or 'none'}",
+    )
+
+
+def target_checks(rows: Sequence[Row], premises: Sequence[c.Check]) -> list[c.Check]:
+    return [*premises] + [
+        (not r.problems, f"{r.layout}: `{r.command}` " + ("; ".join(r.problems) or "fixed 1 of 1, and the fix held"))
         for r in rows
         if r.command.startswith("tieaudit")
     ]
@@ -172,14 +183,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     sources = ensure_sources(args.workdir)
     with c.session(args.workdir, "scratch-fix-") as scratch:
+        premises = [source_check(layout, src) for layout, src in sources.items()]
         rows = [row for layout, src in sources.items() for row in bench_layout(layout, src, scratch, args.repeats)]
     info = c.machine_info()
+    checks = target_checks(rows, premises)
     print(results_table(rows))
+    c.write_raw(args.workdir / "fix-results.json", info, args.repeats, rows=rows)
     if not args.no_readme:
         machine = c.machine_block(info, c.protocol(args.repeats), time.perf_counter() - started)
-        checks = "Target checks:\n\n" + c.check_lines(target_checks(rows))
-        c.write_generated(BLOCK, f"{machine}\n\n{results_table(rows)}\n\n{checks}")
-    return c.finish(target_checks(rows))
+        c.write_generated(BLOCK, f"{machine}\n\n{results_table(rows)}\n\nTarget checks:\n\n{c.check_lines(checks)}")
+    return c.finish(checks)
 
 
 if __name__ == "__main__":

@@ -242,7 +242,7 @@ def measure(
         run = dataclasses.replace(run_measured(argv, scratch, env), resident=left)
         runs.append(run)
         log(
-            f"[bench] {label}{' (cold)' if cold is not None else ''}: run {len(runs)}/{repeats}: {run.wall:.2f} s, "
+            f"[bench] {label}: run {len(runs)}/{repeats}: {run.wall:.2f} s, "
             f"{run.peak_rss / MIB:,.0f} MiB, exit {run.exit}"
         )
     return runs
@@ -253,7 +253,9 @@ def cold_note(rows: Iterable[Any]) -> str | None:
     left = [r.resident for row in rows for r in row.runs if r.resident is not None]
     if not left:
         return None
-    return f"cold runs: at most {fmt_bytes(max(left))} of the evicted checkpoint files still in the page cache at start"
+    most = max(left)
+    shown = f"{most:,} bytes" if most < MIB else f"{most / MIB:,.1f} MiB"
+    return f"cold runs: at most {shown} of the evicted checkpoint files were still in the page cache at the start"
 
 
 def last_json(stdout: str) -> dict[str, Any] | None:

@@ -294,3 +294,18 @@ def test_without_base_an_ensure_weight_tying_adapter_says_what_merging_it_does(t
     assert finding.code == "TIE106" and "adds the delta twice (TIE102)" in finding.message
     with_base = audit(lonely, base=demo / "llama-clean")
     assert "TIE102" in {f.code for f in with_base.findings} and "TIE106" not in {f.code for f in with_base.findings}
+
+
+def test_the_forecast_reads_each_stored_byte_once(adapter_case) -> None:
+    """An adapter that saved a copy of the tied embedding (`base_layer`): the base embedding is read once, by the
+    forecast's pass, and the copy is compared with it as its rows go by (adapter/analysis.py, CopyCheck); the
+    adapter's tensors of the tied layer (copy and factors) are read once too, and nothing else."""
+    from tieaudit.checkpoint import open_checkpoint
+
+    base, adapter, _ = adapter_case("llama", "lora_embed")
+    with open_checkpoint(adapter) as ad, open_checkpoint(base) as b:
+        assert any(name.endswith("base_layer.weight") for name in ad.tensors), "the case must save a base copy"
+        adapter_bytes = sum(t.nbytes for name, t in ad.tensors.items() if "embed_tokens" in name)
+        embedding = b.tensors["model.embed_tokens.weight"].nbytes
+    report = audit(adapter, base=base, peft_check=False)
+    assert report.stats.tensor_bytes_read == embedding + adapter_bytes

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,6 +35,8 @@ from tieaudit.ties.graph import cast_reader, checkpoint_graph
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+
+    import numpy as np
 
     from tieaudit.adapter.confirm import PeftView
     from tieaudit.adapter.context import AdapterAlone, AdapterContext, BaseMismatch
@@ -136,9 +138,11 @@ def analyse_adapter(
     members = {n for g in graph.groups for n in g.members}
     edits = module_edits(adapter.tensors, settings, members) if modelled else {}
     mismatches = _shape_mismatches(adapter, base_ckpt, graph, edits)
-    mismatches += base_copy_mismatches(
-        adapter, base_ckpt, group_base_values(base_ckpt, graph), edits, {m.param for m in mismatches}
-    )
+    values = group_base_values(base_ckpt, graph)
+    bad = {m.param for m in mismatches}
+    # a saved base copy of a tied layer is compared with the base from the bytes the forecast reads anyway
+    checks = copy_checks(adapter, base_ckpt, values, edits, bad)
+    mismatches += base_copy_mismatches(adapter, base_ckpt, values, edits, bad | set(checks))
     if settings.use_dora or any(e.lora and e.lora.dora for e in edits.values()):
         skipped.append(
             Skipped(
@@ -150,8 +154,17 @@ def analyse_adapter(
 
     applied, ignored = applied_edits(graph, edits, settings)
     forecasts, comparisons = forecast_groups(
-        adapter, base_ckpt, graph, applied, settings, options.probes, mismatches, skipped, options.forecast
+        adapter, base_ckpt, graph, applied, settings, options.probes, mismatches, skipped, options.forecast, checks
     )
+    late = {m: edits[m] for m, check in checks.items() if not check.settled}
+    if late:  # not all read by the forecast (no low-rank pass over that base tensor), or they differ: compare now
+        found = base_copy_mismatches(adapter, base_ckpt, values, late, bad)
+        if found:
+            mismatches += found
+            dropped = {m.param for m in found}
+            kept = [fc for fc in forecasts if not dropped & set(fc.members)]
+            sources = {fc.source for fc in forecasts} - {fc.source for fc in kept}
+            forecasts, comparisons = kept, [c for c in comparisons if c.source not in sources]
     views, unverified = _confirm(
         adapter,
         base_ckpt,
@@ -416,6 +429,73 @@ def base_copy_mismatches(
     return out
 
 
+class CopyCheck:
+    """Whether an adapter's saved base copy (`base_layer.weight`) holds the base tensor's bytes, judged from the base
+    rows another pass reads anyway (the forecast's pass over W0): the copy's matching rows are read and compared as
+    the base rows go by. ``settled``: every row was seen and all were equal; otherwise the caller compares the two
+    tensors itself (`base_copy_mismatches`)."""
+
+    def __init__(self, adapter: Checkpoint, copy_name: str, base: Checkpoint, base_name: str) -> None:
+        found = adapter.byte_range(copy_name)
+        assert found is not None
+        self.fd, self.offset, _ = found
+        self.adapter, self.copy_name, self.base_name = adapter, copy_name, base_name
+        self.row_bytes = base.row_bytes(base_name)
+        self.rows = base.row_count(base_name)
+        self.seen: list[tuple[int, int]] = []
+        self.equal = True
+        self._buf: np.ndarray | None = None
+
+    def __call__(self, start: int, stored: np.ndarray) -> None:
+        import numpy as np
+
+        n = stored.nbytes
+        if self._buf is None or self._buf.nbytes < n:
+            self._buf = np.empty(n, np.uint8)
+        mine = self._buf[:n]
+        read_into(self.fd, self.offset + start * self.row_bytes, mine, self.adapter.tensors[self.copy_name].file)
+        self.adapter.stats.tensor_bytes += n
+        self.seen.append((start, start + n // self.row_bytes))
+        if self.equal and not np.array_equal(mine, stored):
+            self.equal = False
+
+    @property
+    def settled(self) -> bool:
+        covered = 0
+        for a, b in sorted(self.seen):
+            if a != covered:
+                return False
+            covered = b
+        return self.equal and covered == self.rows
+
+
+def copy_checks(
+    adapter: Checkpoint, base: Checkpoint, values: Mapping[str, str], edits: dict[str, ModuleEdit], skip: set[str]
+) -> dict[str, CopyCheck]:
+    """A `CopyCheck` for each saved base copy that is stored like its base tensor (same dtype and shape, both in
+    safetensors files), keyed by the member it belongs to."""
+    out = {}
+    for m, disk in values.items():
+        e = edits.get(m)
+        if e is None or e.base_copy is None or m in skip:
+            continue
+        a, b = adapter.tensors[e.base_copy], base.tensors[disk]
+        if a.dtype != b.dtype or tuple(a.shape) != tuple(b.shape) or not b.shape:
+            continue
+        if adapter.byte_range(e.base_copy) is None or base.byte_range(disk) is None:
+            continue
+        out[m] = CopyCheck(adapter, e.base_copy, base, disk)
+    return out
+
+
+def _fan_out(checks: list[CopyCheck]) -> Callable[[int, np.ndarray], None]:
+    def tee(start: int, stored: np.ndarray) -> None:
+        for check in checks:
+            check(start, stored)
+
+    return tee
+
+
 def same_bytes(a: Checkpoint, name_a: str, b: Checkpoint, name_b: str, chunk: int = 32 * 2**20) -> tuple[bool, int]:
     """Whether two stored safetensors tensors have identical dtype, shape and bytes (False when it cannot tell), and
     how many bytes were read from each. Touches no shared state, so it may run on another thread.
@@ -465,6 +545,7 @@ def forecast_groups(
     mismatches: list[BaseMismatch],
     skipped: list[Skipped],
     method: str = "auto",
+    checks: Mapping[str, CopyCheck] | None = None,
 ) -> tuple[list[GroupForecast], list[Comparison]]:
     import numpy as np
 
@@ -501,7 +582,8 @@ def forecast_groups(
             _embed_scale(base_ckpt),
             graph.declared.transposed if graph.declared else frozenset(),
         )
-        fc = forecast_group(group, base_ckpt, adapter, method)
+        riders = [c for m, c in (checks or {}).items() if c.base_name == disk]
+        fc = forecast_group(group, base_ckpt, adapter, method, _fan_out(riders) if riders else None)
         forecasts.append(fc)
         for target, d in fc.adapter_diffs.items():
             comparisons.append(

@@ -34,6 +34,7 @@ from tieaudit.ties.compare import (
 )
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
     from tieaudit.checkpoint import Checkpoint
@@ -130,13 +131,20 @@ class GroupInput:
 METHODS = ("auto", "lowrank", "stream")
 
 
-def forecast_group(group: GroupInput, base: Checkpoint, adapter: Checkpoint, method: str = "auto") -> GroupForecast:
+def forecast_group(
+    group: GroupInput,
+    base: Checkpoint,
+    adapter: Checkpoint,
+    method: str = "auto",
+    tee: Callable[[int, np.ndarray], None] | None = None,
+) -> GroupForecast:
     """Run-time and merge-reload weights of one tied group, compared.
 
     ``method``: "lowrank" computes every comparison from the LoRA factors and one pass over W0 (numpy, see
     `tieaudit.adapter.lowrank`); "stream" materialises every weight chunk by chunk (torch; the reference the low-rank
     path is tested against); "auto" takes "lowrank" unless a member is a full `modules_to_save` copy, which only
-    streaming can compare."""
+    streaming can compare. ``tee(start_row, stored bytes)`` sees the base rows the low-rank path reads (once each),
+    so a check of the same rows needs no second read."""
     if method not in METHODS:
         raise ValueError(f"unknown forecast method {method!r} (expected one of {', '.join(METHODS)})")
     source, members, shape, edits, settings = group.source, group.members, group.shape, group.edits, group.settings
@@ -151,7 +159,7 @@ def forecast_group(group: GroupInput, base: Checkpoint, adapter: Checkpoint, met
             inner, TensorReader(base).rows(w0_name), TensorReader(adapter)
         )
     else:
-        adapter_diffs, merge_diffs, rows_worst = _lowrank_group(inner, base, w0_name, adapter)
+        adapter_diffs, merge_diffs, rows_worst = _lowrank_group(inner, base, w0_name, adapter, tee)
     per_member = {}
     for m in members:
         if m not in merge_diffs:
@@ -180,7 +188,9 @@ class _Group:
     transposed: frozenset[str]
 
 
-def _lowrank_group(g: _Group, base: Checkpoint, w0_name: str, adapter: Checkpoint) -> GroupDiffs:
+def _lowrank_group(
+    g: _Group, base: Checkpoint, w0_name: str, adapter: Checkpoint, tee: Callable[[int, np.ndarray], None] | None
+) -> GroupDiffs:
     """The comparisons of `_stream_group`, from the factors (no full copy in the group)."""
     source, members, shape, edits, transposed = g.source, g.members, g.shape, g.edits, g.transposed
     import numpy as np
@@ -237,7 +247,7 @@ def _lowrank_group(g: _Group, base: Checkpoint, w0_name: str, adapter: Checkpoin
     pairs = [(runtime[source], runtime[t]) for t in targets] + [(merged, runtime[m]) for m in merge_members]
     h = probe_states(g.probes, shape[1]) if g.probes > 0 else None
     results = compare_lowrank(
-        lambda a, b: base.read_float32(w0_name, a, b), shape, factors, pairs, h=h, probe_rows=g.probe_rows
+        lambda a, b: base.read_float32(w0_name, a, b, tee), shape, factors, pairs, h=h, probe_rows=g.probe_rows
     )
     adapter_diffs = {t: results[k].diff for k, t in enumerate(targets)}
     merge_results = dict(zip(merge_members, results[len(targets) :], strict=True))

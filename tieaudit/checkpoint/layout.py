@@ -11,12 +11,12 @@ import math
 import os
 import stat
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
-from tieaudit.checkpoint.arrays import NUMPY_FLOAT_DTYPES, read_float32
+from tieaudit.checkpoint.arrays import NUMPY_FLOAT_DTYPES, Tee, read_float32
 from tieaudit.checkpoint.config import load_json, read_config
 from tieaudit.checkpoint.pickled import BinFile, load_bin, read_bin_rows, torch_dtype
 from tieaudit.checkpoint.safetensors_header import SafetensorsHeader, open_regular_file, read_exact, read_header_fd
@@ -70,13 +70,16 @@ class _SafetensorsSource:
         buf = read_exact(self.fd, self.header.data_start + begin + start * row_bytes, length, self.rel)
         return torch.frombuffer(buf, dtype=torch_dtype(info.dtype)).reshape(shape)
 
-    def read_float32(self, info: TensorInfo, start: int, stop: int, row_bytes: int) -> np.ndarray | None:
+    def read_float32(
+        self, info: TensorInfo, start: int, stop: int, row_bytes: int, tee: Tee | None = None
+    ) -> np.ndarray | None:
         """Rows [start, stop) as float32 decoded by numpy (None: a dtype numpy cannot decode exactly)."""
         if info.dtype not in NUMPY_FLOAT_DTYPES:
             return None
         begin, _ = self.header.offsets[info.name]
         shape = (stop - start, *info.shape[1:]) if info.shape else ()
-        return read_float32(self.fd, self.header.data_start + begin + start * row_bytes, info.dtype, shape, self.rel)
+        offset = self.header.data_start + begin + start * row_bytes
+        return read_float32(self.fd, offset, info.dtype, shape, self.rel, tee)
 
     def close(self) -> None:
         """Close the descriptor (idempotent)."""
@@ -97,7 +100,9 @@ class _BinSource:
             raise ValueError("checkpoint is closed")
         return read_bin_rows(self.loaded.tensors[info.name], start, stop)
 
-    def read_float32(self, info: TensorInfo, start: int, stop: int, row_bytes: int) -> np.ndarray | None:
+    def read_float32(
+        self, info: TensorInfo, start: int, stop: int, row_bytes: int, tee: Tee | None = None
+    ) -> np.ndarray | None:
         """Pickled tensors are read through torch (None: let the caller convert)."""
         return None
 
@@ -196,13 +201,17 @@ class Checkpoint:
             raise ValueError("checkpoint is closed")
         return info, source, self.row_bytes(name)
 
-    def read_float32(self, name: str, start: int, stop: int) -> np.ndarray:
+    def read_float32(
+        self, name: str, start: int, stop: int, tee: Callable[[int, np.ndarray], None] | None = None
+    ) -> np.ndarray:
         """Rows [start, stop) of tensor ``name`` as a fresh float32 numpy array (see :meth:`read_rows`).
 
         bf16, f16 and f32 are decoded exactly by numpy, without importing torch; other dtypes and pickled
-        tensors are read with :meth:`read_rows` and converted."""
+        tensors are read with :meth:`read_rows` and converted. ``tee(start, stored bytes)`` sees the stored bytes
+        of a safetensors read before decoding (it is not called for other reads)."""
         info, source, row_bytes = self._rows_source(name, start, stop)
-        out = source.read_float32(info, start, stop, row_bytes)
+        raw_tee = None if tee is None else (lambda raw: tee(start, raw))
+        out = source.read_float32(info, start, stop, row_bytes, raw_tee)
         if out is None:
             import torch
 
