@@ -456,8 +456,10 @@ class CopyCheck:
         read_into(self.fd, self.offset + start * self.row_bytes, mine, self.adapter.tensors[self.copy_name].file)
         self.adapter.stats.tensor_bytes += n
         self.seen.append((start, start + n // self.row_bytes))
-        if self.equal and not np.array_equal(mine, stored):
-            self.equal = False
+        if self.equal:
+            words = n - n % 8  # compared 8 bytes at a time
+            a, b = mine[:words].view(np.uint64), stored[:words].view(np.uint64)
+            self.equal = bool(np.array_equal(a, b)) and mine[words:].tobytes() == stored[words:].tobytes()
 
     @property
     def settled(self) -> bool:
