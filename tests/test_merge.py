@@ -507,7 +507,8 @@ def test_a_wrong_internal_model_is_stopped_by_peft(
 
         monkeypatch.setattr(forecast.DeltaRows, "__init__", doubled)
     elif case == "trainable_tokens":
-        monkeypatch.setattr(forecast, "apply_tokens", lambda rows, start, stop, tokens: rows)
+        for module in (forecast, merging):  # wherever the merge's model of peft applies token rows
+            monkeypatch.setattr(module, "apply_tokens", lambda rows, start, stop, tokens: rows)
     else:
         plan = merging.adapter_edits
 

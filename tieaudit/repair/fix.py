@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import os
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -30,8 +29,8 @@ from tieaudit.repair.staging import (
     commit_output_dir,
     current_umask,
     fsync_tree,
-    make_staging,
     populate,
+    staged,
     step,
     write_text,
 )
@@ -195,46 +194,40 @@ def _write(
     before_findings: Sequence[Finding],
 ) -> tuple[Report, int]:
 
-    staging = make_staging(final)
-    committed = False
-    try:
+    def failed(exc: OSError) -> str:
+        where = exc.filename or final
+        return f"cannot write the fixed checkpoint ({where}): {exc.strerror or exc}; {_intact(in_place)}"
+
+    with staged(final, failed) as stage:
         skip = set(weights.files_written)
         if index_text is not None and ckpt.index_file:
             skip.add(ckpt.index_file)
         if config_text is not None and ckpt.config is not None:
             skip.add(ckpt.config.rel)
-        populate(Path(ckpt.root), staging, skip, link=in_place)
+        populate(Path(ckpt.root), stage.path, skip, link=in_place)
         step("staged")
-        written = write_weight_files(ckpt, weights, staging)
+        written = write_weight_files(ckpt, weights, stage.path)
         step("weights")
         if index_text is not None and ckpt.index_file:
-            written += write_text(staging / ckpt.index_file, index_text[1])
+            written += write_text(stage.path / ckpt.index_file, index_text[1])
         step("index")
         if config_text is not None and ckpt.config is not None:
-            written += write_text(staging / ckpt.config.rel, config_text[1])
+            written += write_text(stage.path / ckpt.config.rel, config_text[1])
         step("config")
-        carry_metadata(Path(ckpt.root), staging, skip)
-        fsync_tree(staging)
-        after = audit(staging, fail_on=fail_level, exit_zero=exit_zero)
+        carry_metadata(Path(ckpt.root), stage.path, skip)
+        fsync_tree(stage.path)
+        after = audit(stage.path, fail_on=fail_level, exit_zero=exit_zero)
         _refuse_regressions(before_findings, after.findings)
         step("verified")
         if in_place:
             order = [*weights.new_files, *weights.rewritten]
             order += [rel for rel in (ckpt.index_file, ckpt.config.rel if ckpt.config else None) if rel in skip]
-            commit_in_place(staging, final, [r for r in order if r is not None])
+            commit_in_place(stage.path, final, [r for r in order if r is not None])
         else:
-            os.chmod(staging, 0o777 & ~current_umask())
-            commit_output_dir(staging, final)
-        committed = True
+            os.chmod(stage.path, 0o777 & ~current_umask())
+            commit_output_dir(stage.path, final)
+        stage.committed = True
         return after, written
-    except OSError as exc:
-        where = exc.filename or final
-        raise WriteError(
-            f"cannot write the fixed checkpoint ({where}): {exc.strerror or exc}; {_intact(in_place)}"
-        ) from None
-    finally:
-        if not committed:
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _intact(in_place: bool) -> str:

@@ -70,7 +70,7 @@ from tieaudit.repair.staging import (
     commit_output_dir,
     current_umask,
     fsync_tree,
-    make_staging,
+    staged,
     step,
     write_text,
 )
@@ -483,11 +483,10 @@ def _write(
     check: PeftCheck,
 ) -> tuple[Report, int, list[Comparison]]:
 
-    staging = make_staging(dest)
-    committed = False
     comparisons: list[Comparison] = []
-    try:
-        written = _carry_files(Path(base_ckpt.root), Path(ad.root), staging, base_ckpt)
+    failed = "cannot write the merged model ({}): {}; nothing was written"
+    with staged(dest, lambda exc: failed.format(exc.filename or dest, exc.strerror or exc)) as stage:
+        written = _carry_files(Path(base_ckpt.root), Path(ad.root), stage.path, base_ckpt)
         step("staged")
         adapter_rows = TensorReader(ad)
         total = sum(t.info.nbytes for v in job.layout.files.values() for t in v)
@@ -502,41 +501,34 @@ def _write(
                     entries.append((t.name, t.info, t.data))
             if progress:
                 progress(f"writing {rel}", done, total)
-            written += write_safetensors(base_ckpt, entries, staging / rel, {"format": "pt"})
+            written += write_safetensors(base_ckpt, entries, stage.path / rel, {"format": "pt"})
             done += sum(t.info.nbytes for t in tensors)
             for _, _, data in entries:
                 if isinstance(data, _Producer):
                     comparisons.extend(data.checked_comparisons())
         step("weights")
         if job.layout.index_file is not None:
-            written += write_text(staging / job.layout.index_file, _index_text(base_ckpt, job.layout))
+            written += write_text(stage.path / job.layout.index_file, _index_text(base_ckpt, job.layout))
         step("index")
-        written += write_text(staging / "config.json", _config_text(base_ckpt, job.config))
+        written += write_text(stage.path / "config.json", _config_text(base_ckpt, job.config))
         step("config")
-        fsync_tree(staging)
+        fsync_tree(stage.path)
         if progress:
             progress("checking the written tied weights against peft", 0, 0)
-        comparisons.extend(check.verify(staging))
+        comparisons.extend(check.verify(stage.path))
         step("peft-checked")
         if progress:
             progress("re-auditing the merged model", 0, 0)
-        after = audit(staging, fail_on=fail_level, exit_zero=exit_zero)
+        after = audit(stage.path, fail_on=fail_level, exit_zero=exit_zero)
         errors = [f for f in after.findings if f.severity is Severity.ERROR]
         if errors:
             first = errors[0]
             raise WriteError(f"internal check failed: the merged model would have {first.code} ({first.message})")
         step("verified")
-        os.chmod(staging, 0o777 & ~current_umask())
-        commit_output_dir(staging, dest)
-        committed = True
+        os.chmod(stage.path, 0o777 & ~current_umask())
+        commit_output_dir(stage.path, dest)
+        stage.committed = True
         return after, written, comparisons
-    except OSError as exc:
-        raise WriteError(
-            f"cannot write the merged model ({exc.filename or dest}): {exc.strerror or exc}; nothing was written"
-        ) from None
-    finally:
-        if not committed:
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 class _Producer:

@@ -298,3 +298,25 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
     while view:
         n = os.write(fd, view)
         view = view[n:]
+
+
+class Staged:
+    """A staging directory next to ``final`` (`make_staging`); `commit` marks it switched into place."""
+
+    def __init__(self, final: Path) -> None:
+        self.path = make_staging(final)
+        self.committed = False
+
+
+@contextlib.contextmanager
+def staged(final: Path, failed: Callable[[OSError], str]) -> Iterator[Staged]:
+    """Write ``final`` through a staging directory: an OSError becomes a WriteError with the line ``failed(exc)``,
+    and the staging directory is removed unless the block set ``committed`` (the one way fix and merge end)."""
+    stage = Staged(final)
+    try:
+        yield stage
+    except OSError as exc:
+        raise WriteError(failed(exc)) from None
+    finally:
+        if not stage.committed:
+            shutil.rmtree(stage.path, ignore_errors=True)

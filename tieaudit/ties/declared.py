@@ -115,7 +115,7 @@ def declared_ties(root: Path, config: ConfigFile, *, persistent: bool = True) ->
     if key in _cache:
         return _cache[key]
     if tiemap_cache.cache_dir() is not None:  # --no-cache: computed with transformers, whatever is shipped
-        shipped = shipped_ties(config, arch, lambda: _compute(root, config, arch))
+        shipped = shipped_ties(config, arch, lambda: _compute_later(config, arch))
         if shipped is not None:
             _cache[key] = shipped
             return shipped
@@ -138,6 +138,16 @@ def declared_ties(root: Path, config: ConfigFile, *, persistent: bool = True) ->
         tiemap_cache.store(disk_key, _to_entry(result))
     _cache[key] = result
     return result
+
+
+def _compute_later(config: ConfigFile, arch: str | None) -> DeclaredTies:
+    """`_compute` for a name a shipped or cached map does not know, asked after the audit may have moved on: from
+    the config's own text in a directory of its own (the checkpoint's may be gone: `fix` plans on temporary ones)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="tieaudit-config-") as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps(config.data), encoding="utf-8")
+        return _compute(Path(tmp), config, arch)
 
 
 def _compute(root: Path, config: ConfigFile, arch: str | None) -> DeclaredTies:
@@ -213,7 +223,7 @@ def _from_entry(entry: dict[str, Any], root: Path, config: ConfigFile) -> Declar
 
         def fresh() -> DeclaredTies:  # the real thing, for a name the table does not know
             if not real:
-                real.append(_compute(root, config, architecture_of(config)))
+                real.append(_compute_later(config, architecture_of(config)))
             return real[0]
 
         return DeclaredTies(
