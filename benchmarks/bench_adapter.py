@@ -8,6 +8,7 @@ each as a measured subprocess (wall time, peak RSS of the child):
                                                                 merge_and_unload, save_pretrained, reload, logits;
                                                                 cold, warm, and warm with one core busy
     (iii) tieaudit check ADAPTER --base BASE --deep -f json     warm: the forecast plus tieaudit's own real merge
+    (iv)  tieaudit check ADAPTER --base BASE --no-peft-check    the forecast alone (peft not run): cold, warm, loaded
 
 What is measured and the targets: benchmarks/README.md, "Adapter check". The tables go to stdout and to the
 "adapter" block of the README; raw runs to WORKDIR/adapter-results.json. With --profile (or when the warm speed
@@ -134,7 +135,7 @@ SCRIPTS = {REFERENCE_SCRIPT: "REFERENCE_SCRIPT"}
 class Result(c.Runs):
     """One measured command in one state, and what it concluded."""
 
-    key: str  # "i", "ii", "iii"
+    key: str  # "i", "ii", "iii", "iv"
     state: str  # "cold", "warm", "load"
     label: str
     argv: list[str]
@@ -168,9 +169,16 @@ def measure(argv: list[str], state: str, repeats: int, scratch: Path, label: str
 
 
 def bench_tieaudit(
-    key: str, state: str, adapter: Path, base: Path, repeats: int, scratch: Path, deep: bool = False
+    key: str,
+    state: str,
+    adapter: Path,
+    base: Path,
+    repeats: int,
+    scratch: Path,
+    deep: bool = False,
+    peft_check: bool = True,
 ) -> Result:
-    flags = ["--deep"] if deep else []
+    flags = (["--deep"] if deep else []) + ([] if peft_check else ["--no-peft-check"])
     argv = [c.tieaudit_exe(), "check", str(adapter), "--base", str(base), *flags, "-f", "json"]
     label = f"`tieaudit check ADAPTER --base BASE {' '.join([*flags, '-f', 'json'])}`"
     runs = measure(argv, state, repeats, scratch, f"({key}) tieaudit check", [base, adapter])
@@ -300,6 +308,27 @@ def target_checks(results: Sequence[Result]) -> list[c.Check]:
             f"≤ {LOAD_FACTOR:g}×",
         ),
     ]
+    # (iv): the same targets for the forecast alone (`--no-peft-check`: no peft import, no tied layers run in peft)
+    alone, alone_cold, alone_load = (find(results, "iv", state) for state in ("warm", "cold", "load"))
+    checks += [
+        c.ratio_check(
+            ref.wall >= WARM_SPEEDUP * alone.wall, "warm: (ii) / (iv)", ref.wall, alone.wall, f"≥ {WARM_SPEEDUP:g}×"
+        ),
+        c.ratio_check(
+            ref_cold.wall >= COLD_SPEEDUP * alone_cold.wall,
+            "cold: (ii) / (iv)",
+            ref_cold.wall,
+            alone_cold.wall,
+            f"≥ {COLD_SPEEDUP:g}×",
+        ),
+        c.ratio_check(
+            alone_load.wall <= LOAD_FACTOR * alone.wall,
+            "(iv) warm with 1 core busy / quiet",
+            alone_load.wall,
+            alone.wall,
+            f"≤ {LOAD_FACTOR:g}×",
+        ),
+    ]
     worst = max((r for r in results if r.key == "i"), key=lambda r: r.peak_rss)
     rss = f"{worst.peak_rss / c.MIB:,.0f} MiB ({worst.state})"
     checks.append((worst.peak_rss < c.RSS_TARGET, f"(i) peak RSS under {c.RSS_TARGET / c.GIB:.1f} GiB: worst {rss}"))
@@ -401,6 +430,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             bench_reference("warm", adapter, base, n, scratch),
             bench_reference("load", adapter, base, n, scratch),
             bench_tieaudit("iii", "warm", adapter, base, n, scratch, deep=True),
+            bench_tieaudit("iv", "cold", adapter, base, n, scratch, peft_check=False),
+            bench_tieaudit("iv", "warm", adapter, base, n, scratch, peft_check=False),
+            bench_tieaudit("iv", "load", adapter, base, n, scratch, peft_check=False),
         ]
         print(results_table(results), forecast_table(find(results, "i", "warm")), sep="\n\n")
         print(c.cold_note(results) or "")

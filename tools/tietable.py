@@ -11,11 +11,14 @@ first when ``--zoo`` has none). Everything below is measured with tieaudit's own
 - **flags**: every JSON pointer where transformers or a modelled reader reads ``tie_word_embeddings``; the map is
   recomputed for each combination of true / false / absent at those pointers, and the table holds each answer
   (active ties, flag values, reader values);
-- **what else matters**: the class is built once with a spy on its config objects; every int or bool setting it
-  reads is changed (doubled, +1, -1, or flipped) and the map recomputed. A setting that changes anything but the
+- **what else matters**: the class is built once with a spy on its config objects; every bool setting, and every
+  int setting it reads, is changed (doubled, +1, -1, or flipped) and the map recomputed. A setting that changes
+  anything but the
   sizes of tied tensors is recorded with its value (``must_equal``: another value falls back to the computed path),
   one whose change the tied tensors' sizes follow exactly becomes a size formula, the others are free. A setting
   read but absent from the config (``getattr`` with a default) must stay absent;
+- **lists** of words or numbers the build reads (per-layer types) are tried with every entry set to each value the
+  list or the class's default holds; one that changes anything must keep its value;
 - **names**: the map must name the same tensors whatever the sizes (else the class is not shipped), and
   transformers' on-disk -> in-memory renaming must be the identity on the model's own names (checked on every
   parameter; names are matched with their layer numbers replaced);
@@ -51,7 +54,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
 OUT = ROOT / "tieaudit" / "ties" / "tietable.json"
 FORMAT = 1
-MAX_FLAG_POINTERS = 3  # 27 combinations
+MAX_FLAG_POINTERS = 4  # 81 combinations
+TIE_FLAG = "tie_word_embeddings"
 CORE_SOURCES = (  # transformers' own tie, config and renaming code, whatever the class
     "modeling_utils.py",
     "configuration_utils.py",
@@ -238,7 +242,11 @@ def describe(config_path: Path) -> dict[str, Any]:
     flat = _flat(data)
 
     # -- the flags: every combination of true / false / absent at every pointer read ----------------------------------
-    pointers = sorted({f.pointer for f in base.flags.values()} | {r.pointer for r in base.readers})
+    # every place a tie flag can be read from: the governing ones, the readers', the top level, and every copy the
+    # config holds (a composite config may pass its top-level flag down to a sub-config when it loads)
+    held = {p for p in flat if p.rsplit("/", 1)[-1] == TIE_FLAG}
+    pointers = sorted({f.pointer for f in base.flags.values()} | {r.pointer for r in base.readers} | held)
+    pointers = sorted({*pointers, f"/{TIE_FLAG}"})
     if len(pointers) > MAX_FLAG_POINTERS:
         raise Unshippable(f"{len(pointers)} flag pointers")
     combos: dict[str, Any] = {}
@@ -254,6 +262,8 @@ def describe(config_path: Path) -> dict[str, Any]:
             continue  # transformers refuses this combination: the runtime falls back for it
         if _structure(d) != structure:
             raise Unshippable("the tied tensors' names or flags change with the flag values")
+        if any(d.expected.get(m) != base.expected.get(m) for m in members):
+            raise Unshippable("the tied tensors' sizes change with the flag values")
         combos[json.dumps(list(values))] = _answer(d)
 
     # -- every other int / bool setting the build read ----------------------------------------------------------------
@@ -262,7 +272,9 @@ def describe(config_path: Path) -> dict[str, Any]:
     formula_of: dict[tuple[str, int], str] = {}
     for pointer, value in flat.items():
         name = pointer.rsplit("/", 1)[-1]
-        if pointer in pointers or name not in read or not isinstance(value, (int, bool)):
+        if pointer in pointers or not isinstance(value, (int, bool)):
+            continue
+        if name not in read and not isinstance(value, bool):  # every bool is varied: a config may derive others
             continue
         outcome = None
         for candidate in _candidates(value):
@@ -294,6 +306,26 @@ def describe(config_path: Path) -> dict[str, Any]:
                     formula_of[(m, i)] = pointer
                 else:
                     must_equal[pointer] = value
+    # lists of words or numbers the build reads (per-layer types, ...): each is tried with every entry set to each
+    # value it or the class's default config holds; one that changes anything must keep its value
+    default_flat = _flat(_default_config(data))
+    for pointer, value in flat.items():
+        name = pointer.rsplit("/", 1)[-1]
+        if pointer in must_equal or name not in read or not _plain_list(value):
+            continue
+        default = default_flat.get(pointer)
+        pool = list(dict.fromkeys([*value, *(default if _plain_list(default) else [])]))
+        for item in pool:
+            edited = _with(data, pointer, [item] * len(value))
+            assert edited is not None
+            try:
+                d = computer.ties(edited)
+            except Exception:
+                continue
+            same_sizes = all(d.expected.get(m) == base.expected.get(m) for m in members)
+            if _structure(d) != structure or _answer(d) != _answer(base) or not same_sizes:
+                must_equal[pointer] = value
+                break
     for (m, i), pointer in formula_of.items():
         if pointer not in must_equal:
             formulas[m][i] = pointer
@@ -325,6 +357,22 @@ def describe(config_path: Path) -> dict[str, Any]:
         "expected": formulas,
         "sources": _sources(base.architecture),
     }
+
+
+def _plain_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(x, (str, int, float, bool)) for x in value)
+
+
+def _default_config(data: dict[str, Any]) -> dict[str, Any]:
+    """The class's default config as a dict (empty when it does not build)."""
+    import transformers
+
+    try:
+        cls = getattr(transformers, data["architectures"][0])
+        out: dict[str, Any] = cls.config_class().to_dict()
+    except Exception:
+        return {}
+    return out
 
 
 def _renames_nothing(d: Any) -> bool:
@@ -464,6 +512,70 @@ def generate(zoo_dir: Path, jobs: int, classes: list[str] | None) -> dict[str, A
     }
 
 
+def verify_at_defaults(table: dict[str, Any]) -> dict[str, str]:
+    """Hold every entry to transformers at a second point: the class's own default (full-size) config, written as
+    `save_pretrained` writes it, with the flags as measured. {class: why} for entries whose answer there differs from
+    the computed map (they are then not shipped): a setting whose JSON value is not what the model reads, a size
+    the zoo's config could not tell apart from another."""
+    import transformers
+
+    from tieaudit.checkpoint.config import read_config
+    from tieaudit.ties import declared
+    from tieaudit.ties import table as runtime
+
+    runtime._table.cache_clear()
+    failures: dict[str, str] = {}
+    with tempfile.TemporaryDirectory() as tmp, declared.quiet_libraries():
+        root = Path(tmp)
+        for name, entry in table["classes"].items():
+            try:
+                cls = getattr(transformers, name)
+                cls.config_class().save_pretrained(root)
+                data = json.loads((root / "config.json").read_text())
+            except Exception:
+                continue
+            data["architectures"] = [name]
+            for combo in entry["combos"]:
+                edited: dict[str, Any] | None = data
+                for pointer, value in zip(entry["pointers"], json.loads(combo), strict=True):
+                    edited = _with(edited, pointer, value) if edited is not None else None
+                if edited is None:
+                    continue
+                (root / "config.json").write_text(json.dumps(edited))
+                config = read_config(root, "config.json")
+                try:
+                    computed = declared._compute(root, config, name)
+                except Exception:
+                    continue
+                with _table_as(runtime, table):
+                    shipped = runtime.shipped_ties(config, name, lambda c=computed: c)
+                if shipped is None:
+                    continue
+                members = {*computed.potential, *computed.potential.values()}
+                same = (
+                    shipped.potential == computed.potential
+                    and shipped.active == computed.active
+                    and shipped.flags == computed.flags
+                    and shipped.head == computed.head
+                    and shipped.readers == computed.readers
+                    and shipped.expected == {m: computed.expected[m] for m in members if m in computed.expected}
+                )
+                if not same:
+                    failures[name] = "at the class's default config the answer differs from transformers'"
+                    break
+    return failures
+
+
+@contextlib.contextmanager
+def _table_as(runtime: Any, table: dict[str, Any]) -> Any:
+    original = runtime._table
+    runtime._table = lambda: table
+    try:
+        yield
+    finally:
+        runtime._table = original
+
+
 def _sha256(rel: str) -> str:
     import transformers
 
@@ -498,13 +610,27 @@ class _TableWorker:
         self._inner.close()
 
 
+def _drop(table: dict[str, Any], failures: dict[str, str]) -> None:
+    for name, why in failures.items():
+        table["classes"].pop(name, None)
+        table["unshipped"][name] = why
+        print(f"{name}: not shipped: {why}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--zoo", type=Path, default=None, help="the zoo directory (default: the test suite's cache)")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--classes", default=None, help="comma-separated class names (default: all)")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--verify-only", action="store_true", help="only re-run the check at default configs")
     args = parser.parse_args(argv)
+    if args.verify_only:
+        table = json.loads(args.out.read_text())
+        _drop(table, verify_at_defaults(table))
+        args.out.write_text(json.dumps(table, separators=(",", ":")) + "\n")
+        print(f"{len(table['classes'])} classes shipped, {len(table['unshipped'])} not -> {args.out}")
+        return 0
     if args.zoo is None:
         import zoo
 
@@ -525,6 +651,7 @@ def main(argv: list[str] | None = None) -> int:
         old["unshipped"].update(table["unshipped"])
         old["sources"].update(table["sources"])
         table = old
+    _drop(table, verify_at_defaults(table))
     # key order kept: tie maps are ordered as transformers lists them, and reports follow that order
     args.out.write_text(json.dumps(table, separators=(",", ":")) + "\n")
     print(

@@ -37,6 +37,7 @@ TABLE = Path(__file__).with_name("tietable.json")
 FORMAT = 1
 _DIGITS = re.compile(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)")
 _ABSENT = object()
+_FLAG = "tie_word_embeddings"
 
 
 def template(name: str) -> str:
@@ -143,12 +144,15 @@ def _vouch(config: ConfigFile, architecture: str | None) -> str | tuple[dict[str
     for pointer, value in entry["must_equal"].items():
         actual = _setting(data, entry, pointer)
         if actual is _ABSENT or actual != value or type(actual) is not type(value):
-            return f"{pointer} is not {json.dumps(value)} (the only value measured)"
+            return f"{pointer} is not {json.dumps(value)[:40]} (the only value measured)"
     absent = entry["absent"]
     for pointer, value in _flat(data):
         name = pointer.rsplit("/", 1)[-1]
         if name in absent and (value != absent[name] or type(value) is not type(absent[name])):
             return f"{pointer} is set (measured only at {json.dumps(absent[name])})"
+    unmeasured = [p for p, _ in _flat(data) if p.rsplit("/", 1)[-1] == _FLAG and p not in entry["pointers"]]
+    if unmeasured:
+        return f"{unmeasured[0]} was not among the flags measured"
     combo = []
     for pointer in entry["pointers"]:
         raw = _raw(data, pointer)
