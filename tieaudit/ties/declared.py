@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import re
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -143,8 +144,6 @@ def declared_ties(root: Path, config: ConfigFile, *, persistent: bool = True) ->
 def _compute_later(config: ConfigFile, arch: str | None) -> DeclaredTies:
     """`_compute` for a name a shipped or cached map does not know, asked after the audit may have moved on: from
     the config's own text in a directory of its own (the checkpoint's may be gone: `fix` plans on temporary ones)."""
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="tieaudit-config-") as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps(config.data), encoding="utf-8")
         return _compute(Path(tmp), config, arch)
