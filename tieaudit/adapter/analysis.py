@@ -8,7 +8,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tieaudit.adapter.confirm import peft_views, touched_groups
 from tieaudit.adapter.context import AdapterAlone, AdapterContext, BaseMismatch
@@ -444,22 +444,21 @@ class CopyCheck:
         self.rows = base.row_count(base_name)
         self.seen: list[tuple[int, int]] = []
         self.equal = True
-        self._buf: np.ndarray | None = None
+        self._buf: np.ndarray | None = None  # the copy's rows, refilled
+        self._same: np.ndarray | None = None
 
     def __call__(self, start: int, stored: np.ndarray) -> None:
         import numpy as np
 
         n = stored.nbytes
-        if self._buf is None or self._buf.nbytes < n:
-            self._buf = np.empty(n, np.uint8)
+        self._buf = _scratch(self._buf, n, np.uint8)
         mine = self._buf[:n]
         read_into(self.fd, self.offset + start * self.row_bytes, mine, self.adapter.tensors[self.copy_name].file)
         self.adapter.stats.tensor_bytes += n
         self.seen.append((start, start + n // self.row_bytes))
         if self.equal:
-            words = n - n % 8  # compared 8 bytes at a time
-            a, b = mine[:words].view(np.uint64), stored[:words].view(np.uint64)
-            self.equal = bool(np.array_equal(a, b)) and mine[words:].tobytes() == stored[words:].tobytes()
+            self._same = _scratch(self._same, n // 8, np.bool_)
+            self.equal = equal_bytes(mine, stored, self._same)
 
     @property
     def settled(self) -> bool:
@@ -479,14 +478,10 @@ def copy_checks(
     out = {}
     for m, disk in values.items():
         e = edits.get(m)
-        if e is None or e.base_copy is None or m in skip:
+        if e is None or e.base_copy is None or m in skip or not base.tensors[disk].shape:
             continue
-        a, b = adapter.tensors[e.base_copy], base.tensors[disk]
-        if a.dtype != b.dtype or tuple(a.shape) != tuple(b.shape) or not b.shape:
-            continue
-        if adapter.byte_range(e.base_copy) is None or base.byte_range(disk) is None:
-            continue
-        out[m] = CopyCheck(adapter, e.base_copy, base, disk)
+        if _byte_comparable(adapter, e.base_copy, base, disk):
+            out[m] = CopyCheck(adapter, e.base_copy, base, disk)
     return out
 
 
@@ -507,7 +502,7 @@ def same_bytes(a: Checkpoint, name_a: str, b: Checkpoint, name_b: str, chunk: in
 
     ia, ib = a.tensors[name_a], b.tensors[name_b]
     ra, rb = a.byte_range(name_a), b.byte_range(name_b)
-    if ia.dtype != ib.dtype or tuple(ia.shape) != tuple(ib.shape) or ra is None or rb is None or ra[2] != rb[2]:
+    if not _byte_comparable(a, name_a, b, name_b) or ra is None or rb is None:
         return False, 0
     chunk = max(8, chunk - chunk % 8)
     size = min(chunk, ra[2])
@@ -519,12 +514,35 @@ def same_bytes(a: Checkpoint, name_a: str, b: Checkpoint, name_b: str, chunk: in
         read += n
         read_into(ra[0], ra[1] + done, buf_a[:n], ia.file)
         read_into(rb[0], rb[1] + done, buf_b[:n], ib.file)
-        words = n // 8  # compared 8 bytes at a time into a reused buffer: no temporary per chunk
-        out = same[:words]
-        np.equal(buf_a[: words * 8].view(np.uint64), buf_b[: words * 8].view(np.uint64), out=out)
-        if not out.all() or buf_a[words * 8 : n].tobytes() != buf_b[words * 8 : n].tobytes():
+        if not equal_bytes(buf_a[:n], buf_b[:n], same):
             return False, read
     return True, read
+
+
+def _byte_comparable(a: Checkpoint, name_a: str, b: Checkpoint, name_b: str) -> bool:
+    """Whether two stored tensors can be compared byte for byte: same dtype and shape, both in safetensors files."""
+    ia, ib = a.tensors[name_a], b.tensors[name_b]
+    ra, rb = a.byte_range(name_a), b.byte_range(name_b)
+    same_layout = ia.dtype == ib.dtype and tuple(ia.shape) == tuple(ib.shape)
+    return same_layout and ra is not None and rb is not None and ra[2] == rb[2]
+
+
+def equal_bytes(a: np.ndarray, b: np.ndarray, scratch: np.ndarray) -> bool:
+    """Whether two uint8 buffers of one length hold the same bytes, compared 8 at a time into ``scratch`` (bool, at
+    least len // 8 long, reused by the caller: no temporary per chunk)."""
+    import numpy as np
+
+    words = a.nbytes // 8
+    out = scratch[:words]
+    np.equal(a[: words * 8].view(np.uint64), b[: words * 8].view(np.uint64), out=out)
+    return bool(out.all()) and a[words * 8 :].tobytes() == b[words * 8 :].tobytes()
+
+
+def _scratch(buf: np.ndarray | None, n: int, dtype: Any) -> np.ndarray:
+    """``buf`` when it holds at least ``n`` elements, else a new one that does (refilled buffers, not fresh ones)."""
+    import numpy as np
+
+    return buf if buf is not None and buf.size >= n else np.empty(n, dtype)
 
 
 def _narrower(a: str, b: str) -> str | None:

@@ -88,12 +88,12 @@ def literal(value: Any) -> str:
     return repr(value)
 
 
-def get_pointer(data: Any, pointer: str) -> Any:
-    """The value at ``pointer`` (None when any part is absent)."""
+def get_pointer(data: Any, pointer: str, missing: Any = None) -> Any:
+    """The value at ``pointer`` (``missing`` when any part is absent)."""
     node = data
     for part in pointer_parts(pointer):
         if not isinstance(node, dict) or part not in node:
-            return None
+            return missing
         node = node[part]
     return node
 

@@ -43,9 +43,14 @@ def disabled() -> Iterator[None]:
         _off[0] -= 1
 
 
+def switched_on(variable: str) -> bool:
+    """An on/off environment switch: set to anything but empty, `0` or `false`."""
+    return os.environ.get(variable, "").strip() not in ("", "0", "false")
+
+
 def cache_dir() -> Path | None:
     """Where entries live, or None when caching is off."""
-    if _off[0] or os.environ.get("TIEAUDIT_NO_CACHE", "").strip() not in ("", "0", "false"):
+    if _off[0] or switched_on("TIEAUDIT_NO_CACHE"):
         return None
     explicit = os.environ.get("TIEAUDIT_CACHE_DIR")
     if explicit:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import re
@@ -125,7 +126,7 @@ def declared_ties(root: Path, config: ConfigFile, *, persistent: bool = True) ->
     if disk_key is not None:
         entry = tiemap_cache.load(disk_key)
         if entry is not None:
-            cached = _from_entry(entry, root, config)
+            cached = _from_entry(entry, config)
             if cached is not None:
                 _cache[key] = cached
                 return cached
@@ -207,7 +208,7 @@ def _to_entry(d: DeclaredTies) -> dict[str, Any]:
     }
 
 
-def _from_entry(entry: dict[str, Any], root: Path, config: ConfigFile) -> DeclaredTies | None:
+def _from_entry(entry: dict[str, Any], config: ConfigFile) -> DeclaredTies | None:
     """The DeclaredTies of a cache entry (None when the entry is malformed: it is then recomputed). An entry that
     recorded an unavailable tie map raises it again."""
     if isinstance(entry.get("unavailable"), str):
@@ -218,12 +219,8 @@ def _from_entry(entry: dict[str, Any], root: Path, config: ConfigFile) -> Declar
             for t, f in entry["flags"].items()
         }
         expected = {str(n): tuple(int(x) for x in shape) for n, shape in entry["expected"].items()}
-        real: list[DeclaredTies] = []
-
-        def fresh() -> DeclaredTies:  # the real thing, for a name the table does not know
-            if not real:
-                real.append(_compute_later(config, architecture_of(config)))
-            return real[0]
+        # the real thing, built at most once, for a name the entry does not know
+        fresh = functools.cache(lambda: _compute_later(config, architecture_of(config)))
 
         return DeclaredTies(
             architecture=str(entry["architecture"]),

@@ -20,14 +20,14 @@ import functools
 import hashlib
 import importlib.util
 import json
-import os
 import re
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tieaudit.checkpoint.config import escape_pointer_token, pointer_parts
+from tieaudit.checkpoint.config import escape_pointer_token, get_pointer
 from tieaudit.checkpoint.types import ConfigFile
+from tieaudit.ties.cache import NameTable, switched_on
 from tieaudit.ties.readers import ReaderView
 
 if TYPE_CHECKING:
@@ -88,29 +88,25 @@ def _sources_match(table: Mapping[str, Any], entry: Mapping[str, Any]) -> bool:
     return all(_source_hash(rel) == recorded.get(rel) for rel in entry["sources"])
 
 
-def _flat(data: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+def flat_pointers(data: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(JSON pointer, value) of every value in ``data`` that is not itself an object."""
     if isinstance(data, dict):
         for key, value in data.items():
             pointer = f"{prefix}/{escape_pointer_token(str(key))}"
             if isinstance(value, dict):
-                yield from _flat(value, pointer)
+                yield from flat_pointers(value, pointer)
             else:
                 yield pointer, value
 
 
-def _raw(data: Mapping[str, Any], pointer: str) -> Any:
-    """The value at ``pointer``, or _ABSENT when config.json does not hold it."""
-    node: Any = data
-    for part in pointer_parts(pointer):
-        if not isinstance(node, dict) or part not in node:
-            return _ABSENT
-        node = node[part]
-    return node
+def is_flag(pointer: str) -> bool:
+    """Whether ``pointer`` names a `tie_word_embeddings` key, at any depth."""
+    return pointer.rsplit("/", 1)[-1] == _FLAG
 
 
 def _setting(data: Mapping[str, Any], entry: Mapping[str, Any], pointer: str) -> Any:
     """The value transformers reads at ``pointer``: config.json's, else the measured default (_ABSENT: unknown)."""
-    raw = _raw(data, pointer)
+    raw = get_pointer(data, pointer, _ABSENT)
     if raw is not _ABSENT:
         return raw
     return entry["defaults"].get(pointer, _ABSENT)
@@ -124,7 +120,7 @@ def why_not(config: ConfigFile, architecture: str | None) -> str | None:
 
 def _vouch(config: ConfigFile, architecture: str | None) -> str | tuple[dict[str, Any], dict[str, Any], Any]:
     """(entry, flag answer, sizes of the tied tensors) when the table can vouch for this config, else why not."""
-    if os.environ.get("TIEAUDIT_NO_TABLE", "").strip() not in ("", "0", "false"):
+    if switched_on("TIEAUDIT_NO_TABLE"):
         return "TIEAUDIT_NO_TABLE is set"
     table = _table()
     if table is None:
@@ -146,16 +142,15 @@ def _vouch(config: ConfigFile, architecture: str | None) -> str | tuple[dict[str
         if actual is _ABSENT or actual != value or type(actual) is not type(value):
             return f"{pointer} is not {json.dumps(value)[:40]} (the only value measured)"
     absent = entry["absent"]
-    for pointer, value in _flat(data):
+    for pointer, value in flat_pointers(data):
         name = pointer.rsplit("/", 1)[-1]
         if name in absent and (value != absent[name] or type(value) is not type(absent[name])):
             return f"{pointer} is set (measured only at {json.dumps(absent[name])})"
-    unmeasured = [p for p, _ in _flat(data) if p.rsplit("/", 1)[-1] == _FLAG and p not in entry["pointers"]]
-    if unmeasured:
-        return f"{unmeasured[0]} was not among the flags measured"
+        if is_flag(pointer) and pointer not in entry["pointers"]:
+            return f"{pointer} was not among the flags measured"
     combo = []
     for pointer in entry["pointers"]:
-        raw = _raw(data, pointer)
+        raw = get_pointer(data, pointer, _ABSENT)
         if raw is not _ABSENT and not isinstance(raw, bool):
             return f"{pointer} is not a boolean"
         combo.append(None if raw is _ABSENT else raw)
@@ -189,18 +184,12 @@ def shipped_ties(
     assert architecture is not None
     data = config.data
     structure = entry["structure"]
-    real: list[DeclaredTies] = []
-
-    def fresh() -> DeclaredTies:
-        if not real:
-            real.append(compute())
-        return real[0]
-
+    fresh = functools.cache(compute)  # the real map, built at most once and only if a name asks for it
     flags = {
         target: Flag(
             pointer=pointer,
             value=bool(answer["values"][target]),
-            raw=None if _raw(data, pointer) is _ABSENT else _raw(data, pointer),
+            raw=get_pointer(data, pointer),
             forced=bool(structure["forced"][target]),
         )
         for target, pointer in structure["pointers"].items()
@@ -218,7 +207,7 @@ def shipped_ties(
         expected=expected,
         model_keys=OnDemandKeys(lambda: fresh().model_keys),  # type: ignore[arg-type]
         rename=Templated(frozenset(entry["templates"]), lambda: fresh().rename),
-        to_disk=_Known(structure["to_disk"], lambda: fresh().to_disk),
+        to_disk=NameTable(structure["to_disk"], lambda: fresh().to_disk),
         transposed=TemplateSet(frozenset(structure["transposed"])),  # type: ignore[arg-type]
         head=structure["head"],
         readers=readers,
@@ -237,16 +226,6 @@ class Templated:
         if template(name) in self.templates:
             return name
         return self._fallback()(name)
-
-
-class _Known:
-    def __init__(self, table: Mapping[str, str], fallback: Callable[[], Callable[[str], str]]) -> None:
-        self.table = dict(table)
-        self._fallback = fallback
-
-    def __call__(self, name: str) -> str:
-        found = self.table.get(name)
-        return found if found is not None else self._fallback()(name)
 
 
 class TemplateSet:
