@@ -280,8 +280,6 @@ def find(results: Sequence[Result], key: str, state: str) -> Result:
 
 def target_checks(results: Sequence[Result]) -> list[c.Check]:
     fast, ref = find(results, "i", "warm"), find(results, "ii", "warm")
-    fast_cold, ref_cold = find(results, "i", "cold"), find(results, "ii", "cold")
-    loaded = find(results, "i", "load")
     same = fast.changes is not None and fast.changes == ref.changes
     checks: list[c.Check] = [
         (
@@ -290,50 +288,40 @@ def target_checks(results: Sequence[Result]) -> list[c.Check]:
             f"the merge {'changes' if ref.changes else 'keeps'} the outputs (max |Δ logits| "
             f"{c.fmt(ref.logit_diff, '.4g')} vs {VERDICT_REL:g} × max |logits| {c.fmt(ref.logit_scale, '.4g')})",
         ),
-        c.ratio_check(
-            ref.wall >= WARM_SPEEDUP * fast.wall, "warm: (ii) / (i)", ref.wall, fast.wall, f"≥ {WARM_SPEEDUP:g}×"
-        ),
-        c.ratio_check(
-            ref_cold.wall >= COLD_SPEEDUP * fast_cold.wall,
-            "cold: (ii) / (i)",
-            ref_cold.wall,
-            fast_cold.wall,
-            f"≥ {COLD_SPEEDUP:g}×",
-        ),
-        c.ratio_check(
-            loaded.wall <= LOAD_FACTOR * fast.wall,
-            "(i) warm with 1 core busy / quiet",
-            loaded.wall,
-            fast.wall,
-            f"≤ {LOAD_FACTOR:g}×",
-        ),
     ]
-    # (iv): the same targets for the forecast alone (`--no-peft-check`: no peft import, no tied layers run in peft)
-    alone, alone_cold, alone_load = (find(results, "iv", state) for state in ("warm", "cold", "load"))
-    checks += [
-        c.ratio_check(
-            ref.wall >= WARM_SPEEDUP * alone.wall, "warm: (ii) / (iv)", ref.wall, alone.wall, f"≥ {WARM_SPEEDUP:g}×"
-        ),
-        c.ratio_check(
-            ref_cold.wall >= COLD_SPEEDUP * alone_cold.wall,
-            "cold: (ii) / (iv)",
-            ref_cold.wall,
-            alone_cold.wall,
-            f"≥ {COLD_SPEEDUP:g}×",
-        ),
-        c.ratio_check(
-            alone_load.wall <= LOAD_FACTOR * alone.wall,
-            "(iv) warm with 1 core busy / quiet",
-            alone_load.wall,
-            alone.wall,
-            f"≤ {LOAD_FACTOR:g}×",
-        ),
-    ]
+    # the speed targets, for the default check (i) and for the forecast alone (iv: `--no-peft-check`)
+    for key in ("i", "iv"):
+        checks += speed_checks(results, key)
     worst = max((r for r in results if r.key == "i"), key=lambda r: r.peak_rss)
     rss = f"{worst.peak_rss / c.MIB:,.0f} MiB ({worst.state})"
     checks.append((worst.peak_rss < c.RSS_TARGET, f"(i) peak RSS under {c.RSS_TARGET / c.GIB:.1f} GiB: worst {rss}"))
     checks += [(False, f"({r.key}, {r.state}) ran cleanly: " + "; ".join(r.problems)) for r in results if r.problems]
     return checks
+
+
+def speed_checks(results: Sequence[Result], key: str) -> list[c.Check]:
+    """(ii) / ``key`` warm and cold, and ``key`` with 1 core busy against quiet."""
+    ref, ref_cold = find(results, "ii", "warm"), find(results, "ii", "cold")
+    warm, cold, loaded = (find(results, key, state) for state in ("warm", "cold", "load"))
+    return [
+        c.ratio_check(
+            ref.wall >= WARM_SPEEDUP * warm.wall, f"warm: (ii) / ({key})", ref.wall, warm.wall, f"≥ {WARM_SPEEDUP:g}×"
+        ),
+        c.ratio_check(
+            ref_cold.wall >= COLD_SPEEDUP * cold.wall,
+            f"cold: (ii) / ({key})",
+            ref_cold.wall,
+            cold.wall,
+            f"≥ {COLD_SPEEDUP:g}×",
+        ),
+        c.ratio_check(
+            loaded.wall <= LOAD_FACTOR * warm.wall,
+            f"({key}) warm with 1 core busy / quiet",
+            loaded.wall,
+            warm.wall,
+            f"≤ {LOAD_FACTOR:g}×",
+        ),
+    ]
 
 
 def informational(results: Sequence[Result]) -> list[c.Check]:

@@ -39,7 +39,6 @@ import itertools
 import json
 import logging
 import os
-import re
 import sys
 import tempfile
 import threading
@@ -51,6 +50,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
+
+from tieaudit.ties.table import flat_pointers, is_flag, template  # noqa: E402  (the runtime's own matching)
 
 OUT = ROOT / "tieaudit" / "ties" / "tietable.json"
 FORMAT = 1
@@ -64,12 +65,6 @@ CORE_SOURCES = (  # transformers' own tie, config and renaming code, whatever th
     "pytorch_utils.py",
     "models/auto/configuration_auto.py",
 )
-_DIGITS = re.compile(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)")
-
-
-def template(name: str) -> str:
-    """A parameter name with its layer (and expert) numbers replaced: the same for every size of the model."""
-    return _DIGITS.sub("#", name)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -81,18 +76,8 @@ class Unshippable(Exception):
     pass
 
 
-def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
-    from tieaudit.checkpoint.config import escape_pointer_token
-
-    out: dict[str, Any] = {}
-    if isinstance(data, dict):
-        for key, value in data.items():
-            pointer = f"{prefix}/{escape_pointer_token(str(key))}"
-            if isinstance(value, dict):
-                out.update(_flat(value, pointer))
-            else:
-                out[pointer] = value
-    return out
+def _flat(data: Any) -> dict[str, Any]:
+    return dict(flat_pointers(data))
 
 
 def _with(data: dict[str, Any], pointer: str, value: Any) -> dict[str, Any] | None:
@@ -244,7 +229,7 @@ def describe(config_path: Path) -> dict[str, Any]:
     # -- the flags: every combination of true / false / absent at every pointer read ----------------------------------
     # every place a tie flag can be read from: the governing ones, the readers', the top level, and every copy the
     # config holds (a composite config may pass its top-level flag down to a sub-config when it loads)
-    held = {p for p in flat if p.rsplit("/", 1)[-1] == TIE_FLAG}
+    held = {p for p in flat if is_flag(p)}
     pointers = sorted({f.pointer for f in base.flags.values()} | {r.pointer for r in base.readers} | held)
     pointers = sorted({*pointers, f"/{TIE_FLAG}"})
     if len(pointers) > MAX_FLAG_POINTERS:
@@ -482,7 +467,7 @@ def generate(zoo_dir: Path, jobs: int, classes: list[str] | None) -> dict[str, A
     def run(name: str) -> None:
         worker = getattr(local, "worker", None)
         if worker is None or not worker.alive():
-            worker = local.worker = _TableWorker(log)
+            worker = local.worker = zoo._Worker(log, script=__file__)
             with lock:
                 workers.append(worker)
         result = worker.run({"config": str(configs[name])}, 900)
@@ -581,33 +566,6 @@ def _sha256(rel: str) -> str:
 
     path = Path(transformers.__file__).parent / rel
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-class _TableWorker:
-    def __init__(self, log: Path) -> None:
-        import zoo
-
-        self._inner = zoo._Worker.__new__(zoo._Worker)
-        self._inner._log = log.open("ab")
-        import subprocess
-
-        self._inner.proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "_worker"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._inner._log,
-            text=True,
-            bufsize=1,
-        )
-
-    def run(self, task: dict[str, str], timeout: float) -> dict[str, Any]:
-        return self._inner.run(task, timeout)
-
-    def alive(self) -> bool:
-        return self._inner.alive()
-
-    def close(self) -> None:
-        self._inner.close()
 
 
 def _drop(table: dict[str, Any], failures: dict[str, str]) -> None:

@@ -815,10 +815,12 @@ def _reason(exc: BaseException) -> str:
 
 
 class _Worker:
-    def __init__(self, log: Path) -> None:
+    """A worker subprocess running ``script _worker`` (this file's, or another sweep's that speaks its protocol)."""
+
+    def __init__(self, log: Path, script: str = __file__) -> None:
         self._log = log.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "_worker"],
+            [sys.executable, os.path.abspath(script), "_worker"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,
