@@ -32,8 +32,11 @@ def _top1(h: np.ndarray, w: np.ndarray) -> np.ndarray:
     return (h.astype(np.float64) @ w.T).argmax(axis=1)
 
 
+@pytest.mark.parametrize("read_ahead", [False, True], ids=["in-line", "read-ahead"])
 @pytest.mark.parametrize("seed", range(6))
-def test_compare_lowrank_equals_the_materialised_weights(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compare_lowrank_equals_the_materialised_weights(
+    seed: int, read_ahead: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rng = np.random.default_rng(seed)
     vocab, hidden = int(rng.integers(40, 90)), int(rng.integers(8, 24))
     monkeypatch.setattr(lowrank, "BLOCK_ROWS", 7)  # blocks inside chunks, chunks not multiples of blocks
@@ -55,7 +58,14 @@ def test_compare_lowrank_equals_the_materialised_weights(seed: int, monkeypatch:
     h = probe_states(16, hidden)
     probe_rows = sorted({int(x) for x in rng.integers(0, vocab, 10)} | set(token_rows))
     results = compare_lowrank(
-        lambda s, e: w0[s:e].copy(), (vocab, hidden), factors, pairs, h=h, probe_rows=probe_rows, chunk_rows=11
+        lambda s, e: w0[s:e].copy(),
+        (vocab, hidden),
+        factors,
+        pairs,
+        h=h,
+        probe_rows=probe_rows,
+        chunk_rows=11,
+        read_ahead=read_ahead,
     )
     for (x, y), got in zip(pairs, results, strict=True):
         ex, ey = _explicit(w0, factors, x), _explicit(w0, factors, y)
@@ -70,6 +80,41 @@ def test_compare_lowrank_equals_the_materialised_weights(seed: int, monkeypatch:
         assert got.diff.max_abs_logit_diff == pytest.approx(np.abs(logits).max(), rel=1e-4)
         assert got.diff.top1_agreement == pytest.approx(float((_top1(h, ex) == _top1(h, ey)).mean()))
         assert got.probe_rows_max == pytest.approx(np.abs(d[probe_rows]).max(), rel=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_max_of_a_product_takes_few_rows_and_equals_the_full_product(seed: int) -> None:
+    """The pruned max (rows in decreasing norm, stopped by the Cauchy-Schwarz bound) is the full product's max."""
+    rng = np.random.default_rng(seed)
+    rows, rank, hidden = 5000, int(rng.integers(1, 17)), 64
+    left = (rng.standard_normal((rows, rank)) * rng.lognormal(0, 0.5, (rows, 1))).astype(np.float32)
+    right = rng.standard_normal((rank, hidden)).astype(np.float32)
+    skip = {int(r) for r in rng.choice(rows, 50, replace=False)}
+    full = np.abs(left @ right)
+    keep = np.array([r not in skip for r in range(rows)])
+    taken: list[int] = []
+
+    class Counting(np.ndarray):
+        def __getitem__(self, idx: object) -> object:
+            if isinstance(idx, np.ndarray):
+                taken.append(idx.size)
+            return np.asarray(self).__getitem__(idx)
+
+    got = lowrank._max_abs_product(left.view(Counting), right, skip)
+    assert got == float(full[keep].max())
+    assert sum(taken) < rows // 2  # the bound stopped it early
+    assert lowrank._max_abs_product(left, right, set()) == float(full.max())
+    assert lowrank._max_abs_product(np.zeros_like(left), right, set()) == 0.0
+
+
+def test_max_of_a_product_with_non_finite_factors() -> None:
+    left = np.ones((40, 2), np.float32)
+    right = np.ones((2, 3), np.float32)
+    left[17, 1] = np.nan
+    assert math.isnan(lowrank._max_abs_product(left, right, set()))
+    assert lowrank._max_abs_product(left, right, {17}) == 2.0
+    left[17, 1] = np.inf
+    assert lowrank._max_abs_product(left, right, set()) == math.inf
 
 
 def test_compare_lowrank_without_probes_or_factors() -> None:

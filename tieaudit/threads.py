@@ -64,6 +64,20 @@ def numeric_threads() -> Iterator[int]:
             sys.modules["torch"].set_num_threads(torch_before)
 
 
+@contextlib.contextmanager
+def reader_thread() -> Iterator[bool]:
+    """Whether a loop should read its next chunk on a thread of its own while it computes on this one: yes when the
+    budget in effect (`numeric_threads()`, else `budget()` now) is at least 2, and BLAS then gets one thread less
+    until the block ends (measured: reading and decoding overlap with the products, where two BLAS threads and a
+    reader on two cores only contend)."""
+    n = _active[-1] if _active else budget()
+    if n < 2:
+        yield False
+        return
+    with _blas_limit(n - 1):
+        yield True
+
+
 def size_torch(torch: object) -> None:
     """Apply the budget in effect (if any) to torch, right after a lazy `import torch`."""
     if _active:

@@ -18,12 +18,14 @@ streamed through torch.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tieaudit.adapter.files import AdapterSettings, LoraPart, ModuleEdit
-from tieaudit.threads import size_torch
+from tieaudit.checkpoint.arrays import Scratch
+from tieaudit.threads import reader_thread, size_torch
 from tieaudit.ties.compare import (
     LogitCache,
     StreamingDiff,
@@ -246,9 +248,15 @@ def _lowrank_group(
     merge_members = [m for m in members if g.structure.reload[m] is not None]
     pairs = [(runtime[source], runtime[t]) for t in targets] + [(merged, runtime[m]) for m in merge_members]
     h = probe_states(g.probes, shape[1]) if g.probes > 0 else None
-    results = compare_lowrank(
-        lambda a, b: base.read_float32(w0_name, a, b, tee), shape, factors, pairs, h=h, probe_rows=g.probe_rows
-    )
+    # with read-ahead, compare_lowrank holds one chunk while the next is read: two buffers, taken in turn
+    ring = [Scratch(), Scratch()]
+    reads = itertools.count()
+
+    def w0(a: int, b: int) -> np.ndarray:
+        return base.read_float32(w0_name, a, b, tee, ring[next(reads) % 2])
+
+    with reader_thread() as ahead:
+        results = compare_lowrank(w0, shape, factors, pairs, h=h, probe_rows=g.probe_rows, read_ahead=ahead)
     adapter_diffs = {t: results[k].diff for k, t in enumerate(targets)}
     merge_results = dict(zip(merge_members, results[len(targets) :], strict=True))
     return (

@@ -9,8 +9,9 @@ where ``L_k @ R_k`` is a LoRA delta of rank r (scaling folded into ``R_k``) and 
 
 - the difference of two such weights is ``L @ (R_a - R_b)`` of rank sum(r) plus the replaced rows: W0 cancels, and
   its max and Frobenius norm come from rank-r products, a block of rows at a time;
-- ``||X||_F^2 = ||W0||^2 + 2 <L^T W0, R_x> + <L^T L, R_x R_x^T>`` (corrected on replaced rows): the only full
-  matrix read is W0, once, in row chunks;
+- ``||X||_F^2 = ||W0||^2 + 2 <L^T W0, R_x> + <L^T L, R_x R_x^T>`` and ``||L R_d||_F^2 = <L^T L, R_d R_d^T>``
+  (corrected on replaced rows): the only full matrix read is W0, once, in row chunks, and a difference is
+  materialised a block at a time only for its max;
 - probe logits ``h @ X.T = h @ W0.T + (h @ R_x^T) @ L^T``: one product with W0 per chunk, shared by every weight.
 
 So a check reads W0 once and does one (probes x vocab x hidden) product instead of materialising each weight, and it
@@ -21,7 +22,7 @@ streaming path there (every weight materialised) is its reference, and the two a
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -30,8 +31,9 @@ from tieaudit.ties.compare import TensorDiff, rows_per_chunk
 if TYPE_CHECKING:
     import numpy as np
 
-ArrayReader = Callable[[int, int], "np.ndarray"]  # (start, stop) -> float32 rows
+ArrayReader = Callable[[int, int], "np.ndarray"]  # (start, stop) -> float32 rows (see compare_lowrank's read_ahead)
 BLOCK_ROWS = 512  # rows of a difference materialised at a time (a few MB: stays in cache)
+BOUND_SLACK = 1e-3  # float32 rounding of a rank-r product stays far below this fraction of its Cauchy-Schwarz bound
 
 
 @dataclass(frozen=True)
@@ -82,9 +84,15 @@ class _PairAcc:
     def __init__(self) -> None:
         self.equal = True
         self.max_abs = 0.0
-        self.sq_diff = 0.0
+        self.sq_fix = 0.0  # ||replaced rows of the difference||^2 - ||the low-rank rows they replace||^2
         self.max_logit = 0.0
         self.rows_max = 0.0
+
+    def add(self, worst: float) -> None:
+        """One more max |a - b| (of some rows) seen: NaN counts as infinite."""
+        if worst != 0.0:
+            self.equal = False
+            self.max_abs = max(self.max_abs, math.inf if worst != worst else worst)
 
 
 def compare_lowrank(
@@ -96,12 +104,15 @@ def compare_lowrank(
     h: np.ndarray | None = None,
     probe_rows: Sequence[int] = (),
     chunk_rows: int | None = None,
+    read_ahead: bool = False,
 ) -> list[PairResult]:
     """Compare each pair ``(a, b)`` of weights built on W0 (read through ``w0``, once, in row chunks).
 
     Returns, per pair, what `compare.StreamingDiff` would measure on the materialised float32 weights (``a`` the
     reference of the relative difference; probe logits ``h @ W.T`` when ``h`` is given) and the max |a - b| over
     ``probe_rows``. ``chunk_rows``: rows of W0 per read (default: ``compare.CHUNK_BYTES`` of float32).
+    ``read_ahead``: the next chunk is read on another thread while this one is compared (so what ``w0`` returns
+    must stay valid until the call after next).
 
     Working set: one chunk of W0 in float32 (``compare.CHUNK_BYTES``), one block of a difference (``BLOCK_ROWS``
     rows) and the probe logits of each distinct weight for one chunk."""
@@ -169,9 +180,7 @@ def compare_lowrank(
         return out
 
     step = chunk_rows or rows_per_chunk(shape)
-    for start in range(0, vocab, step):
-        stop = min(vocab, start + step)
-        w = w0(start, stop)
+    for start, stop, w in _chunks(w0, vocab, step, read_ahead):
         flat = w.reshape(-1)
         sq0 += float(np.dot(flat, flat))
         lc = left[start:stop]
@@ -201,34 +210,32 @@ def compare_lowrank(
             if distinct[(i, j)] != p or i == j:
                 continue
             fixed = [r for r in pair_rows[p] if start <= r < stop]
-            if not has_delta[p] and not fixed:
-                continue
+            # replaced rows: exactly, from this chunk of W0; the low-rank rest after the loop (it needs no W0)
             if fixed:
-                exact = dict(zip(fixed, rows_of(i, fixed, start, w, lc) - rows_of(j, fixed, start, w, lc), strict=True))
-            else:
-                exact = {}
-            for b0 in range(start, stop, BLOCK_ROWS):
-                b1 = min(stop, b0 + BLOCK_ROWS)
-                d = lc[b0 - start : b1 - start] @ right_diff[p] if has_delta[p] else np.zeros((b1 - b0, hidden), f32)
-                for r, values in exact.items():
-                    if b0 <= r < b1:
-                        d[r - b0] = values
-                high, low = float(d.max()), float(d.min())
-                if high == 0.0 and low == 0.0:
-                    continue
-                acc.equal = False
-                worst = max(high, -low)
-                acc.max_abs = max(acc.max_abs, math.inf if worst != worst else worst)
-                flat_d = d.reshape(-1)
-                acc.sq_diff += float(np.dot(flat_d, flat_d))  # float32 within a block, summed in float64
-                for r in probe_set:
-                    if b0 <= r < b1:
-                        acc.rows_max = max(acc.rows_max, float(np.abs(d[r - b0]).max()))
+                exact = rows_of(i, fixed, start, w, lc) - rows_of(j, fixed, start, w, lc)
+                for k, r in enumerate(fixed):
+                    low = lc[r - start] @ right_diff[p] if has_delta[p] else np.zeros(hidden, f32)
+                    acc.sq_fix += float(np.sum(np.square(exact[k], dtype=np.float64))) - float(
+                        np.sum(np.square(low, dtype=np.float64))
+                    )
+                    worst = float(np.abs(exact[k]).max())
+                    acc.add(worst)
+                    if r in probe_set:
+                        acc.rows_max = max(acc.rows_max, worst)
             if h is not None:
                 gap = np.abs(logits[i] - logits[j])
                 worst_logit = float(gap.max()) if gap.size else 0.0
                 acc.max_logit = max(acc.max_logit, math.inf if worst_logit != worst_logit else worst_logit)
         del w, logits
+
+    for p, (i, j) in enumerate(pair_ix):
+        if distinct[(i, j)] != p or i == j or not has_delta[p]:
+            continue
+        acc, skip = accs[p], set(pair_rows[p])
+        acc.add(_max_abs_product(left, right_diff[p], skip))
+        for r in probe_set:
+            if r not in skip:
+                acc.rows_max = max(acc.rows_max, float(np.abs(left[r] @ right_diff[p]).max()))
 
     gram = left.T.astype(np.float64) @ left.astype(np.float64)  # L^T L
     results = []
@@ -241,7 +248,9 @@ def compare_lowrank(
         r64 = right[i].astype(np.float64)
         sq_ref = sq0 + 2.0 * float(cross @ col_coeff[i]) + float(np.sum(gram * (r64 @ r64.T))) + row_fix[i]
         sq_ref = max(sq_ref, 0.0)
-        rel = math.sqrt(acc.sq_diff) / math.sqrt(sq_ref) if sq_ref > 0 else 0.0 if acc.sq_diff == 0 else math.inf
+        d64 = right_diff[distinct[(i, j)]].astype(np.float64)
+        sq_diff = max(float(np.sum(gram * (d64 @ d64.T))) + acc.sq_fix, 0.0)  # ||L (R_a - R_b)||^2, rows replaced
+        rel = math.sqrt(sq_diff) / math.sqrt(sq_ref) if sq_ref > 0 else 0.0 if sq_diff == 0 else math.inf
         if h is None:
             diff = TensorDiff(False, acc.max_abs, rel)
         else:
@@ -249,3 +258,53 @@ def compare_lowrank(
             diff = TensorDiff(False, acc.max_abs, rel, acc.max_logit, agree)
         results.append(PairResult(diff, acc.rows_max))
     return results
+
+
+def _max_abs_product(left: np.ndarray, right: np.ndarray, skip: set[int]) -> float:
+    """max |(left @ right)[i, j]| over the rows i not in ``skip`` (NaN: NaN), materialising few rows.
+
+    Each row's largest entry is at most ``||left[i]|| * max_j ||right[:, j]||`` (Cauchy-Schwarz), so rows are taken
+    in decreasing order of ``||left[i]||``, a block at a time, until no row left can beat the max found; the result
+    is the one the full product gives. Non-finite factors take every row."""
+    import numpy as np
+
+    rows = left.shape[0]
+    if not rows or not right.size:
+        return 0.0
+    norms = np.sqrt(np.einsum("ij,ij->i", left, left, dtype=np.float64))
+    col = float(np.sqrt(np.einsum("ij,ij->j", right, right, dtype=np.float64)).max())
+    finite = bool(np.isfinite(norms).all()) and math.isfinite(col)
+    order = np.argsort(-norms, kind="stable") if finite else np.arange(rows)
+    if skip:
+        order = order[~np.isin(order, np.fromiter(skip, np.int64, len(skip)))]
+    best = 0.0
+    for b in range(0, order.size, BLOCK_ROWS):
+        idx = order[b : b + BLOCK_ROWS]
+        if finite and norms[idx[0]] * col * (1.0 + BOUND_SLACK) < best:
+            break
+        with np.errstate(invalid="ignore", over="ignore"):  # a non-finite factor gives NaN/inf: reported as such
+            d = left[idx] @ right
+        worst = max(float(d.max()), -float(d.min()))
+        if worst != worst:
+            return math.nan
+        best = max(best, worst)
+    return best
+
+
+def _chunks(w0: ArrayReader, rows: int, step: int, ahead: bool) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(start, stop, rows of W0) for each chunk; with ``ahead``, the next chunk is read on a worker thread while the
+    caller works on this one (reading and decoding release the GIL)."""
+    spans = [(a, min(rows, a + step)) for a in range(0, rows, step)]
+    if not ahead or len(spans) < 2:
+        for a, b in spans:
+            yield a, b, w0(a, b)
+        return
+    from concurrent.futures import ThreadPoolExecutor  # lazy: only a read-ahead starts a thread
+
+    with ThreadPoolExecutor(1, thread_name_prefix="tieaudit-read") as pool:
+        pending = pool.submit(w0, *spans[0])
+        for k, (a, b) in enumerate(spans):
+            w = pending.result()
+            if k + 1 < len(spans):
+                pending = pool.submit(w0, *spans[k + 1])
+            yield a, b, w

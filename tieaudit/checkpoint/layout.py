@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
-from tieaudit.checkpoint.arrays import NUMPY_FLOAT_DTYPES, Tee, read_float32
+from tieaudit.checkpoint.arrays import NUMPY_FLOAT_DTYPES, Scratch, Tee, read_float32
 from tieaudit.checkpoint.config import load_json, read_config
 from tieaudit.checkpoint.pickled import BinFile, load_bin, read_bin_rows, torch_dtype
 from tieaudit.checkpoint.safetensors_header import SafetensorsHeader, open_regular_file, read_exact, read_header_fd
@@ -71,7 +71,13 @@ class _SafetensorsSource:
         return torch.frombuffer(buf, dtype=torch_dtype(info.dtype)).reshape(shape)
 
     def read_float32(
-        self, info: TensorInfo, start: int, stop: int, row_bytes: int, tee: Tee | None = None
+        self,
+        info: TensorInfo,
+        start: int,
+        stop: int,
+        row_bytes: int,
+        tee: Tee | None = None,
+        scratch: Scratch | None = None,
     ) -> np.ndarray | None:
         """Rows [start, stop) as float32 decoded by numpy (None: a dtype numpy cannot decode exactly)."""
         if info.dtype not in NUMPY_FLOAT_DTYPES:
@@ -79,7 +85,7 @@ class _SafetensorsSource:
         begin, _ = self.header.offsets[info.name]
         shape = (stop - start, *info.shape[1:]) if info.shape else ()
         offset = self.header.data_start + begin + start * row_bytes
-        return read_float32(self.fd, offset, info.dtype, shape, self.rel, tee)
+        return read_float32(self.fd, offset, info.dtype, shape, self.rel, tee, scratch)
 
     def close(self) -> None:
         """Close the descriptor (idempotent)."""
@@ -101,7 +107,13 @@ class _BinSource:
         return read_bin_rows(self.loaded.tensors[info.name], start, stop)
 
     def read_float32(
-        self, info: TensorInfo, start: int, stop: int, row_bytes: int, tee: Tee | None = None
+        self,
+        info: TensorInfo,
+        start: int,
+        stop: int,
+        row_bytes: int,
+        tee: Tee | None = None,
+        scratch: Scratch | None = None,
     ) -> np.ndarray | None:
         """Pickled tensors are read through torch (None: let the caller convert)."""
         return None
@@ -202,16 +214,22 @@ class Checkpoint:
         return info, source, self.row_bytes(name)
 
     def read_float32(
-        self, name: str, start: int, stop: int, tee: Callable[[int, np.ndarray], None] | None = None
+        self,
+        name: str,
+        start: int,
+        stop: int,
+        tee: Callable[[int, np.ndarray], None] | None = None,
+        scratch: Scratch | None = None,
     ) -> np.ndarray:
-        """Rows [start, stop) of tensor ``name`` as a fresh float32 numpy array (see :meth:`read_rows`).
+        """Rows [start, stop) of tensor ``name`` as a float32 numpy array (see :meth:`read_rows`): a fresh one, or,
+        with ``scratch``, one in its refilled memory, valid until the next read through it.
 
         bf16, f16 and f32 are decoded exactly by numpy, without importing torch; other dtypes and pickled
         tensors are read with :meth:`read_rows` and converted. ``tee(start, stored bytes)`` sees the stored bytes
         of a safetensors read before decoding (it is not called for other reads)."""
         info, source, row_bytes = self._rows_source(name, start, stop)
         raw_tee = None if tee is None else (lambda raw: tee(start, raw))
-        out = source.read_float32(info, start, stop, row_bytes, raw_tee)
+        out = source.read_float32(info, start, stop, row_bytes, raw_tee, scratch)
         if out is None:
             import torch
 
