@@ -8,7 +8,11 @@ each as a measured subprocess (wall time, peak RSS of the child):
                                                                 merge_and_unload, save_pretrained, reload, logits;
                                                                 cold, warm, and warm with one core busy
     (iii) tieaudit check ADAPTER --base BASE --deep -f json     warm: the forecast plus tieaudit's own real merge
-    (iv)  tieaudit check ADAPTER --base BASE --no-peft-check    the forecast alone (peft not run): cold, warm, loaded
+    (iv)  tieaudit check ADAPTER --base BASE --no-peft-check    the forecast alone (peft not asked): cold, warm, loaded
+    (v)   TIEAUDIT_NO_TABLE=1 tieaudit check ADAPTER ...        (i) with peft run instead of the shipped peft table:
+                                                                cold, warm (what a shape the table lacks costs)
+
+(i) is confirmed by the shipped peft table (the report's evidence.peft.by is "recorded"; checked).
 
 What is measured and the targets: benchmarks/README.md, "Adapter check". The tables go to stdout and to the
 "adapter" block of the README; raw runs to WORKDIR/adapter-results.json. With --profile (or when the warm speed
@@ -99,11 +103,11 @@ reads, calls = collections.Counter(), collections.Counter()
 try:
     from tieaudit.checkpoint.layout import Checkpoint
     def counted(original):
-        def counting(self, name, start, stop):
+        def counting(self, name, start, stop, *more, **named):
             key = Path(str(self.root)).name + ": " + name
             reads[key] += (stop - start) * self.row_bytes(name)
             calls[key] += 1
-            return original(self, name, start, stop)
+            return original(self, name, start, stop, *more, **named)
         return counting
     Checkpoint.read_float32 = counted(Checkpoint.read_float32)  # numpy rows (the low-rank forecast)
     Checkpoint.read_rows = counted(Checkpoint.read_rows)  # torch rows (streamed comparisons)
@@ -135,7 +139,7 @@ SCRIPTS = {REFERENCE_SCRIPT: "REFERENCE_SCRIPT"}
 class Result(c.Runs):
     """One measured command in one state, and what it concluded."""
 
-    key: str  # "i", "ii", "iii", "iv"
+    key: str  # "i", "ii", "iii", "iv", "v"
     state: str  # "cold", "warm", "load"
     label: str
     argv: list[str]
@@ -149,6 +153,7 @@ class Result(c.Runs):
     forecast: list[dict[str, Any]] = field(default_factory=list)  # comparisons of stage merge-reload
     phases: dict[str, float] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    peft_by: list[str] = field(default_factory=list)  # how peft confirmed the findings (evidence.peft.by)
 
     @property
     def verdict(self) -> str:
@@ -177,10 +182,13 @@ def bench_tieaudit(
     scratch: Path,
     deep: bool = False,
     peft_check: bool = True,
+    peft_run: bool = False,
 ) -> Result:
     flags = (["--deep"] if deep else []) + ([] if peft_check else ["--no-peft-check"])
-    argv = [c.tieaudit_exe(), "check", str(adapter), "--base", str(base), *flags, "-f", "json"]
-    label = f"`tieaudit check ADAPTER --base BASE {' '.join([*flags, '-f', 'json'])}`"
+    prefix = ["env", "TIEAUDIT_NO_TABLE=1"] if peft_run else []
+    argv = [*prefix, c.tieaudit_exe(), "check", str(adapter), "--base", str(base), *flags, "-f", "json"]
+    label = f"`{'TIEAUDIT_NO_TABLE=1 ' if peft_run else ''}tieaudit check ADAPTER --base BASE "
+    label += f"{' '.join([*flags, '-f', 'json'])}`"
     runs = measure(argv, state, repeats, scratch, f"({key}) tieaudit check", [base, adapter])
     res = Result(key, state, label, argv, runs)
     reports = [c.last_json(r.stdout) for r in runs]
@@ -192,6 +200,7 @@ def bench_tieaudit(
         return res
     report = good[-1]
     res.codes = sorted({f["code"] for f in report["findings"]})
+    res.peft_by = sorted({str((f.get("evidence") or {}).get("peft", {}).get("by")) for f in report["findings"]})
     res.changes = "TIE102" in res.codes
     res.tensor_bytes = report["stats"]["tensor_bytes_read"]
     if any(r["stats"]["tensor_bytes_read"] != res.tensor_bytes for r in good):
@@ -292,6 +301,14 @@ def target_checks(results: Sequence[Result]) -> list[c.Check]:
     # the speed targets, for the default check (i) and for the forecast alone (iv: `--no-peft-check`)
     for key in ("i", "iv"):
         checks += speed_checks(results, key)
+    checks.append(
+        (
+            all(r.peft_by == ["recorded"] for r in results if r.key == "i"),
+            "(i) was confirmed by the shipped peft table (evidence.peft.by: "
+            + ", ".join(sorted({b for r in results if r.key == "i" for b in r.peft_by}))
+            + ")",
+        )
+    )
     worst = max((r for r in results if r.key == "i"), key=lambda r: r.peak_rss)
     rss = f"{worst.peak_rss / c.MIB:,.0f} MiB ({worst.state})"
     checks.append((worst.peak_rss < c.RSS_TARGET, f"(i) peak RSS under {c.RSS_TARGET / c.GIB:.1f} GiB: worst {rss}"))
@@ -337,8 +354,14 @@ def informational(results: Sequence[Result]) -> list[c.Check]:
             f"×{MATCH_FACTOR}; --deep runs float32 on 2 × 16 tokens, the reference bf16 on 1 × 32)"
         )
     loaded = find(results, "ii", "load")
+    run_warm, run_cold = find(results, "v", "warm"), find(results, "v", "cold")
     return [
         (ok, f"(iii) measured merge -> reload matches (ii): {text}"),
+        (
+            run_warm.codes == find(results, "i", "warm").codes and run_warm.peft_by == ["run"],
+            f"(v) peft run gives (i)'s findings ({', '.join(run_warm.codes)}); warm {run_warm.wall:.2f} s, cold "
+            f"{run_cold.wall:.2f} s against the reference's {ref.wall:.2f} s warm",
+        ),
         c.ratio_check(
             loaded.wall <= LOAD_FACTOR * ref.wall,
             "(ii) warm with 1 core busy / quiet",
@@ -421,6 +444,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             bench_tieaudit("iv", "cold", adapter, base, n, scratch, peft_check=False),
             bench_tieaudit("iv", "warm", adapter, base, n, scratch, peft_check=False),
             bench_tieaudit("iv", "load", adapter, base, n, scratch, peft_check=False),
+            bench_tieaudit("v", "cold", adapter, base, n, scratch, peft_run=True),
+            bench_tieaudit("v", "warm", adapter, base, n, scratch, peft_run=True),
         ]
         print(results_table(results), forecast_table(find(results, "i", "warm")), sep="\n\n")
         print(c.cold_note(results) or "")

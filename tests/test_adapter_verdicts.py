@@ -34,10 +34,21 @@ def _audit(adapter_case, arch: str, case: str, **kw):
 
 
 @pytest.mark.parametrize("case", CASES, ids=["-".join(c) for c in CASES])
-def test_forecast_matches_peft(case: tuple[str, str], adapter_case) -> None:
+def test_forecast_matches_peft(case: tuple[str, str], adapter_case, monkeypatch) -> None:
     arch, name = case
-    report, real = _audit(adapter_case, arch, name)
+    shipped, real = _audit(adapter_case, arch, name)  # the default: peft's recorded runs where they cover the shape
+    monkeypatch.setenv("TIEAUDIT_NO_TABLE", "1")
+    report, _ = _audit(adapter_case, arch, name)  # peft run here
+    monkeypatch.delenv("TIEAUDIT_NO_TABLE")
     codes = {f.code for f in report.findings}
+    # the shipped table changes how peft was asked, nothing else
+    assert [(f.code, f.message) for f in shipped.findings] == [(f.code, f.message) for f in report.findings]
+    assert [c for c in shipped.comparisons if not c.stage.startswith("peft-")] == [
+        c for c in report.comparisons if not c.stage.startswith("peft-")
+    ]
+    for f in shipped.findings:
+        peft = (f.evidence or {}).get("peft")
+        assert peft is None or peft["agrees"] is True or peft["by"] == "run", peft
 
     # (a) TIE102 <=> the real merged model's logits differ from the adapter's
     merge_breaks = real.adapter_vs_merged_logits > 1e-4 * real.logit_scale
@@ -242,7 +253,9 @@ def test_cli_on_an_adapter(adapter_case) -> None:
     doc = json.loads(result.stdout)
     assert result.exit_code == doc["summary"]["exit_code"] == 1
     assert doc["target"]["kind"] == "adapter" and doc["target"]["base"] == str(base)
-    assert {c["stage"] for c in doc["comparisons"]} == {"adapter", "merge-reload", "peft-adapter", "peft-merge-reload"}
+    # confirmed by peft's recorded run (the shipped peft table): no peft stages of its own
+    assert {c["stage"] for c in doc["comparisons"]} == {"adapter", "merge-reload"}
+    assert {f["evidence"]["peft"]["by"] for f in doc["findings"]} == {"recorded"}
     assert {f["code"] for f in doc["findings"]} == {"TIE101", "TIE102"}
     wrong = CliRunner().invoke(app, ["check", str(base), "--base", str(base)])
     assert wrong.exit_code == 2 and "--base is for adapters" in wrong.stderr

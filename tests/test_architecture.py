@@ -14,13 +14,25 @@ PACKAGE = ROOT / "tieaudit"
 DOCS = "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
 
 # third-party modules a path may never need, so they are imported where used (docs/architecture.md, "Lazy imports")
-HEAVY = {"torch", "transformers", "peft", "numpy", "safetensors", "huggingface_hub", "rich", "typer", "threadpoolctl"}
+HEAVY = {
+    "torch",
+    "transformers",
+    "peft",
+    "numpy",
+    "safetensors",
+    "huggingface_hub",
+    "rich",
+    "typer",
+    "threadpoolctl",
+    "gguf",
+}
 
 # package -> tieaudit packages it must never import (module level or inside functions)
 NEVER = {
     "checkpoint": ("ties", "adapter", "rules", "report", "repair", "cli"),
     "ties": ("adapter", "rules", "report", "repair", "cli"),
     "adapter": ("rules", "report", "repair", "cli"),
+    "formats": ("adapter", "rules", "report", "repair", "cli"),
     "rules": ("report", "repair", "cli"),
     "report": ("repair", "cli", "adapter", "ties", "checkpoint"),
     "repair": ("cli",),

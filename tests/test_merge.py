@@ -566,7 +566,7 @@ def test_adapter_saved_after_a_vocabulary_resize(adapter_case, tmp_path: Path) -
     modules the base does not have, in both cases)."""
     from peft import LoraConfig, get_peft_model
 
-    from fixtures.adapter_builders import _load, _randomize
+    from fixtures.adapter_builders import _load, randomize
 
     base, _, _ = adapter_case("llama", "lora_embed")
     model = _load(base)
@@ -576,7 +576,7 @@ def test_adapter_saved_after_a_vocabulary_resize(adapter_case, tmp_path: Path) -
     peft_model = get_peft_model(
         model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"])
     )
-    _randomize(peft_model, 0)
+    randomize(peft_model, 0)
     adapter = tmp_path / "adapter"
     peft_model.save_pretrained(adapter)
     keys = stored_names(adapter)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixtures.adapter_builders import _probe_weight, _randomize, load_any, logits_any, probe_ids, tiny_tied
+from fixtures.adapter_builders import _probe_weight, load_any, logits_any, probe_ids, randomize, tiny_tied
 from tieaudit import audit
 from tieaudit.errors import TieauditError
 from tieaudit.repair.merge import merge
@@ -137,7 +137,7 @@ def built(tmp_path_factory: pytest.TempPathFactory):
         except Exception:
             cache[family, case] = None
             return None
-        _randomize(peft_model, 0)
+        randomize(peft_model, 0)
         adapter = root / f"{family}-{case.replace(':', '-').replace('+', '-')}"
         peft_model.save_pretrained(adapter)
         cache[family, case] = (base, adapter, members, Truth(base, adapter, members))

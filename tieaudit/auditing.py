@@ -72,9 +72,12 @@ def audit(
     peft_max_memory: float | None = None,
     require_base: bool = True,
     forecast: str = "auto",
+    against: str | os.PathLike[str] | None = None,
 ) -> Report:
-    """Audit a checkpoint directory (or a Hub repo id in the local Hugging Face cache, at ``revision``) and return
-    the report (never writes anything, never downloads).
+    """Audit a checkpoint directory (or a Hub repo id in the local Hugging Face cache, at ``revision``), or a GGUF
+    file, and return the report (never writes anything, never downloads).
+
+    ``against``: for a GGUF file, the Hugging Face checkpoint it was converted from (its head is compared).
 
     ``forecast`` chooses how an adapter's merge is forecast: "auto" (the low-rank path unless the adapter holds full
     module copies), "lowrank", or "stream" (materialises every weight in chunks: slower, the reference the low-rank
@@ -92,6 +95,16 @@ def audit(
     if forecast not in FORECAST_METHODS:
         raise UsageError(f"forecast must be one of {', '.join(FORECAST_METHODS)}, got {forecast!r}")
     rules = selected(select, ignore)
+    if against is not None and not is_format_file(path):
+        raise UsageError("--against is for GGUF files: PATH is not one")
+    if is_format_file(path):
+        return audit_gguf(
+            os.fspath(path),
+            None if base is None else os.fspath(base),
+            None if against is None else os.fspath(against),
+            AuditOptions(rules=tuple(rules), fail_on=fail_level, exit_zero=exit_zero),
+            started,
+        )
     where = resolve(path, revision)
 
     with contextlib.ExitStack() as stack:
@@ -206,6 +219,61 @@ def audit_open(
         stats=stats,
     )
     return report, model_graph
+
+
+def is_format_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a file in a format beyond checkpoint directories (GGUF, by its magic)."""
+    from tieaudit.formats.gguf_header import MAGIC  # lazy: only for a path that is a file
+
+    try:
+        if not Path(path).is_file():
+            return False
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
+
+
+def audit_gguf(path: str, base: str | None, against: str | None, options: AuditOptions, started: float) -> Report:
+    """Audit a GGUF file (tieaudit.formats.gguf): the header, llama.cpp's loader rule, and the source with --against."""
+    from tieaudit.formats.gguf import analyse_gguf, gguf_group  # lazy: only for GGUF files
+
+    ctx = analyse_gguf(path, against, base)
+    findings = run_rules(options.rules, ctx)
+    group = gguf_group(ctx)
+    comparisons: list[Comparison] = []
+    src = ctx.source
+    if src is not None and src.problem is None:
+        comparisons.append(
+            Comparison(
+                "gguf-vs-source", src.embedding, "token_embd.weight", None, None, src.gguf_embedding_vs_embedding
+            )
+        )
+        if src.gguf_head_vs_head is not None:
+            used = "output.weight" if ctx.has_head else "token_embd.weight (as the head)"
+            comparisons.append(Comparison("gguf-vs-source", src.head, used, None, None, src.gguf_head_vs_head))
+    header_bytes = ctx.header.header_bytes + (ctx.base.header_bytes if ctx.base else 0)
+    tensor_bytes = src.tensor_bytes if src is not None else 0
+    stats = Stats(header_bytes, tensor_bytes, round(time.perf_counter() - started, 3))
+    target = Target(
+        path=path,
+        kind="adapter" if ctx.kind == "adapter" else "model",
+        base=base if base is not None else against,
+        layout="gguf",
+        files=(Path(path).name,),
+        architecture=ctx.architecture,
+    )
+    return Report(
+        tool_version=__version__,
+        target=target,
+        groups=(group,) if group else (),
+        comparisons=tuple(comparisons),
+        findings=tuple(findings),
+        skipped=(),
+        fail_on=options.fail_on,
+        exit_zero=options.exit_zero,
+        stats=stats,
+    )
 
 
 def _arch_name(ckpt: Checkpoint) -> str | None:

@@ -6,10 +6,11 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tieaudit.adapter import peft_table
 from tieaudit.adapter.confirm import peft_views, touched_groups
 from tieaudit.adapter.context import AdapterAlone, AdapterContext, BaseMismatch
 from tieaudit.adapter.files import (
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from tieaudit.adapter.confirm import PeftView
     from tieaudit.adapter.context import AdapterAlone, AdapterContext, BaseMismatch
     from tieaudit.adapter.forecast import GroupForecast
+    from tieaudit.adapter.peft_table import Recorded
     from tieaudit.checkpoint import Checkpoint
     from tieaudit.checkpoint.types import ReadStats
     from tieaudit.ties.graph import TieGraph
@@ -91,6 +93,7 @@ def analyse_adapter(
         views: Sequence[PeftView] = (),
         unverified: Sequence[tuple[tuple[str, ...], str]] = (),
         alone: AdapterAlone | None = None,
+        recorded: Sequence[Recorded] = (),
     ) -> AdapterAnalysis:
         ctx = AdapterContext(
             path=path,
@@ -104,6 +107,7 @@ def analyse_adapter(
             adapter_config=adapter.adapter_config,
             ignored=tuple(ignored or []),
             peft=tuple(views),
+            recorded=tuple(recorded),
             unverified=tuple(unverified),
             alone=alone,
         )
@@ -165,20 +169,17 @@ def analyse_adapter(
             kept = [fc for fc in forecasts if not dropped & set(fc.members)]
             sources = {fc.source for fc in forecasts} - {fc.source for fc in kept}
             forecasts, comparisons = kept, [c for c in comparisons if c.source not in sources]
-    views, unverified = _confirm(
+    views, recorded, unverified = _confirm(
         adapter,
         base_ckpt,
         graph,
         forecasts,
-        settings,
-        options.probes,
+        _Asked(arch, settings, edits, options.probes, options.confirm, options.peft_max_bytes),
         mismatches,
         skipped,
-        options.confirm,
-        options.peft_max_bytes,
     )
     comparisons += _view_comparisons(views)
-    return result(graph, edits, forecasts, mismatches, comparisons, arch, ignored, views, unverified)
+    return result(graph, edits, forecasts, mismatches, comparisons, arch, ignored, views, unverified, recorded=recorded)
 
 
 def adapter_alone(adapter: Checkpoint, settings: AdapterSettings, why: str, required: bool) -> AdapterAlone:
@@ -210,52 +211,94 @@ def adapter_alone(adapter: Checkpoint, settings: AdapterSettings, why: str, requ
     )
 
 
+@dataclass(frozen=True)
+class _Asked:
+    """What holding an adapter's forecasts to peft needs besides the checkpoints."""
+
+    architecture: str | None
+    settings: AdapterSettings
+    edits: dict[str, ModuleEdit]
+    probes: int
+    confirm: bool
+    max_bytes: int | None
+
+
 def _confirm(
     adapter: Checkpoint,
     base_ckpt: Checkpoint,
     graph: TieGraph,
     forecasts: list[GroupForecast],
-    settings: AdapterSettings,
-    probes: int,
+    asked: _Asked,
     mismatches: list[BaseMismatch],
     skipped: list[Skipped],
-    confirm: bool,
-    max_bytes: int | None,
-) -> tuple[list[PeftView], list[tuple[tuple[str, ...], str]]]:
-    """peft's verdicts on every tied group the adapter touches, and the groups neither peft nor the forecast could
-    judge (with why)."""
+) -> tuple[list[PeftView], list[Recorded], list[tuple[tuple[str, ...], str]]]:
+    """peft's verdicts on every tied group the adapter touches: from the shipped peft table where it vouches for a
+    forecast (`tieaudit.adapter.peft_table`), else by running peft; and the groups neither peft nor the forecast
+    could judge (with why)."""
 
+    settings = asked.settings
     bad = {m.param for m in mismatches}
-    groups = [g for g in touched_groups(adapter, settings, graph) if not any(m in bad for m in g)]
+    groups = [g for g in touched_groups(adapter, settings, graph, base_ckpt) if not any(m in bad for m in g)]
     if not groups:
-        return [], []
+        return [], [], []
     forecast_of = {fc.source for fc in forecasts}
-    values = group_base_values(base_ckpt, graph)
-    why_not = "--no-peft-check" if not confirm else None
+    why_not = "--no-peft-check" if not asked.confirm else None
     views: list[PeftView] = []
+    recorded: list[Recorded] = []
+    not_recorded: dict[str, str] = {}  # group source -> why the table could not vouch for it
     peft_fails = False
-    if confirm:
-        try:
-            limit = MAX_BYTES if max_bytes is None else max_bytes
-            views = peft_views(adapter, base_ckpt, graph, groups, values, forecasts, settings, probes, limit)
-        except OracleUnavailable as exc:
-            why_not, peft_fails = str(exc), exc.peft_fails
+    values = group_base_values(base_ckpt, graph)
+    # peft is run on tied matrices: a group of tied vectors (a bias, e.g. XLM-R's lm_head.bias) has no forward of its
+    # own to run it on, whichever way peft would be asked
+    vectors = {
+        g[0]: "a tied vector has no forward of its own to run peft on"
+        for g in groups
+        if not any(m in values and len(base_ckpt.tensors[values[m]].shape) == 2 for m in g)
+    }
+    if asked.confirm:
+        assert adapter.adapter_config is not None
+        ask = []
+        for g in groups:
+            if g[0] in vectors:
+                continue
+            sig = peft_table.signature(g, adapter.tensors, asked.edits, settings, adapter.adapter_config.data)
+            own = {m: asked.edits[m] for m in g if m in asked.edits}
+            why = (
+                peft_table.why_not(asked.architecture, adapter.adapter_config, settings, own, sig)
+                if g[0] in forecast_of
+                else "tieaudit has no forecast for this adapter"
+            )
+            if why is None:
+                recorded.append(peft_table.Recorded(g[0], g, peft_table.recorded_version(), sig))
+            else:
+                not_recorded[g[0]] = why
+                ask.append(g)
+        if ask:
+            try:
+                limit = MAX_BYTES if asked.max_bytes is None else asked.max_bytes
+                views = peft_views(adapter, base_ckpt, graph, ask, values, forecasts, settings, asked.probes, limit)
+                views = [replace(v, not_recorded=not_recorded.get(v.source)) for v in views]
+            except OracleUnavailable as exc:
+                why_not, peft_fails = str(exc), exc.peft_fails
     if why_not is not None:
+        about = "" if not recorded else f" about {', '.join(g[0] for g in groups if g[0] in not_recorded)}"
+        table = "; ".join(sorted(set(not_recorded.values()) - {"tieaudit has no forecast for this adapter"}))
+        because = f"{why_not}; the shipped peft table: {table}" if table else why_not
         skipped.append(
             Skipped(
                 "peft-confirmation",
-                f"peft was not asked ({why_not}): the adapter findings rest on tieaudit's own forecast",
+                f"peft was not asked{about} ({because}): the adapter findings rest on tieaudit's own forecast",
             )
         )
-    seen = {v.source for v in views}
+    seen = {v.source for v in views} | {r.source for r in recorded}
     # a group is unverified when nothing judged it; and when peft itself fails on the adapter, whatever the forecast
     # says: the adapted model fails for its users too
     unverified = [
-        (g, why_not or "peft gave no answer")
+        (g, why_not or vectors.get(g[0]) or "peft gave no answer")
         for g in groups
         if g[0] not in seen and (peft_fails or g[0] not in forecast_of)
     ]
-    return views, unverified
+    return views, recorded, unverified
 
 
 def _view_comparisons(views: Sequence[PeftView]) -> list[Comparison]:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from tieaudit.adapter.files import PREFIX
 from tieaudit.adapter.forecast import differs
-from tieaudit.adapter.oracle import ask_peft
+from tieaudit.adapter.oracle import OracleUnavailable, ask_peft
 from tieaudit.model import TieStatus
 from tieaudit.ties.compare import PROBE_SEED, probe_states
 
@@ -63,6 +63,7 @@ class PeftView:
     agrees: bool  # tieaudit's forecast gives the same verdicts and numbers (False when there is no forecast)
     disagreement: str | None  # what differs, in words; or why there is no forecast
     in_file: frozenset[str] = frozenset()  # members whose modules the adapter file holds tensors for
+    not_recorded: str | None = None  # why the shipped peft table could not answer instead (peft was run)
 
     def runtime_untied(self) -> list[str]:
         return [t for t, g in self.runtime.items() if g.differs]
@@ -93,17 +94,38 @@ def in_file(adapter: Checkpoint, members: Sequence[str]) -> frozenset[str]:
     )
 
 
-def touched_groups(adapter: Checkpoint, settings: AdapterSettings, graph: TieGraph) -> list[tuple[str, ...]]:
-    """Members of every group the base ties (and loads intact) whose modules the adapter file or config mentions."""
+def touched_groups(
+    adapter: Checkpoint, settings: AdapterSettings, graph: TieGraph, base: Checkpoint | None = None
+) -> list[tuple[str, ...]]:
+    """Members of every group the base ties (and loads intact) whose modules the adapter file or config mentions. With
+    ``base``, a group of vectors (tied biases) counts only when the adapter file holds one of them by name: a LoRA
+    on the module that owns a tied bias leaves the bias alone."""
 
     out = []
     for g in graph.groups:
         if not g.tied_by_config or g.status is not TieStatus.TIED:
             continue
         modules = [m.rpartition(".")[0] for m in g.members]
-        if in_file(adapter, g.members) or any(settings.named(mod) for mod in modules if mod):
-            out.append(g.members)
+        if not (in_file(adapter, g.members) or any(settings.named(mod) for mod in modules if mod)):
+            continue
+        if base is not None and not _has_matrix(base, graph, g.members) and not _holds(adapter, g.members):
+            continue
+        out.append(g.members)
     return out
+
+
+def _has_matrix(base: Checkpoint, graph: TieGraph, members: Sequence[str]) -> bool:
+    shapes = [base.tensors[graph.disk_names[m]].shape for m in members if graph.disk_names.get(m) in base.tensors]
+    return not shapes or any(len(s) >= 2 for s in shapes)
+
+
+def _holds(adapter: Checkpoint, members: Sequence[str]) -> bool:
+    """The adapter file holds a tensor for one of ``members`` itself (its module's copy of that parameter)."""
+    for m in members:
+        module, _, leaf = m.rpartition(".")
+        if any(k.startswith(f"{PREFIX}{module}.") and k.endswith(f".{leaf}") for k in adapter.tensors):
+            return True
+    return False
 
 
 def peft_views(
@@ -120,7 +142,12 @@ def peft_views(
     """Ask peft about ``groups`` (each: the source first), and compare with the forecasts. Raises
     `tieaudit.adapter.oracle.OracleUnavailable` when peft cannot be asked."""
 
-    members = [m for g in groups for m in g if m in values]
+    # peft is run on the tied matrices: a group of tied vectors (a bias, e.g. XLM-R's lm_head.bias) has no forward of
+    # its own to probe, and stays unverified
+    groups = [g for g in groups if any(m in values and len(base.tensors[values[m]].shape) == 2 for m in g)]
+    members = [m for g in groups for m in g if m in values and len(base.tensors[values[m]].shape) == 2]
+    if not members:
+        raise OracleUnavailable("the touched tied groups hold no matrix to probe (tied vectors only)")
     shape = base.tensors[values[members[0]]].shape
     vocab, hidden = int(shape[0]), int(shape[1])
     # the forecast's own probe states (compare.probe_states), so its logit numbers and peft's are comparable

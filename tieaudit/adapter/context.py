@@ -13,6 +13,7 @@ if TYPE_CHECKING:  # annotations only: `tieaudit rules` and `explain` need the r
     from tieaudit.adapter.deep import Measured
     from tieaudit.adapter.files import AdapterSettings, ModuleEdit
     from tieaudit.adapter.forecast import GroupForecast
+    from tieaudit.adapter.peft_table import Recorded
     from tieaudit.checkpoint.types import ConfigFile
     from tieaudit.ties.graph import TieGraph
 
@@ -58,6 +59,7 @@ class AdapterContext:
     measured: Measured | None = None
     ignored: tuple[tuple[str, str], ...] = ()  # (parameter, why peft ignores the file's weights for it)
     peft: tuple[PeftView, ...] = ()  # peft's own verdicts on the tied groups the adapter touches
+    recorded: tuple[Recorded, ...] = ()  # groups whose forecast peft confirmed in a recorded run (the peft table)
     unverified: tuple[tuple[tuple[str, ...], str], ...] = ()  # touched tied groups nothing could judge, and why
     alone: AdapterAlone | None = None  # the base could not be found: what the adapter alone shows
 

@@ -402,7 +402,10 @@ def _load_and_probe(
             # never written to: the saved tensor itself, no copy
             value = saved[name].to(torch.float32) if name in saved else torch.full(p.shape, float("nan"))
             setattr(module, leaf, nn.Parameter(value, requires_grad=False))
-    model.tie_weights(missing_keys={n for n in names if n not in saved}, recompute_mapping=False)
+    # parameters left on the meta device (modules outside the members') count as missing, as on a load that lacks
+    # them: tie_weights then ties them to what is loaded instead of comparing a real tensor with a meta one
+    on_meta = {n for n, p in model.named_parameters(remove_duplicate=False) if p.device.type == "meta"}
+    model.tie_weights(missing_keys={n for n in names if n not in saved} | on_meta, recompute_mapping=False)
     out: dict[str, MemberProbe | None] = {}
     for m in members:
         p = model.get_parameter(m)

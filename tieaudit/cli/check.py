@@ -41,6 +41,7 @@ def check(
     no_cache: o.NoCacheOpt = False,
     no_peft_check: o.NoPeftCheckOpt = False,
     no_base: o.NoBaseOpt = False,
+    against: o.AgainstOpt = None,
 ) -> None:
     """Audit checkpoints' weight tying; exit 1 when findings reach --fail-on.
 
@@ -98,6 +99,7 @@ def check(
                 peft_check=not no_peft_check,
                 peft_max_memory=peft_max_memory,
                 require_base=not no_base,
+                against=against,
             )
 
         if not batch:

@@ -19,8 +19,8 @@ PathArg = Annotated[
 PathsArg = Annotated[
     list[str],
     typer.Argument(
-        help="Checkpoint directories (models or PEFT adapters), Hub repo ids in the local cache, or a trainer's "
-        "output directory (its checkpoint-* folders).",
+        help="Checkpoint directories (models or PEFT adapters), Hub repo ids in the local cache, a trainer's "
+        "output directory (its checkpoint-* folders), or GGUF files.",
         show_default=False,
         metavar="PATH",
     ),
@@ -29,7 +29,17 @@ RevisionOpt = Annotated[
     str | None,
     typer.Option("--revision", help="For a Hub repo id: the branch, tag or commit to read from the local cache."),
 ]
-BaseOpt = Annotated[str | None, typer.Option("--base", help="Base model directory for an adapter.")]
+BaseOpt = Annotated[
+    str | None, typer.Option("--base", help="Base model directory for an adapter (a GGUF base for a GGUF adapter).")
+]
+AgainstOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--against",
+        help="GGUF files: the Hugging Face checkpoint the file was converted from (its head is compared with the "
+        "file's).",
+    ),
+]
 FormatOpt = Annotated[
     str | None,
     typer.Option(

@@ -20,6 +20,8 @@ _COLORS = {
 def _flag(g: TieGroup) -> str:
     if g.governing_flag is None:
         return "observed only"
+    if g.flag_value is None:  # a rule without a value (a GGUF file: llama.cpp's loader for the architecture)
+        return g.governing_flag
     flag = g.governing_flag.split(":", 1)[-1].rsplit("/", 1)[-1]
     return f"{flag}={str(g.flag_value).lower()}"
 

@@ -45,7 +45,9 @@ def _fmt(x: float | None) -> str:
 
 
 def _group_lines(g: TieGroup) -> list[str]:
-    flag = f"{g.governing_flag} = {str(g.flag_value).lower()}" if g.governing_flag else "observed in the files only"
+    flag = g.governing_flag or "observed in the files only"
+    if g.governing_flag and g.flag_value is not None:
+        flag = f"{g.governing_flag} = {str(g.flag_value).lower()}"
     arrow = ", ".join(escape(t) for t in g.targets)
     status = f"[{_STATUS_STYLE[g.status]}]{g.status.value.upper():<8}[/]"
     lines = [f"  {status} {escape(g.source)} -> {arrow}  [dim]({escape(flag)})[/]"]

@@ -14,6 +14,7 @@ from tieaudit.model import Applicability, FixHint, Location, Severity
 if TYPE_CHECKING:
     from tieaudit.adapter.confirm import PeftView
     from tieaudit.adapter.deep import Measured
+    from tieaudit.adapter.peft_table import Recorded
 from tieaudit.rules.registry import Violation, rule, violation
 from tieaudit.rules.wording import num as _num
 from tieaudit.rules.wording import pct as _pct
@@ -69,6 +70,7 @@ merge with `tieaudit merge`.
 def adapter_unties_weights(ctx: AdapterContext) -> Iterator[Violation]:
     forecasts = {fc.source: fc for fc in ctx.forecasts}
     views = {v.source: v for v in ctx.peft}
+    recorded = {r.source: r for r in ctx.recorded}
     for source in [*forecasts, *(s for s in views if s not in forecasts)]:
         fc, view = forecasts.get(source), views.get(source)
         untied = view.runtime_untied() if view is not None else fc.runtime_untied() if fc is not None else []
@@ -101,7 +103,7 @@ def adapter_unties_weights(ctx: AdapterContext) -> Iterator[Violation]:
                     max_abs_logit_diff=g.max_abs_logit_diff,
                     top1_agreement=g.top1_agreement,
                 )
-            evidence["peft"] = _peft_evidence(view)
+            evidence["peft"] = _peft_evidence(view, recorded.get(source))
             yield violation(
                 f"the base ties {target} to {source}, but the adapted model uses different weights for them: "
                 f"{_module(source)} {s_desc}, while {_module(target)} {t_desc} ({numbers}): the adapter trained an "
@@ -126,10 +128,20 @@ def _edit_words(ctx: AdapterContext, member: str, fc: GroupForecast | None, view
     return "holds no adapter weights"
 
 
-def _peft_evidence(view: PeftView | None) -> dict[str, object] | None:
-    if view is None:
-        return None
-    return {"version": view.peft_version, "agrees": view.agrees, "disagreement": view.disagreement}
+def _peft_evidence(view: PeftView | None, recorded: Recorded | None = None) -> dict[str, object] | None:
+    """How peft judged the group: by running it here ("run", with why the shipped table could not answer) or in a
+    run recorded in the shipped peft table ("recorded"); None: peft was not asked."""
+    if view is not None:
+        return {
+            "version": view.peft_version,
+            "agrees": view.agrees,
+            "disagreement": view.disagreement,
+            "by": "run",
+            "not_recorded": view.not_recorded,
+        }
+    if recorded is not None:
+        return {"version": recorded.peft_version, "agrees": True, "disagreement": None, "by": "recorded"}
+    return None
 
 
 @rule(
@@ -254,7 +266,7 @@ def _tie102_forecast(
             "mechanisms": list(fc.mechanisms),
             "config_tied_after_merge": fc.config_tied_after_merge,
             "forecast": numbers,
-            "peft": _peft_evidence(view),
+            "peft": _peft_evidence(view, next((r for r in ctx.recorded if r.source == fc.source), None)),
             "measured": None
             if meas is None
             else {
@@ -357,6 +369,10 @@ def tied_adapter_ignored(ctx: AdapterContext) -> Iterator[Violation]:
         view = next((v for v in ctx.peft if name in v.members), None)
         if view is not None and name not in view.runtime_untied():
             continue  # peft's own run keeps this layer with its group: the file's weights are not lost
+        fc = next((f for f in ctx.forecasts if name in f.members), None)
+        recorded = fc is not None and any(r.source == fc.source for r in ctx.recorded)
+        if view is None and fc is not None and recorded and name not in fc.runtime_untied():
+            continue  # the same, from a recorded peft run that the forecast agreed with
         edit = ctx.edits[name]
         yield violation(
             f"the adapter was saved with ensure_weight_tying and holds weights for {_module(name)} "

@@ -88,6 +88,13 @@ def _sources_match(table: Mapping[str, Any], entry: Mapping[str, Any]) -> bool:
     return all(_source_hash(rel) == recorded.get(rel) for rel in entry["sources"])
 
 
+def sources_match(architecture: str) -> bool:
+    """Whether the table holds ``architecture`` and the installed transformers' sources it rests on hash as recorded."""
+    table = _table()
+    entry = table["classes"].get(architecture) if table else None
+    return entry is not None and table is not None and _sources_match(table, entry)
+
+
 def flat_pointers(data: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
     """(JSON pointer, value) of every value in ``data`` that is not itself an object."""
     if isinstance(data, dict):
