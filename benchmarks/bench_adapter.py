@@ -200,7 +200,7 @@ def bench_tieaudit(
         return res
     report = good[-1]
     res.codes = sorted({f["code"] for f in report["findings"]})
-    res.peft_by = sorted({str((f.get("evidence") or {}).get("peft", {}).get("by")) for f in report["findings"]})
+    res.peft_by = sorted({str(((f.get("evidence") or {}).get("peft") or {}).get("by")) for f in report["findings"]})
     res.changes = "TIE102" in res.codes
     res.tensor_bytes = report["stats"]["tensor_bytes_read"]
     if any(r["stats"]["tensor_bytes_read"] != res.tensor_bytes for r in good):
