@@ -16,7 +16,18 @@ from tieaudit.adapter.forecast import METHODS as FORECAST_METHODS
 from tieaudit.checkpoint import open_checkpoint
 from tieaudit.checkpoint.hub import resolve
 from tieaudit.errors import UsageError
-from tieaudit.model import Comparison, Finding, Progress, Report, Severity, Skipped, Stats, Target
+from tieaudit.model import (
+    Comparison,
+    Finding,
+    Progress,
+    Report,
+    Severity,
+    Skipped,
+    Stats,
+    Target,
+    TieGroup,
+    TieStatus,
+)
 from tieaudit.rules import RuleContext, selected, unknown_selectors
 from tieaudit.rules import run as run_rules
 from tieaudit.threads import numeric_threads
@@ -97,6 +108,10 @@ def audit(
     rules = selected(select, ignore)
     if against is not None and not is_format_file(path):
         raise UsageError("--against is for GGUF files: PATH is not one")
+    if base is None and against is None and _is_training_checkpoint(path):
+        return audit_training_checkpoint(
+            os.fspath(path), AuditOptions(rules=tuple(rules), fail_on=fail_level, exit_zero=exit_zero), started
+        )
     if is_format_file(path):
         return audit_gguf(
             os.fspath(path),
@@ -232,6 +247,54 @@ def is_format_file(path: str | os.PathLike[str]) -> bool:
             return f.read(len(MAGIC)) == MAGIC
     except OSError:
         return False
+
+
+def _is_training_checkpoint(path: str | os.PathLike[str]) -> bool:
+    from tieaudit.formats.torch_ckpt import is_training_checkpoint  # lazy: only for a path that is a file
+
+    return is_training_checkpoint(path)
+
+
+def audit_training_checkpoint(path: str, options: AuditOptions, started: float) -> Report:
+    """Audit a nanoGPT or llama2.c ``ckpt.pt`` (tieaudit.formats.torch_ckpt): the pair its model.py ties."""
+    from tieaudit.formats.torch_ckpt import analyse_ckpt  # lazy: imports torch
+
+    ctx = analyse_ckpt(path)
+    findings = run_rules(options.rules, ctx)
+    p = ctx.project
+    name = Path(path).name
+    if len(ctx.stored) < 2:
+        status = TieStatus.MISSING
+    elif ctx.shared or ctx.equal:
+        status = TieStatus.TIED
+    else:
+        status = TieStatus.DIVERGED
+    group = TieGroup(
+        source=p.embedding,
+        targets=(p.head,),
+        declared=True,
+        governing_flag=f"{p.name} model.py: always tied",
+        flag_value=None,
+        tied_by_config=True,
+        stored={n: (name if n in ctx.stored else None) for n in (p.embedding, p.head)},
+        disk_names={},
+        status=status,
+        observed=(("shared-storage",) if ctx.shared else ()) + (("torch.compile-prefix",) if ctx.compiled else ()),
+    )
+    comparisons = []
+    if ctx.equal is not None:
+        comparisons.append(Comparison("on-disk", p.embedding, p.head, None, ctx.max_abs_diff, None))
+    return Report(
+        tool_version=__version__,
+        target=Target(path=path, kind="model", base=None, layout="torch-ckpt", files=(name,), architecture=p.name),
+        groups=(group,),
+        comparisons=tuple(comparisons),
+        findings=tuple(findings),
+        skipped=(),
+        fail_on=options.fail_on,
+        exit_zero=options.exit_zero,
+        stats=Stats(0, ctx.tensor_bytes, round(time.perf_counter() - started, 3)),
+    )
 
 
 def audit_gguf(path: str, base: str | None, against: str | None, options: AuditOptions, started: float) -> Report:
