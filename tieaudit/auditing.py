@@ -112,6 +112,10 @@ def audit(
         return audit_training_checkpoint(
             os.fspath(path), AuditOptions(rules=tuple(rules), fail_on=fail_level, exit_zero=exit_zero), started
         )
+    if base is None and against is None and _is_llama2c(path):
+        return audit_llama2c(
+            os.fspath(path), AuditOptions(rules=tuple(rules), fail_on=fail_level, exit_zero=exit_zero), started
+        )
     if is_format_file(path):
         return audit_gguf(
             os.fspath(path),
@@ -253,6 +257,48 @@ def _is_training_checkpoint(path: str | os.PathLike[str]) -> bool:
     from tieaudit.formats.torch_ckpt import is_training_checkpoint  # lazy: only for a path that is a file
 
     return is_training_checkpoint(path)
+
+
+def _is_llama2c(path: str | os.PathLike[str]) -> bool:
+    from tieaudit.formats.llama2c import sniff  # lazy: only for a path that is a file
+
+    return sniff(path)
+
+
+def audit_llama2c(path: str, options: AuditOptions, started: float) -> Report:
+    """Audit a llama2.c model file (tieaudit.formats.llama2c): its shared-classifier flag against its size."""
+    from tieaudit.formats.llama2c import read_llama2c  # lazy: only for llama2.c files
+
+    ctx = read_llama2c(path)
+    findings = run_rules(options.rules, ctx)
+    name = Path(path).name
+    if ctx.shared:
+        status = TieStatus.DIVERGED if ctx.holds_classifier else TieStatus.TIED
+    else:
+        status = TieStatus.UNTIED if ctx.holds_classifier else TieStatus.MISSING
+    flag = "header: vocab_size sign" if ctx.version == 0 else "header: shared_classifier"
+    group = TieGroup(
+        source="tok_embeddings",
+        targets=("output",),
+        declared=True,
+        governing_flag=f"llama2.c v{ctx.version} {flag}",
+        flag_value=ctx.shared,
+        tied_by_config=ctx.shared,
+        stored={"tok_embeddings": name, "output": name if ctx.holds_classifier else None},
+        disk_names={},
+        status=status,
+    )
+    return Report(
+        tool_version=__version__,
+        target=Target(path=path, kind="model", base=None, layout=f"llama2.c v{ctx.version}", files=(name,)),
+        groups=(group,),
+        comparisons=(),
+        findings=tuple(findings),
+        skipped=(),
+        fail_on=options.fail_on,
+        exit_zero=options.exit_zero,
+        stats=Stats(min(ctx.size, 256), 0, round(time.perf_counter() - started, 3)),
+    )
 
 
 def audit_training_checkpoint(path: str, options: AuditOptions, started: float) -> Report:

@@ -127,4 +127,4 @@ def _matches(r: Rule, selector: str) -> bool:
 
 def _load() -> None:
     # importing the rule modules registers their rules
-    from tieaudit.rules import adapter, checkpoint, gguf, torch_ckpt  # noqa: F401  # lazy: a cycle (the rule modules import the registry)
+    from tieaudit.rules import adapter, checkpoint, gguf, llama2c, torch_ckpt  # noqa: F401  # lazy: a cycle (the rule modules import the registry)
