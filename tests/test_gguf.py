@@ -453,3 +453,76 @@ def test_fuzz_no_mutation_escapes_as_anything_but_an_input_error(tmp_path: Path)
         assert all(b <= c for (_, b), (c, _) in itertools.pairwise(spans))
 
     run()
+
+
+# -- a head that is not the source's -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("qtype", ["F16", "Q8_0", "Q4_0"])
+def test_another_head_is_found_beyond_quantisation(qtype: str, sources: dict[str, Path], tmp_path: Path) -> None:
+    t = hf_tensors(sources["untied"])
+    other = np.random.default_rng(7).standard_normal(t["lm_head.weight"].shape).astype(np.float32) * 0.02
+    out = write_gguf(
+        tmp_path / "m.gguf",
+        "llama",
+        {"token_embd.weight": t[EMB], "output.weight": other},
+        qtypes={"token_embd.weight": qtype, "output.weight": qtype},
+    )
+    report = audit(out, against=sources["untied"])
+    assert codes(report) == ["TIE208"]
+    ev = report.findings[0].evidence
+    assert ev["gguf_head_vs_head"] > 2 * ev["quantisation_floor"]
+
+
+def _k_quant_source(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
+    """An untied Llama (hidden 256, a Q4_K block) whose embedding and head are exactly representable in Q4_K: random
+    blocks, dequantised by the gguf package. Returns the checkpoint and each tensor's Q4_K bytes."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+    from safetensors.numpy import load_file, save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=256,
+        intermediate_size=256,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "src")
+    rng = np.random.default_rng(3)
+    raw = {}
+    state = load_file(str(tmp_path / "src" / "model.safetensors"))
+    for name in (EMB, "lm_head.weight"):
+        blocks = rng.integers(0, 256, size=(64, 144), dtype=np.uint8)
+        blocks[:, 0:4] = np.frombuffer(np.array([0.01, 0.001], np.float16).tobytes(), np.uint8)  # d, dmin
+        raw[name] = blocks
+        state[name] = dequantize(blocks, GGMLQuantizationType.Q4_K).astype(np.float32)
+    save_file(state, str(tmp_path / "src" / "model.safetensors"), metadata={"format": "pt"})
+    return tmp_path / "src", raw
+
+
+def _write_raw(path: Path, tensors: dict[str, np.ndarray]) -> Path:
+    from gguf import GGMLQuantizationType, GGUFWriter
+
+    writer = GGUFWriter(str(path), "llama")
+    for name, blocks in tensors.items():
+        writer.add_tensor(name, blocks, raw_dtype=GGMLQuantizationType.Q4_K)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_a_k_quant_head_is_judged_against_the_files_own_embedding(tmp_path: Path) -> None:
+    """gguf has no Q4_K quantiser: the file's own embedding, in the same type, calibrates the head's distance."""
+    src, raw = _k_quant_source(tmp_path)
+    same = _write_raw(tmp_path / "same.gguf", {"token_embd.weight": raw[EMB], "output.weight": raw["lm_head.weight"]})
+    assert codes(audit(same, against=src)) == []
+    other = np.random.default_rng(9).integers(0, 256, size=(64, 144), dtype=np.uint8)
+    other[:, 0:4] = raw["lm_head.weight"][:, 0:4]
+    swapped = _write_raw(tmp_path / "other.gguf", {"token_embd.weight": raw[EMB], "output.weight": other})
+    assert codes(audit(swapped, against=src)) == ["TIE208"]

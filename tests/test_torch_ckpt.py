@@ -151,3 +151,26 @@ def test_other_torch_files(tmp_path: Path) -> None:
     good = save(NanoGPT(), PROJECTS["nanogpt"][1], tmp_path / "ckpt.pt")
     proc = _cli(good)
     assert proc.returncode == 0 and json.loads(proc.stdout)["target"]["layout"] == "torch-ckpt"
+
+
+def test_a_run_directory_stands_for_its_model_files(tmp_path: Path) -> None:
+    """llama2.c's train.py writes ckpt.pt and model.bin into out/: `check out/` audits both (a batch, as a trainer's
+    directory of checkpoints is); files are recognised by their content, not their names."""
+    from tests.test_llama2c import export
+    from tests.test_llama2c import model as llama2c_weights
+
+    out = tmp_path / "out"
+    out.mkdir()
+    cls, args, _, _ = PROJECTS["llama2c"]
+    save(cls(), args, out / "ckpt.pt")
+    export(llama2c_weights(shared=True), out / "model.bin", 0)
+    (out / "notes.txt").write_text("not a model")
+    exe = Path(sys.executable).parent / "tieaudit"
+    proc = subprocess.run([str(exe), "check", str(out), "-f", "json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    layouts = sorted(item["target"]["layout"] for item in doc["reports"])
+    assert layouts == ["llama2.c v0", "torch-ckpt"]
+    (out / "model.bin").write_bytes((out / "model.bin").read_bytes()[:-4])  # no longer a llama2.c file: left out
+    proc = subprocess.run([str(exe), "check", str(out), "-f", "json"], capture_output=True, text=True, timeout=120)
+    assert [i["target"]["layout"] for i in json.loads(proc.stdout)["reports"]] == ["torch-ckpt"]

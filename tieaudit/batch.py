@@ -52,12 +52,30 @@ def is_checkpoint_dir(directory: str) -> bool:
     return any(os.path.isfile(os.path.join(directory, name)) for name in _CHECKPOINT_MARKERS)
 
 
+def run_files(directory: str) -> list[str]:
+    """The model files of a training run's output directory that is not itself a checkpoint directory (nanoGPT's or
+    llama2.c's ``out/``): its files that are nanoGPT or llama2.c training checkpoints or llama2.c model files, by
+    their content (a zip ``torch.save`` archive; a llama2.c header whose sizes fit), by name."""
+    if not os.path.isdir(directory) or is_checkpoint_dir(directory):
+        return []
+    from tieaudit.formats.llama2c import sniff  # lazy: only for a directory that is not a checkpoint
+    from tieaudit.formats.torch_ckpt import is_training_checkpoint  # lazy: as above
+
+    try:
+        entries = sorted(e.name for e in os.scandir(directory) if e.is_file(follow_symlinks=False))
+    except OSError:
+        return []
+    paths = [os.path.join(directory, name) for name in entries]
+    return [p for p in paths if is_training_checkpoint(p) or sniff(p)]
+
+
 def expand_targets(paths: Sequence[str]) -> list[str]:
     """Each PATH as given, except a directory holding `checkpoint-*` folders: it stands for itself when it is a
-    checkpoint too (the trainer's final model), followed by its checkpoints by step. Duplicates are dropped."""
+    checkpoint too (the trainer's final model), followed by its checkpoints by step; and a training run's output
+    directory that is not a checkpoint (nanoGPT, llama2.c): it stands for its model files. Duplicates are dropped."""
     targets: list[str] = []
     for path in paths:
-        found = trainer_checkpoints(path) if os.path.isdir(path) else []
+        found = (trainer_checkpoints(path) or run_files(path)) if os.path.isdir(path) else []
         if not found or is_checkpoint_dir(path):
             targets.append(path)
         targets.extend(found)
@@ -74,7 +92,7 @@ def expand_targets(paths: Sequence[str]) -> list[str]:
 def is_batch(paths: Sequence[str]) -> bool:
     """A batch document when more than one PATH was given or a PATH is a trainer's output directory (it holds
     `checkpoint-<step>` folders): the shape of the output never depends on how many checkpoints a run has saved."""
-    return len(paths) > 1 or any(os.path.isdir(p) and trainer_checkpoints(p) for p in paths)
+    return len(paths) > 1 or any(os.path.isdir(p) and (trainer_checkpoints(p) or run_files(p)) for p in paths)
 
 
 def collect(

@@ -20,7 +20,8 @@ PathsArg = Annotated[
     list[str],
     typer.Argument(
         help="Checkpoint directories (models or PEFT adapters), Hub repo ids in the local cache, a trainer's "
-        "output directory (its checkpoint-* folders), or GGUF files.",
+        "output directory (its checkpoint-* folders), GGUF files, nanoGPT or llama2.c checkpoints (ckpt.pt, "
+        "model.bin) or their run directory.",
         show_default=False,
         metavar="PATH",
     ),

@@ -61,6 +61,9 @@ class SourceHead:
     rows: int  # rows compared
     problem: str | None = None  # why the files could not be compared (shapes differ, ...)
     tensor_bytes: int = 0  # tensor bytes read, from both files
+    # the distance from the source head that storing it in the GGUF head's type alone gives (None: not known here)
+    head_floor: float | None = None
+    head_type: str | None = None
 
 
 @dataclass(frozen=True)
@@ -181,6 +184,11 @@ def compare_with_source(path: str, header: GgufHeader, rule: HeadRule | None, ag
         read = ckpt.stats.tensor_bytes + sum(t.nbytes // t.rows * len(rows) for t in (g_emb, g_head) if t)
         head_vs_emb = _distance(h, e)
         distinct = loads_head and head_vs_emb > DISTINCT
+        floor = None
+        if g_head is not None:
+            floor = quantisation_floor(h, g_head)
+            if floor is None and g_head is not g_emb and g_head.type_id == g_emb.type_id:
+                floor = _distance(ge, e)  # the file's embedding, stored in the same type, calibrates it
         return SourceHead(
             path=against,
             status=group.status,
@@ -193,6 +201,8 @@ def compare_with_source(path: str, header: GgufHeader, rule: HeadRule | None, ag
             gguf_embedding_vs_embedding=_distance(ge, e),
             rows=len(rows),
             tensor_bytes=read,
+            head_floor=floor,
+            head_type=None if g_head is None else g_head.type_name,
         )
 
 
@@ -242,6 +252,29 @@ def dequantize_row(raw: np.ndarray, t: GgufTensor) -> np.ndarray:
     except (NotImplementedError, ValueError) as exc:
         raise InputError(f"{t.name}: the gguf package cannot dequantise {t.type_name}: {exc}") from None
     return values.reshape(-1).astype(np.float32)
+
+
+def quantisation_floor(rows: np.ndarray, t: GgufTensor) -> float | None:
+    """How far storing ``rows`` in ``t``'s type moves them (the same scale-free distance): F32, F16 and BF16 by
+    rounding, other types by the `gguf` package's own quantiser where it has one (None: it has none)."""
+    import numpy as np
+
+    x = np.ascontiguousarray(rows, dtype=np.float32)
+    if t.type_name == "F32":
+        return _distance(x.astype(np.float64), rows)
+    if t.type_name == "F16":
+        return _distance(x.astype(np.float16).astype(np.float64), rows)
+    if t.type_name == "BF16":
+        return _distance((x.view(np.uint32) & 0xFFFF0000).view(np.float32).astype(np.float64), rows)
+    try:
+        from gguf import GGMLQuantizationType  # lazy: gguf imports numpy and yaml; only quantised rows need it
+        from gguf.quants import dequantize, quantize  # lazy: as above
+
+        q = GGMLQuantizationType(t.type_id)
+        back = dequantize(quantize(x, q), q)
+    except Exception:  # the package cannot quantise this type (K-quants, i-quants): no floor from it
+        return None
+    return _distance(np.asarray(back, dtype=np.float64).reshape(rows.shape), rows)
 
 
 def _distance(g: np.ndarray, x: np.ndarray) -> float:

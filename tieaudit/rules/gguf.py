@@ -182,6 +182,18 @@ def gguf_trained_head_dropped(ctx: GgufContext) -> Iterator[Violation]:
     )
 
 
+def _carries_embedding(ctx: GgufContext) -> bool:
+    """The file's head is the source's embedding: closer to it than to the source head, and as close to it as
+    quantisation explains (where that is measured; else at most half as far as from the head)."""
+    src = ctx.source
+    if src is None or src.gguf_head_vs_head is None or src.gguf_head_vs_embedding is None:
+        return False
+    to_head, to_emb = src.gguf_head_vs_head, src.gguf_head_vs_embedding
+    if to_emb >= to_head:
+        return False
+    return to_emb <= 2 * src.head_floor + 1e-3 if src.head_floor is not None else to_emb < 0.5 * to_head
+
+
 @rule(
     code="TIE205",
     name="gguf-head-is-embedding",
@@ -190,8 +202,9 @@ def gguf_trained_head_dropped(ctx: GgufContext) -> Iterator[Violation]:
     summary="the GGUF file's head matches the source's embedding, not the head the source model loads",
     explain="""
 With `--against HF_DIR`: the source checkpoint loads a head trained apart from its embedding, but the
-head llama.cpp loads from the GGUF file (`output.weight`) is closer to the source's embedding than to
-that head, on sampled rows dequantised with the `gguf` package's own code. The file was converted
+head llama.cpp loads from the GGUF file (`output.weight`) is the source's embedding: closer to it than
+to that head, and as close to it as the file's quantisation explains (TIE208 says how that is
+measured), on sampled rows dequantised with the `gguf` package's own code. The file was converted
 from a checkpoint whose head had been overwritten by the embedding (re-tied by `tie_weights()`, a
 merge, or a save under a tied config), not from the model that was trained.
 
@@ -206,9 +219,9 @@ def gguf_head_is_embedding(ctx: GgufContext) -> Iterator[Violation]:
     src = ctx.source
     if ctx.kind != "model" or src is None or src.problem or not src.distinct or not ctx.has_head:
         return
-    to_head, to_emb = src.gguf_head_vs_head, src.gguf_head_vs_embedding
-    if to_head is None or to_emb is None or to_emb >= to_head:
+    if not _carries_embedding(ctx):
         return
+    to_head, to_emb = src.gguf_head_vs_head, src.gguf_head_vs_embedding
     yield violation(
         f"{HEAD} is closer to the source's {src.embedding} (relative distance {_num(to_emb)}) than to the "
         f"{src.head} the source model loads ({_num(to_head)}), on {src.rows} sampled rows: this file carries the "
@@ -296,4 +309,51 @@ def gguf_source_mismatch(ctx: GgufContext) -> Iterator[Violation]:
         _where(ctx, EMBEDDING),
         evidence={"source": src.path, "problem": src.problem},
         fix=FixHint(Applicability.MANUAL, None, "give the checkpoint the file was converted from"),
+    )
+
+
+@rule(
+    code="TIE208",
+    name="gguf-head-differs",
+    severity=Severity.ERROR,
+    family="gguf",
+    summary="the GGUF file's head differs from the source's head beyond what its quantisation explains",
+    explain="""
+With `--against HF_DIR`: the head llama.cpp loads from the file (`output.weight`, or
+`token_embd.weight` where the loader falls back to it) is compared with the head transformers loads
+from the source, on sampled rows. Quantisation moves the values; how far is measured, not assumed:
+the source rows are stored in the file's type by the `gguf` package's own quantiser (F32, F16 and
+BF16 by rounding), and where the package has no quantiser for the type (K-quants, i-quants), the
+file's own embedding, stored in the same type, calibrates it. The file's head is more than twice
+that far from the source head: it is another head (another fine-tune, a merge that changed it, a
+conversion from the wrong checkpoint). Without a measurable floor, nothing is claimed (the evidence
+says so).
+
+Fix: convert again from the checkpoint the file should hold: `python convert_hf_to_gguf.py HF_DIR
+--outfile OUT.gguf`.
+""",
+)
+def gguf_head_differs(ctx: GgufContext) -> Iterator[Violation]:
+    src = ctx.source
+    if ctx.kind != "model" or src is None or src.problem or src.gguf_head_vs_head is None or src.head_floor is None:
+        return
+    if src.distinct and not ctx.has_head:
+        return  # TIE204: the trained head is not in the file at all
+    if src.distinct and ctx.has_head and _carries_embedding(ctx):
+        return  # TIE205: the file's head is the source's embedding
+    if src.gguf_head_vs_head <= 2 * src.head_floor + 1e-3:
+        return
+    used = HEAD if ctx.has_head else f"{EMBEDDING} (the head llama.cpp uses)"
+    yield violation(
+        f"{used} is {_num(src.gguf_head_vs_head)} (relative) from the source's {src.head} on {src.rows} sampled rows, "
+        f"while storing that head as {src.head_type} moves it {_num(src.head_floor)}: this file carries another head",
+        _where(ctx, HEAD if ctx.has_head else EMBEDDING),
+        evidence={
+            "source": src.path,
+            "gguf_head_vs_head": src.gguf_head_vs_head,
+            "quantisation_floor": src.head_floor,
+            "type": src.head_type,
+            "rows": src.rows,
+        },
+        fix=FixHint(Applicability.MANUAL, CONVERT.format(src=src.path), "convert again from the source checkpoint"),
     )
