@@ -30,7 +30,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.metadata
-import importlib.util
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -95,21 +94,10 @@ def _table() -> dict[str, Any] | None:
     return data if isinstance(data, dict) and data.get("format") == FORMAT else None
 
 
-def peft_dir() -> Path | None:
-    """The installed peft package directory, found without importing it."""
-    try:
-        spec = importlib.util.find_spec("peft")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
 @functools.lru_cache(maxsize=1)
 def peft_sources() -> tuple[str | None, str | None]:
     """(version, sha256 over every .py file of the installed peft, by relative path) without importing peft."""
-    root = peft_dir()
+    root = tie_table.package_dir("peft")
     if root is None:
         return None, None
     try:

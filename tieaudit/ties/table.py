@@ -60,11 +60,11 @@ def covered() -> tuple[str, ...]:
     return tuple(sorted(table["classes"])) if table else ()
 
 
-@functools.lru_cache(maxsize=1)
-def _transformers_dir() -> Path | None:
-    """The installed transformers package directory, found without importing it."""
+@functools.cache
+def package_dir(name: str) -> Path | None:
+    """The directory of the installed package ``name`` (transformers, peft), found without importing it."""
     try:
-        spec = importlib.util.find_spec("transformers")
+        spec = importlib.util.find_spec(name)
     except (ImportError, ValueError):
         return None
     if spec is None or not spec.submodule_search_locations:
@@ -74,7 +74,7 @@ def _transformers_dir() -> Path | None:
 
 @functools.cache
 def _source_hash(rel: str) -> str | None:
-    root = _transformers_dir()
+    root = package_dir("transformers")
     if root is None:
         return None
     try:
