@@ -87,11 +87,7 @@ class Recorded:
 
 @functools.lru_cache(maxsize=1)
 def _table() -> dict[str, Any] | None:
-    try:
-        data = json.loads(TABLE.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and data.get("format") == FORMAT else None
+    return tie_table.load_table(TABLE, FORMAT)
 
 
 @functools.lru_cache(maxsize=1)

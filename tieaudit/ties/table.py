@@ -45,13 +45,18 @@ def template(name: str) -> str:
     return _DIGITS.sub("#", name)
 
 
-@functools.lru_cache(maxsize=1)
-def _table() -> dict[str, Any] | None:
+def load_table(path: Path, fmt: int) -> dict[str, Any] | None:
+    """A shipped JSON table of format ``fmt`` (None: missing, unreadable, or of another format)."""
     try:
-        data = json.loads(TABLE.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) and data.get("format") == FORMAT else None
+    return data if isinstance(data, dict) and data.get("format") == fmt else None
+
+
+@functools.lru_cache(maxsize=1)
+def _table() -> dict[str, Any] | None:
+    return load_table(TABLE, FORMAT)
 
 
 def covered() -> tuple[str, ...]:
